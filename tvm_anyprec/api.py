@@ -1,0 +1,139 @@
+"""Python API with the same verbs as the command line: quantize, compile, run, eval, inspect."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data
+from .artifact import MANIFEST, ArtifactError, read_manifest
+
+EVAL_WINDOWS, EVAL_SEQLEN = 16, 128
+CALIB_WINDOWS = 8
+
+
+def _log(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _refuse_overwrite(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ArtifactError(f"{out} already exists; pass force=True (--force) to replace it")
+
+
+# ----------------------------------------------------------------------------- quantize
+def quantize(out, model=None, scheme: str = "nonuniform", seed_bits: int = 3, max_bits: int = 8,
+             group_size: int = 128, calib_windows: int = CALIB_WINDOWS, seqlen: int = EVAL_SEQLEN,
+             exclude=("lm_head",), force: bool = False, progress: bool = True, quiet: bool = False):
+    """Quantize a model into an any-precision parent directory. Returns (Parent, manifest)."""
+    from .quant.anyprec import check_bits
+    from .quant.model import fisher_information, find_linears, quantize_model
+
+    out = Path(out)
+    if scheme == "nonuniform":
+        check_bits(seed_bits, max_bits)  # fail before the slow steps
+    _refuse_overwrite(out, force)
+    src = data.resolve_model(model)
+    t0 = time.time()
+    m, tok = data.load_model(src)
+    _log(f"loaded {src.name} ({sum(p.numel() for p in m.parameters()) / 1e6:.1f}M parameters) "
+         f"in {time.time() - t0:.1f}s", quiet)
+    fisher = None
+    calib = {"windows": 0}
+    if scheme == "nonuniform" and calib_windows > 0:
+        windows = data.token_windows(tok, data.CALIB_TEXT, calib_windows, seqlen)
+        fisher = fisher_information(m, windows, find_linears(m, exclude), progress=progress)
+        calib = {"text": data.CALIB_TEXT, "windows": calib_windows, "seqlen": seqlen}
+    parent = quantize_model(m, scheme, seed_bits, max_bits, group_size, fisher, exclude, progress)
+    parent.info.update({"source": {"model": str(src), "name": src.name, "sha256": data.file_sha256(src)},
+                        "calibration": calib, "exclude": list(exclude)})
+    manifest = parent.save(out)
+    _log(f"wrote {out} ({manifest['files']['weights.safetensors']['bytes'] / 2**20:.1f} MiB) "
+         f"in {time.time() - t0:.1f}s", quiet)
+    return parent, manifest
+
+
+def format_memory_report(parent) -> str:
+    from .quant.model import memory_table
+
+    lines = [f"memory: parent holding {parent.bit_widths[0]}..{parent.max_bits} bits vs one "
+             f"{parent.max_bits}-bit model and vs {len(parent.bit_widths)} separate models (LUTs/scales counted)",
+             f"{'layer type':<14}{'n':>4} {'shape':>10} {'parent MiB':>11} {'8-bit MiB':>10} {'separate MiB':>13}"
+             f" {'parent/8bit':>12} {'separate/parent':>16}"]
+    for r in memory_table(parent):
+        lines.append(f"{r['type']:<14}{r['count']:>4} {r['shape']:>10} {r['parent'] / 2**20:>11.2f} "
+                     f"{r['single'] / 2**20:>10.2f} {r['separate'] / 2**20:>13.2f} {r['parent/single']:>12.3f} "
+                     f"{r['separate/parent']:>16.2f}")
+    fp = sum(a.nbytes for a in parent.fp_tensors.values())
+    lines.append(f"kept in full precision (fp32, {fp / 2**20:.1f} MiB): "
+                 + ", ".join(_summarize_names(parent.fp_tensors)))
+    if parent.tied:
+        lines.append("tied (stored once): " + ", ".join(f"{a} = {b}" for a, b in parent.tied.items()))
+    return "\n".join(lines)
+
+
+def _summarize_names(names) -> list[str]:
+    import re
+    groups = {}
+    for n in names:
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", n), 0)
+        groups[re.sub(r"\.\d+\.", ".*.", n)] += 1
+    return [f"{g} (x{c})" if c > 1 else g for g, c in sorted(groups.items())]
+
+
+# ----------------------------------------------------------------------------- eval
+def eval_torch(parent_dir, bits=None, windows: int = EVAL_WINDOWS, seqlen: int = EVAL_SEQLEN,
+               baselines: bool = True, quiet: bool = False) -> list[dict]:
+    """Perplexity per bit-width, dequantizing the parent into the torch model (the reference numbers)."""
+    from .quant.model import Parent, perplexity, rtn_weights, swapped_weights
+
+    parent = Parent.load(parent_dir)
+    bits = parent.bit_widths if bits is None else list(bits)
+    for b in bits:
+        parent.check_bits(b)
+    m, tok = data.load_model(parent.info.get("source", {}).get("model"))
+    ids = data.token_windows(tok, data.EVAL_TEXT, windows, seqlen)
+    rows = []
+
+    def add(label, b, ppl):
+        rows.append({"config": label, "bits": b, "ppl": ppl})
+        _log(f"  {label:<28} ppl {ppl:9.3f}", quiet)
+
+    _log(f"perplexity on {data.EVAL_TEXT}: {windows} windows x {seqlen} tokens (torch, dequantized weights)", quiet)
+    add("fp32", 32, perplexity(m, ids))
+    if baselines:
+        with swapped_weights(m, rtn_weights(m, 4, 128, parent.info.get("exclude", ("lm_head",)))):
+            add("RTN 4-bit g128", 4, perplexity(m, ids))
+    for b in bits:
+        with swapped_weights(m, parent.dequantized(b)):
+            add(f"{parent.scheme} {b}-bit", b, perplexity(m, ids))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    base = next((r["ppl"] for r in rows if r["config"] == "fp32"), None)
+    out = [f"{'config':<28}{'bits':>5}{'ppl':>10}{'vs fp32':>10}"]
+    for r in rows:
+        rel = f"{(r['ppl'] / base - 1) * 100:+.2f}%" if base else ""
+        out.append(f"{r['config']:<28}{r['bits']:>5}{r['ppl']:>10.3f}{rel:>10}")
+    return "\n".join(out)
+
+
+def inspect(path) -> dict:
+    return read_manifest(path, verify=True)
+
+
+def evaluate(path, bits=None, windows: int = EVAL_WINDOWS, seqlen: int = EVAL_SEQLEN, baselines: bool = True,
+             quiet: bool = False) -> list[dict]:
+    """``eval`` verb: a parent directory is evaluated with torch, a compiled artifact with TVM."""
+    kind = read_manifest(path, verify=False).get("kind")
+    if kind == "parent":
+        return eval_torch(path, bits, windows, seqlen, baselines, quiet)
+    if kind == "compiled":
+        from .runtime import eval_artifact
+        return eval_artifact(path, bits, windows, seqlen, quiet)
+    raise ArtifactError(f"{path}: unknown artifact kind {kind!r}")

@@ -1,0 +1,112 @@
+"""On-disk formats: a directory holding ``manifest.json`` plus files listed (with sha256) in the manifest.
+
+Two kinds share the machinery:
+* ``parent``  (written by ``quantize``): weights.safetensors with every quantized layer's bitplanes and LUTs
+  and the full-precision tensors, so the source checkpoint is only needed for its architecture/tokenizer.
+* ``compiled`` (written by ``compile``): the shared library for one target, the weights in the order the
+  compiled functions take them, and the layer map.
+
+Directories are written atomically: everything goes into ``<dir>.tmp-<pid>`` and is renamed into place
+only when complete, so a crash or a bad input never leaves a half-written artifact behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .data import file_sha256
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+
+
+class ArtifactError(RuntimeError):
+    """A missing, corrupt, foreign or incompatible artifact."""
+
+
+@contextlib.contextmanager
+def atomic_dir(path: os.PathLike, overwrite: bool = True):
+    """Yield a temporary directory that replaces ``path`` only if the block completes."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ArtifactError(f"{path} exists (pass overwrite=True / --force to replace it)")
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"{path} exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f"{path.name}.old-{os.getpid()}")
+            path.replace(old)
+        tmp.replace(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_tensors(path: os.PathLike, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
+              metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def load_tensors(path: os.PathLike) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise ArtifactError(f"cannot read weights file {path}: {e}") from e
+
+
+def write_manifest(d: Path, manifest: dict) -> dict:
+    """Adds format version, creation time and the sha256 of every file in ``d``; writes manifest.json."""
+    files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **manifest, "files": files}
+    (d / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
+    return manifest
+
+
+def read_manifest(d: os.PathLike, kind: str | None = None, verify: bool = True) -> dict:
+    d = Path(d)
+    if not d.is_dir():
+        raise ArtifactError(f"{d} is not an artifact directory (missing or not a directory)")
+    mp = d / MANIFEST
+    if not mp.exists():
+        raise ArtifactError(f"{d} has no {MANIFEST}: not a tvm-anyprec artifact")
+    try:
+        manifest = json.loads(mp.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{mp} is corrupt: {e}") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{d}: format version {manifest.get('format_version')} is not supported "
+                            f"(this tvm-anyprec reads version {FORMAT_VERSION})")
+    if kind is not None and manifest.get("kind") != kind:
+        raise ArtifactError(f"{d} is a '{manifest.get('kind')}' artifact, expected '{kind}'")
+    if verify:
+        for name, info in manifest.get("files", {}).items():
+            p = d / name
+            if not p.exists():
+                raise ArtifactError(f"{d}: file {name} listed in the manifest is missing")
+            if p.stat().st_size != info["bytes"]:
+                raise ArtifactError(f"{d}: {name} has {p.stat().st_size} bytes, manifest says {info['bytes']} "
+                                    "(truncated or replaced?)")
+            if file_sha256(p) != info["sha256"]:
+                raise ArtifactError(f"{d}: checksum mismatch for {name} (corrupt or modified)")
+    return manifest

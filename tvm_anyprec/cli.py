@@ -1,0 +1,80 @@
+"""tvm-anyprec command line: quantize | compile | run | eval | inspect."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _bits_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be a comma-separated list of integers, got {s!r}")
+
+
+def _add_quantize(sub):
+    p = sub.add_parser("quantize", help="quantize a model into an any-precision parent (bitplanes + LUTs)")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (the packaged SmolLM2-135M), a .gguf file or "
+                   "a transformers model directory")
+    p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
+    p.add_argument("--scheme", choices=["nonuniform", "uniform"], default="nonuniform")
+    p.add_argument("--seed-bits", type=int, default=3, help="seed (smallest child) bit-width, 2..4")
+    p.add_argument("--max-bits", type=int, default=8, help="parent bit-width, up to 8")
+    p.add_argument("--group-size", type=int, default=128, help="uniform scheme: row-group size")
+    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows for the Fisher "
+                   "sensitivity (0: plain k-means)")
+    p.add_argument("--exclude", action="append", default=None, help="layer name pattern to keep in full "
+                   "precision (repeatable; default: lm_head)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="perplexity per bit-width (parent: torch reference; artifact: compiled)")
+    p.add_argument("path", help="a parent directory (from quantize) or a compiled artifact (from compile)")
+    p.add_argument("--bits", type=_bits_list, default=None, help="e.g. 3,4,8 (default: all)")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--no-baselines", action="store_true", help="skip the RTN 4-bit baseline (parent only)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="tvm-anyprec", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    p = sub.add_parser("inspect", help="print an artifact's manifest after verifying its checksums")
+    p.add_argument("path")
+    args = ap.parse_args(argv)
+
+    from . import api
+    from .artifact import ArtifactError
+    from .data import DataError
+    from .quant.anyprec import QuantizationError
+
+    try:
+        if args.cmd == "quantize":
+            parent, _ = api.quantize(args.out, args.model, args.scheme, args.seed_bits, args.max_bits,
+                                     args.group_size, args.calib_windows,
+                                     exclude=tuple(args.exclude or ("lm_head",)), force=args.force)
+            print(api.format_memory_report(parent))
+        elif args.cmd == "eval":
+            rows = api.evaluate(args.path, args.bits, args.windows, args.seqlen, baselines=not args.no_baselines)
+            print(api.format_table(rows))
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
+        elif args.cmd == "inspect":
+            print(json.dumps(api.inspect(args.path), indent=1))
+    except (ArtifactError, DataError, QuantizationError, FileNotFoundError, ValueError) as e:
+        print(f"tvm-anyprec {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tvm-anyprec {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
