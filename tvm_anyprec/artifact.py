@@ -91,16 +91,22 @@ def read_manifest(d: os.PathLike, kind: str | None = None, verify: bool = True) 
     if not mp.exists():
         raise ArtifactError(f"{d} has no {MANIFEST}: not a tvm-anyprec artifact")
     try:
-        manifest = json.loads(mp.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(mp.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{mp} is corrupt: {e}") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{mp} is corrupt: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{d}: format version {manifest.get('format_version')} is not supported "
                             f"(this tvm-anyprec reads version {FORMAT_VERSION})")
     if kind is not None and manifest.get("kind") != kind:
         raise ArtifactError(f"{d} is a '{manifest.get('kind')}' artifact, expected '{kind}'")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(i, dict) and isinstance(i.get("bytes"), int)
+                                              and isinstance(i.get("sha256"), str) for i in files.values()):
+        raise ArtifactError(f"{mp} is corrupt: 'files' must map each file name to its bytes and sha256")
     if verify:
-        for name, info in manifest.get("files", {}).items():
+        for name, info in files.items():
             p = d / name
             if not p.exists():
                 raise ArtifactError(f"{d}: file {name} listed in the manifest is missing")

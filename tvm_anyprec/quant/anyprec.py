@@ -313,6 +313,10 @@ def quantize_uniform(w: np.ndarray, group_size: int = 128, max_bits: int = 8, mi
     w = check_weight(w, name)
     n, k = w.shape
     lo, hi, ng = _group_minmax(w, group_size)
+    # the range always includes 0, so the zero point lies in [0, levels] and its fp16 rounding is < 1/8 code;
+    # (a group far from 0, e.g. constant 10.0, would otherwise get a zero point beyond fp16: inf, or one
+    # off by several codes, with every code then clipped)
+    lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
     levels = (1 << max_bits) - 1
     scale = np.maximum(hi - lo, 1e-8) / levels
     scale = scale.astype(np.float16).astype(np.float32)

@@ -127,6 +127,11 @@ class Parent:
         from ..artifact import WEIGHTS, ArtifactError, load_tensors, read_manifest
 
         m = read_manifest(path, kind="parent", verify=verify)
+        missing = [k for k in ("scheme", "seed_bits", "max_bits", "bit_widths", "layers", "full_precision")
+                   if k not in m]
+        if missing or m["scheme"] not in ("nonuniform", "uniform"):
+            raise ArtifactError(f"{path}: manifest is not a valid parent manifest "
+                                f"({'missing ' + ', '.join(missing) if missing else 'scheme ' + repr(m['scheme'])})")
         t = load_tensors(Path(path) / WEIGHTS)
         layers = {}
         try:
@@ -138,11 +143,33 @@ class Parent:
                 else:
                     layers[n] = UniformLayer(t[f"{n}.planes"], t[f"{n}.scales"], t[f"{n}.zeros"], shape,
                                              info["group_size"], m["seed_bits"])
+                _check_layer(path, n, layers[n], m["max_bits"])
             fp = {n: t[n] for n in m["full_precision"]}
         except KeyError as e:
             raise ArtifactError(f"{path}: weights file lacks tensor {e}") from e
         info = {k: m[k] for k in ("source", "group_size", "calibration") if k in m}
         return cls(m["scheme"], m["seed_bits"], m["max_bits"], layers, fp, m.get("tied", {}), info)
+
+
+def _check_layer(path, name: str, layer, max_bits: int) -> None:
+    """The tensors of a loaded layer agree with its manifest entry (shape, bit-width, dtypes)."""
+    from ..artifact import ArtifactError
+    from .bitplanes import num_words
+
+    n, k = layer.shape
+    want = {"planes": ((max_bits, n, num_words(k)), np.uint32)}
+    if isinstance(layer, AnyPrecLayer):
+        want.update({f"lut{b}": ((n, 1 << b), np.float16) for b in layer.luts})
+        got = {"planes": layer.planes, **{f"lut{b}": l for b, l in layer.luts.items()}}
+    else:
+        ng = (k + layer.group_size - 1) // layer.group_size
+        want.update({"scales": ((n, ng), np.float16), "zeros": ((n, ng), np.float16)})
+        got = {"planes": layer.planes, "scales": layer.scales, "zeros": layer.zeros}
+    for key, (shape, dtype) in want.items():
+        a = got[key]
+        if a.shape != shape or a.dtype != dtype:
+            raise ArtifactError(f"{path}: tensor {name}.{key} is {a.dtype} {list(a.shape)}, the manifest implies "
+                                f"{np.dtype(dtype)} {list(shape)}")
 
 
 def quantize_model(model, scheme: str = "nonuniform", seed_bits: int = 3, max_bits: int = 8,

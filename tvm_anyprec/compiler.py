@@ -1,0 +1,167 @@
+"""compile: ONNX graph(s) -> Relax -> any-precision rewrite -> scheduled TIR -> shared library + weights.
+
+Artifact (directory, written atomically):
+  lib.so               the Relax VM executable for the target (one function per ONNX graph)
+  weights.safetensors  every function parameter by name: <w>.planes / <w>.luts for rewritten layers and the
+                       fp32 tensors that stay (embeddings, norms, excluded layers)
+  manifest.json        target, bit-widths, functions (inputs, outputs, parameter order), layer map, checksums
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import WEIGHTS, ArtifactError, atomic_dir, save_tensors, write_manifest
+from .data import file_sha256
+
+LIB = "lib.so"
+
+
+class CompileError(RuntimeError):
+    pass
+
+
+def _log(msg, quiet):
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def relax_pipeline(target):
+    """cpu_generic's default pipeline plus dlight's CPU rules for the ops we do not schedule ourselves."""
+    import tvm
+    import tvm.s_tir.dlight as dl
+    from tvm.relax.backend.cpu_generic import pipeline as P
+
+    @tvm.transform.module_pass(opt_level=0, name="AnyPrecCPUPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                P.library_dispatch_passes(target) + P.legalize_passes(target)
+                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
+                + P.dataflow_lower_passes(target) + P.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
+
+
+def schedule_kernels(mod, target, database=None, quiet=True):
+    """Give every bitplane kernel a schedule: a tuned one from ``database`` when it has a record, else the
+    hand schedule. Returns (mod, {kernel: "tuned"|"default"})."""
+    import tvm
+
+    from .passes.anyprec_rewrite import KERNEL_PREFIX
+    from .schedules.cpu import schedule_anyprec_cpu
+
+    how = {}
+    for gv, f in list(mod.functions_items()):
+        if not (isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith(KERNEL_PREFIX)):
+            continue
+        sched = None
+        if database is not None:
+            from .tuning import query_database
+            sched = query_database(database, f, target)
+        if sched is not None:
+            how[gv.name_hint] = "tuned"
+        else:
+            sched = schedule_anyprec_cpu(f)
+            how[gv.name_hint] = "default"
+        mod[gv] = sched
+    return mod, how
+
+
+def quantized_tensors(site, layer, min_bits: int, max_bits: int) -> dict:
+    from .kernels.anyprec import lut_width
+
+    if tuple(layer.shape) != (site.N, site.K):
+        raise CompileError(f"{site.name}: parent layer shape {tuple(layer.shape)} != graph weight "
+                           f"[{site.N}, {site.K}]")
+    luts = np.concatenate([layer.luts[b] for b in range(min_bits, max_bits + 1)], axis=1).astype(np.float16)
+    assert luts.shape[1] == lut_width(max_bits, min_bits)
+    return {f"{site.name}.planes": layer.planes, f"{site.name}.luts": luts}
+
+
+def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_head",), seed_bits: int = 3,
+                  max_bits: int = 8, force: bool = False, tuning_db=None, tokenizer=None, quiet: bool = False) -> dict:
+    import tvm
+
+    from .artifact import read_manifest
+    from .frontend.onnx_import import import_onnx
+    from .passes.anyprec_rewrite import AnyPrecRewrite
+    from .quant.anyprec import check_bits, quantize_nonuniform
+    from .targets import preset
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ArtifactError(f"{out} already exists; pass force=True (--force) to replace it")
+    tp = preset(target)
+    par = None
+    if parent is not None:
+        from .quant.model import Parent
+        par = Parent.load(parent)
+        if par.scheme != "nonuniform":
+            raise CompileError(f"{parent}: the bitplane operator needs a 'nonuniform' parent, got '{par.scheme}'")
+        seed_bits, max_bits = par.seed_bits, par.max_bits
+    check_bits(seed_bits, max_bits)
+    t0 = time.time()
+    imp = import_onnx(source)
+    _log(f"imported {', '.join(f'{f} ({Path(s).name})' for f, s in imp.sources.items())} in {time.time() - t0:.1f}s",
+         quiet)
+    rw = AnyPrecRewrite(seed_bits, max_bits, exclude)
+    mod = rw(imp.mod)
+    if not rw.report.rewritten:
+        raise CompileError("no linear layer to rewrite: the graph has no MatMul/Gemm with a weight initializer"
+                           + (f" (kept: {rw.report.skipped})" if rw.report.skipped else ""))
+    _log(rw.report.summary(), quiet)
+
+    tensors, layers = {}, {}
+    sites = list(rw.report.rewritten.values())
+    from tqdm.auto import tqdm
+    for site in tqdm(sites, desc="quantizing weights" if par is None else "packing weights", disable=quiet,
+                     unit="layer", leave=False):
+        key = site.name[:-len(".weight")] if site.name.endswith(".weight") else site.name
+        if par is not None:
+            layer = par.layers.get(key) or par.layers.get(site.name)
+            if layer is None:
+                raise CompileError(f"parent {parent} has no layer for graph weight {site.name!r}")
+        else:
+            w = imp.weights[site.name]
+            layer = quantize_nonuniform(w if site.layout == "nk" else w.T, None, seed_bits, max_bits, name=site.name)
+        tensors.update(quantized_tensors(site, layer, seed_bits, max_bits))
+        layers[site.name] = {"N": site.N, "K": site.K, "layout": site.layout, "rows": site.M}
+    for fname, names in rw.report.functions.items():
+        for n in names:
+            if n not in tensors:
+                if n not in imp.weights:
+                    raise CompileError(f"function {fname} needs parameter {n!r}, which no graph provides")
+                tensors[n] = np.ascontiguousarray(imp.weights[n])
+
+    target_obj = tvm.target.Target(tp["target"])
+    mod, how = schedule_kernels(mod, target_obj, tuning_db)
+    t1 = time.time()
+    ex = tvm.compile(mod, target=target_obj, relax_pipeline=relax_pipeline(target_obj))
+    _log(f"compiled for {target} ({tp['target']}) in {time.time() - t1:.1f}s", quiet)
+
+    functions = {}
+    for fname in rw.report.functions:
+        spec = imp.specs.get(fname)
+        functions[fname] = {"inputs": imp.inputs[fname], "outputs": imp.outputs[fname],
+                            "params": rw.report.functions[fname], "spec": spec.to_dict() if spec else None}
+    manifest = {
+        "kind": "compiled", "target": tp, "bit_widths": list(range(seed_bits, max_bits + 1)),
+        "seed_bits": seed_bits, "max_bits": max_bits, "functions": functions, "layers": layers,
+        "kept_fp32": rw.report.skipped, "kernels": how,
+        "sources": {f: {"onnx": Path(s).name, "sha256": file_sha256(s)} for f, s in imp.sources.items()},
+        "parent": None if par is None else {"path": str(parent), **par.info.get("source", {}),
+                                            "calibration": par.info.get("calibration")},
+        "tokenizer": tokenizer or (None if par is None else par.info.get("source", {}).get("model")),
+    }
+    with atomic_dir(out) as tmp:
+        ex.export_library(str(tmp / LIB))
+        save_tensors(tmp / WEIGHTS, tensors)
+        manifest = write_manifest(tmp, manifest)
+    _log(f"wrote {out}: {LIB} + {WEIGHTS} ({sum(a.nbytes for a in tensors.values()) / 2**20:.1f} MiB) "
+         f"in {time.time() - t0:.1f}s total", quiet)
+    return manifest

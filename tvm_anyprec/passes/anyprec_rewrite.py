@@ -1,0 +1,219 @@
+"""Relax pass: rewrite linear layers into calls of the bitplane any-precision operator.
+
+A linear layer is ``R.matmul(x, W^T)`` (torch Linear / ONNX Gemm(transB=1): ``permute_dims(W)`` with W
+[N, K]) or ``R.matmul(x, W)`` (ONNX MatMul with a [K, N] initializer), W being a *weight parameter* of the
+function (the ONNX initializers, imported with ``keep_params_in_input=True``) or a constant. A bias
+``add`` that follows stays a Relax add (it fuses with the surrounding elementwise ops).
+
+Each rewritten weight W becomes two new function parameters ``<name>.planes`` (uint32 [B, N, ceil(K/32)])
+and ``<name>.luts`` (float16 [N, 2^(B+1) - 2^MINB]) and the call gets one more input, ``nbits`` (int32 [1]),
+so the same buffers serve every bit-width and the bit-width is picked per call. Several functions (decode,
+prefill) may share the weights: parameters are matched by name.
+
+Not rewritten (and reported): weights matching an exclude pattern, weights also used by another op (a
+tied embedding/lm_head: quantizing it would change the embedding lookup too), non-static shapes.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..kernels.anyprec import WORD, kernel_name, lut_width, make_anyprec_linear
+
+NBITS_NAME = "nbits"
+KERNEL_PREFIX = "anyprec_linear"
+
+
+@dataclass
+class LinearSite:
+    name: str               # original weight name, e.g. model.layers.0.self_attn.q_proj.weight
+    N: int
+    K: int
+    layout: str             # "nk": W is [N, K] used through permute_dims; "kn": W is [K, N]
+    M: dict = field(default_factory=dict)  # function -> rows of X at that call
+
+
+@dataclass
+class RewriteReport:
+    rewritten: dict = field(default_factory=dict)   # name -> LinearSite
+    skipped: dict = field(default_factory=dict)     # name -> reason
+    functions: dict = field(default_factory=dict)   # function -> ordered param names (after inputs)
+
+    def summary(self) -> str:
+        lines = [f"rewrote {len(self.rewritten)} linear layers to the bitplane operator"]
+        shapes = {}
+        for s in self.rewritten.values():
+            shapes.setdefault((s.N, s.K), 0)
+            shapes[(s.N, s.K)] += 1
+        lines += [f"  {n}x{k}: {c} layers" for (n, k), c in sorted(shapes.items())]
+        for n, why in self.skipped.items():
+            lines.append(f"  kept in fp32: {n} ({why})")
+        return "\n".join(lines)
+
+
+def _static_shape(expr) -> list[int] | None:
+    ty = expr.ty
+    shape = getattr(ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    out = []
+    for v in shape.values:
+        if not isinstance(v, tvm.tirx.IntImm):
+            return None
+        out.append(int(v))
+    return out
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*{p}*") or re.search(p, name)
+               for p in patterns or ())
+
+
+def _weight_uses(func: relax.Function, weights: set) -> dict:
+    """For each weight var: the set of op names that consume it (directly or through permute_dims)."""
+    uses: dict = {w: set() for w in weights}
+    alias: dict = {}   # var bound to permute_dims(weight) -> weight
+    perm = tvm.ir.Op.get("relax.permute_dims")
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            for a in e.args:
+                base = alias.get(a, a) if isinstance(a, relax.Var) else None
+                if base is not None and base in uses:
+                    uses[base].add(e.op.name if not (e.op.same_as(perm) and a in weights) else "permute_dims")
+
+    for block in func.body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and v.op.same_as(perm) and len(v.args) == 1 and v.args[0] in weights:
+                alias[b.var] = v.args[0]
+            relax.analysis.post_order_visit(v, visit)
+    return uses
+
+
+def _linear_weight(func_weights: set, lookup, w_expr):
+    """-> (weight var, layout) if w_expr is a weight param or permute_dims(weight param), else None."""
+    perm = tvm.ir.Op.get("relax.permute_dims")
+    if isinstance(w_expr, relax.Var) and w_expr in func_weights:
+        return w_expr, "kn"
+    if isinstance(w_expr, relax.Var):
+        bound = lookup(w_expr)
+        if isinstance(bound, relax.Call) and bound.op.same_as(perm) and len(bound.args) == 1:
+            src = bound.args[0]
+            axes = bound.attrs.axes
+            if src in func_weights and (axes is None or [int(a) for a in axes] == [1, 0]):
+                return src, "nk"
+    return None
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod, owner, fname, weights, names, eligible):
+        super().__init__(mod)
+        self.owner, self.fname, self.weights, self.names, self.eligible = owner, fname, weights, names, eligible
+        self.new_params: dict = {}     # param name -> relax.Var (this function's)
+        self.nbits = relax.Var(NBITS_NAME, relax.TensorType([1], "int32"))
+
+    def _param(self, name, shape, dtype):
+        if name not in self.new_params:
+            self.new_params[name] = relax.Var(name, relax.TensorType(shape, dtype))
+        return self.new_params[name]
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul" and len(call.args) == 2):
+            return call
+        found = _linear_weight(self.weights, self.lookup_binding, call.args[1])
+        if found is None:
+            return call
+        wvar, layout = found
+        name = self.names.get(wvar.name, wvar.name)
+        if name not in self.eligible:
+            return call
+        wshape = _static_shape(wvar)
+        N, K = (wshape[0], wshape[1]) if layout == "nk" else (wshape[1], wshape[0])
+        x = call.args[0]
+        xs = _static_shape(x)
+        if xs is None or len(xs) < 1 or xs[-1] != K:
+            self.owner.report.skipped.setdefault(name, f"input shape {xs} is not static [.., {K}]")
+            return call
+        M = int(np.prod(xs[:-1])) if len(xs) > 1 else 1
+        o = self.owner
+        site = o.report.rewritten.setdefault(name, LinearSite(name, N, K, layout))
+        site.M[self.fname] = M
+        kname = kernel_name(M, N, K, o.max_bits, o.min_bits, False)
+        gv = o.kernels.get(kname)
+        if gv is None:
+            f = make_anyprec_linear(M, N, K, o.max_bits, o.min_bits)
+            gv = o.kernels[kname] = self.builder_.add_func(f, kname)
+        planes = self._param(f"{name}.planes", [o.max_bits, N, (K + WORD - 1) // WORD], "uint32")
+        luts = self._param(f"{name}.luts", [N, lut_width(o.max_bits, o.min_bits)], "float16")
+        x2 = x if len(xs) == 2 else self.builder_.emit(relax.op.reshape(x, [M, K]))
+        y = relax.call_tir(gv, [x2, planes, luts, self.nbits], relax.TensorType([M, N], "float32"))
+        if len(xs) != 2:
+            y = relax.op.reshape(self.builder_.emit(y), xs[:-1] + [N])
+        return y
+
+
+class AnyPrecRewrite:
+    """Rewrite every eligible linear layer of the given Relax functions (module pass-like callable).
+
+    ``names`` maps relax parameter names (sanitized) to original weight names; ``exclude`` holds glob or
+    regex patterns on the original names. After the call, ``report`` says what was rewritten.
+    """
+
+    def __init__(self, min_bits: int = 3, max_bits: int = 8, exclude=("lm_head",), names: dict | None = None,
+                 functions=None):
+        self.min_bits, self.max_bits = min_bits, max_bits
+        self.exclude, self.names, self.functions = tuple(exclude or ()), dict(names or {}), functions
+        self.report = RewriteReport()
+        self.kernels: dict = {}
+
+    def _eligible(self, func, weights) -> set:
+        uses = _weight_uses(func, weights)
+        ok = set()
+        for w, ops in uses.items():
+            name = self.names.get(w.name, w.name)
+            shape = _static_shape(w)
+            if shape is None or len(shape) != 2:
+                continue
+            if not ops or not ops <= {"permute_dims", "relax.matmul"}:
+                if "relax.matmul" in ops or "permute_dims" in ops:
+                    others = sorted(o.replace("relax.", "") for o in ops - {"permute_dims", "relax.matmul"})
+                    self.report.skipped[name] = f"shared with {', '.join(others)} (tied weights)"
+                continue
+            if _matches(name, self.exclude):
+                self.report.skipped[name] = "excluded by pattern"
+                continue
+            ok.add(name)
+        return ok
+
+    def __call__(self, mod: tvm.IRModule) -> tvm.IRModule:
+        fnames = self.functions or [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
+        n_inputs = {}
+        for fname in fnames:
+            func = mod[fname]
+            n_in = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else \
+                len(func.params)
+            n_inputs[fname] = n_in
+            weights = set(func.params[n_in:])
+            rw = _Rewriter(mod, self, fname, weights, self.names, self._eligible(func, weights))
+            body = rw.visit_expr(func.body)
+            mod = rw.builder_.get()
+            params = list(func.params[:n_in]) + [rw.nbits] + list(func.params[n_in:]) + list(rw.new_params.values())
+            mod[fname] = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
+        # drop the dead permute_dims/matmul of rewritten weights, then the parameters nobody uses any more
+        mod = relax.transform.DeadCodeElimination(list(fnames))(mod)
+        for fname in fnames:
+            func, n_in = mod[fname], n_inputs[fname] + 1
+            used = {v.name for v in relax.analysis.free_vars(func.body)}
+            params = list(func.params[:n_in]) + [p for p in func.params[n_in:] if p.name in used]
+            mod[fname] = relax.Function(params, func.body, func.ret_ty, func.is_pure, func.attrs) \
+                .with_attr("num_input", n_in)
+            self.report.functions[fname] = [self.names.get(p.name, p.name) for p in params[n_in:]]
+        return mod
