@@ -137,3 +137,59 @@ def evaluate(path, bits=None, windows: int = EVAL_WINDOWS, seqlen: int = EVAL_SE
         from .runtime import eval_artifact
         return eval_artifact(path, bits, windows, seqlen, quiet)
     raise ArtifactError(f"{path}: unknown artifact kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------- export / compile / run
+EXPORT_CHUNK, EXPORT_MAX_LEN = 32, 512
+
+
+def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int = EXPORT_MAX_LEN, quiet: bool = False) -> Path:
+    """Export the model to ONNX: ``out/decode.onnx`` (1 token/step) and ``out/prefill.onnx`` (chunk tokens)."""
+    from .frontend.export import export_onnx
+
+    out = Path(out)
+    src = data.resolve_model(model)
+    m, _tok = data.load_model(src)
+    t0 = time.time()
+    for name, s in (("decode", 1), ("prefill", chunk)):
+        export_onnx(m, out / f"{name}.onnx", s, max_len)
+        _log(f"exported {out / (name + '.onnx')} (chunk {s}, cache {max_len}) [{time.time() - t0:.0f}s]", quiet)
+    (out / "SOURCE").write_text(str(src) + "\n")
+    return out
+
+
+def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",), force: bool = False,
+            tuning_db=None, tokenizer=None, quiet: bool = False) -> dict:
+    """ONNX file/dir -> artifact. ``source`` may also be a model ('smollm2', .gguf, HF dir): then the ONNX
+    export (``<out>.onnx/``) and the quantized parent (``<out>.parent/``) are made first when missing."""
+    from .compiler import compile_model
+
+    out = Path(out)
+    src = Path(str(source))
+    is_onnx = src.suffix == ".onnx" or (src.is_dir() and any(src.glob("*.onnx")))
+    if not is_onnx:
+        model = data.resolve_model(source)
+        onnx_dir = out.with_name(out.name + ".onnx")
+        if not (onnx_dir / "decode.onnx").exists() or not (onnx_dir / "prefill.onnx").exists():
+            export(onnx_dir, model, quiet=quiet)
+        if parent is None:
+            parent = out.with_name(out.name + ".parent")
+            if not (Path(parent) / MANIFEST).exists():
+                quantize(parent, model, exclude=exclude, force=True, quiet=quiet)
+        tokenizer = tokenizer or str(model)
+        src = onnx_dir
+    elif tokenizer is None and (src if src.is_dir() else src.parent).joinpath("SOURCE").exists():
+        tokenizer = (src if src.is_dir() else src.parent).joinpath("SOURCE").read_text().strip()
+    return compile_model(src, out, target, parent, exclude, force=force, tuning_db=tuning_db,
+                         tokenizer=tokenizer, quiet=quiet)
+
+
+def load(artifact):
+    """-> runtime.Session: load once, then ``generate(prompt, bits=...)`` with any bit-width."""
+    from .runtime import Session
+
+    return Session(artifact)
+
+
+def run(artifact, prompt: str, bits: int = 8, max_new_tokens: int = 32) -> str:
+    return load(artifact).generate(prompt, max_new_tokens, bits)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 
 def _bits_list(s: str) -> list[int]:
@@ -39,10 +40,43 @@ def _add_eval(sub):
     p.add_argument("--json", help="also write the rows to this JSON file")
 
 
+def _add_export(sub):
+    p = sub.add_parser("export", help="export a model to ONNX with a static KV cache (decode.onnx, prefill.onnx)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--out", "-o", required=True)
+    p.add_argument("--chunk", type=int, default=32, help="tokens per prefill call")
+    p.add_argument("--max-len", type=int, default=512, help="KV cache length")
+
+
+def _add_compile(sub):
+    p = sub.add_parser("compile", help="ONNX (file or directory) or a model -> deployable artifact directory")
+    p.add_argument("source", help="an .onnx file, a directory of .onnx files (from export), or a model "
+                   "('smollm2', .gguf): then export and quantize run first when their outputs are missing")
+    p.add_argument("--out", "-o", required=True)
+    p.add_argument("--target", default="x86", help="target preset (x86, x86-avx2, x86-avx512)")
+    p.add_argument("--parent", help="any-precision parent from `quantize` (default: quantize the graph's "
+                   "weights with plain k-means, or make one when compiling a model)")
+    p.add_argument("--exclude", action="append", default=None, help="weight name pattern kept in fp32 "
+                   "(repeatable; default: lm_head)")
+    p.add_argument("--tokenizer", help="model whose tokenizer `run`/`eval` use (default: from the parent)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def _add_run(sub):
+    p = sub.add_parser("run", help="generate text from an artifact at a bit-width chosen now")
+    p.add_argument("artifact")
+    p.add_argument("--bits", type=int, default=8)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tvm-anyprec", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_quantize(sub)
+    _add_export(sub)
+    _add_compile(sub)
+    _add_run(sub)
     _add_eval(sub)
     p = sub.add_parser("inspect", help="print an artifact's manifest after verifying its checksums")
     p.add_argument("path")
@@ -51,7 +85,10 @@ def main(argv=None) -> int:
     from . import api
     from .artifact import ArtifactError
     from .data import DataError
+    from .compiler import CompileError
+    from .frontend.onnx_import import ImportError_
     from .quant.anyprec import QuantizationError
+    from .targets import TargetError
 
     try:
         if args.cmd == "quantize":
@@ -59,6 +96,19 @@ def main(argv=None) -> int:
                                      args.group_size, args.calib_windows,
                                      exclude=tuple(args.exclude or ("lm_head",)), force=args.force)
             print(api.format_memory_report(parent))
+        elif args.cmd == "export":
+            api.export(args.out, args.model, args.chunk, args.max_len)
+        elif args.cmd == "compile":
+            api.compile(args.source, args.out, args.target, args.parent, tuple(args.exclude or ("lm_head",)),
+                        args.force, tokenizer=args.tokenizer)
+        elif args.cmd == "run":
+            sess = api.load(args.artifact)
+            sess.check_bits(args.bits)
+            t0 = time.time()
+            text = sess.generate(args.prompt, args.max_new_tokens, args.bits)
+            print(args.prompt + text)
+            print(f"[{args.bits}-bit, {args.max_new_tokens} new tokens max, {time.time() - t0:.1f}s]",
+                  file=sys.stderr)
         elif args.cmd == "eval":
             rows = api.evaluate(args.path, args.bits, args.windows, args.seqlen, baselines=not args.no_baselines)
             print(api.format_table(rows))
@@ -67,7 +117,8 @@ def main(argv=None) -> int:
                     json.dump(rows, f, indent=1)
         elif args.cmd == "inspect":
             print(json.dumps(api.inspect(args.path), indent=1))
-    except (ArtifactError, DataError, QuantizationError, FileNotFoundError, ValueError) as e:
+    except (ArtifactError, DataError, QuantizationError, CompileError, ImportError_, TargetError,
+            FileNotFoundError, ValueError) as e:
         print(f"tvm-anyprec {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

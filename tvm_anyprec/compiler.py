@@ -52,12 +52,12 @@ def schedule_kernels(mod, target, database=None, quiet=True):
     hand schedule. Returns (mod, {kernel: "tuned"|"default"})."""
     import tvm
 
-    from .passes.anyprec_rewrite import KERNEL_PREFIX
-    from .schedules.cpu import schedule_anyprec_cpu
+    from .passes.anyprec_rewrite import KERNEL_PREFIXES
+    from .schedules.cpu import schedule_linear_cpu
 
     how = {}
     for gv, f in list(mod.functions_items()):
-        if not (isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith(KERNEL_PREFIX)):
+        if not (isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith(KERNEL_PREFIXES)):
             continue
         sched = None
         if database is not None:
@@ -66,7 +66,7 @@ def schedule_kernels(mod, target, database=None, quiet=True):
         if sched is not None:
             how[gv.name_hint] = "tuned"
         else:
-            sched = schedule_anyprec_cpu(f)
+            sched = schedule_linear_cpu(f)
             how[gv.name_hint] = "default"
         mod[gv] = sched
     return mod, how

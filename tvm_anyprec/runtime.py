@@ -61,13 +61,13 @@ class Session:
             raise ArtifactError(f"function {fname} was not exported by tvm-anyprec (no KV-cache spec)")
         return spec
 
-    def empty_cache(self, fname: str = "decode"):
+    def empty_cache(self, fname: str = "decode") -> list:
+        """Zeroed KV cache: one key and one value tensor per layer."""
         import tvm
 
         sp = self.spec(fname)
-        shape = (sp["n_layers"], sp["n_kv_heads"], sp["max_len"], sp["head_dim"])
-        z = np.zeros(shape, np.float32)
-        return tvm.runtime.tensor(z, self.dev), tvm.runtime.tensor(z, self.dev)
+        z = np.zeros((sp["n_kv_heads"], sp["max_len"], sp["head_dim"]), np.float32)
+        return [tvm.runtime.tensor(z, self.dev) for _ in range(2 * sp["n_layers"])]
 
     # ---------------------------------------------------------------- model level
     def _chunk_fn(self) -> str:
@@ -77,7 +77,7 @@ class Session:
         """Run ``ids`` (1-D) through the model from position ``pos``; returns (logits [len, V], cache)."""
         fn = self._chunk_fn()
         S = self.spec(fn)["chunk"]
-        kc, vc = cache if cache is not None else self.empty_cache(fn)
+        cache = cache if cache is not None else self.empty_cache(fn)
         if pos + len(ids) > self.spec(fn)["max_len"]:
             raise ValueError(f"sequence of {pos + len(ids)} tokens exceeds the cache ({self.spec(fn)['max_len']})")
         outs = []
@@ -85,13 +85,13 @@ class Session:
             chunk = ids[start:start + S]
             buf = np.zeros((1, S), np.int64)
             buf[0, :len(chunk)] = chunk
-            lg, kc, vc = self.call(fn, [buf, np.array([pos + start], np.int64), kc, vc], bits)
+            lg, *cache = self.call(fn, [buf, np.array([pos + start], np.int64), *cache], bits)
             outs.append(lg.numpy()[0, :len(chunk)])
-        return np.concatenate(outs, 0), (kc, vc)
+        return np.concatenate(outs, 0), cache
 
     def decode_step(self, token: int, pos: int, cache, bits: int):
-        lg, kc, vc = self.call("decode", [np.array([[token]], np.int64), np.array([pos], np.int64), *cache], bits)
-        return lg.numpy()[0, -1], (kc, vc)
+        lg, *cache = self.call("decode", [np.array([[token]], np.int64), np.array([pos], np.int64), *cache], bits)
+        return lg.numpy()[0, -1], cache
 
     def generate_ids(self, prompt_ids, max_new_tokens: int, bits: int, eos: int | None = None) -> list[int]:
         """Greedy decoding; returns the new token ids."""

@@ -3,8 +3,10 @@
 The exported graph computes one chunk of S tokens (S fixed at export: S=1 for decode, S=P for prefill/
 perplexity) at position ``pos`` against fixed-size caches of T positions:
 
-    inputs : input_ids int64 [1, S], pos int64 [1], k_cache/v_cache float32 [L, Hkv, T, D]
-    outputs: logits float32 [1, S, V], k_cache_out/v_cache_out (the caches with rows pos..pos+S-1 written)
+    inputs : input_ids int64 [1, S], pos int64 [1], then per layer i: key_i, value_i float32 [Hkv, T, D]
+    outputs: logits float32 [1, S, V], then per layer: key_out_i, value_out_i (rows pos..pos+S-1 written)
+
+One tensor per layer and per K/V (not one stacked cache): stacking would copy the whole cache once more.
 
 Static shapes throughout (TVM 0.27's VM shape lowering fails on the symbolic-shape KV-cache graph). The
 cache update is a one-hot product, so any pos works without ScatterND, and keys past the current position
@@ -34,8 +36,9 @@ class ExportSpec:
     rope_theta: float
     rms_eps: float
 
-    def cache_shape(self) -> tuple[int, int, int, int]:
-        return (self.n_layers, self.n_kv_heads, self.max_len, self.head_dim)
+    def cache_shape(self) -> tuple[int, int, int]:
+        """Shape of one layer's key (or value) cache."""
+        return (self.n_kv_heads, self.max_len, self.head_dim)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,7 +89,7 @@ class StaticCacheLM(nn.Module):
         h = x.shape[-1] // 2
         return torch.cat([-x[..., h:], x[..., :h]], -1)
 
-    def forward(self, input_ids, pos, k_cache, v_cache):
+    def forward(self, input_ids, pos, *cache):
         sp = self.spec
         S, H, Hkv, D, G = sp.chunk, sp.n_heads, sp.n_kv_heads, sp.head_dim, sp.n_heads // sp.n_kv_heads
         positions = pos + self.chunk_offsets                                   # [S]
@@ -95,7 +98,7 @@ class StaticCacheLM(nn.Module):
         keep = 1.0 - onehot.sum(0)[None, :, None]                              # [1, T, 1]
         mask = torch.where(self.cache_positions[None, :] <= positions[:, None], 0.0, -1e9)  # [S, T]
         x = self.model.embed_tokens.weight[input_ids[0]]                     # [S, hidden]
-        ks, vs = [], []
+        new_cache = []
         for i, layer in enumerate(self.model.layers):
             att = layer.self_attn
             h = _RMSNorm(layer.input_layernorm.weight, sp.rms_eps)(x)
@@ -104,10 +107,9 @@ class StaticCacheLM(nn.Module):
             v = att.v_proj(h).reshape(S, Hkv, D).transpose(0, 1)
             q = q * cos + self._rotate_half(q) * sin
             k = k * cos + self._rotate_half(k) * sin
-            kc = k_cache[i] * keep + torch.matmul(onehot.t(), k)              # [Hkv, T, D]
-            vc = v_cache[i] * keep + torch.matmul(onehot.t(), v)
-            ks.append(kc)
-            vs.append(vc)
+            kc = cache[2 * i] * keep + torch.matmul(onehot.t(), k)            # [Hkv, T, D]
+            vc = cache[2 * i + 1] * keep + torch.matmul(onehot.t(), v)
+            new_cache += [kc, vc]
             qg = q.reshape(Hkv, G, S, D)
             scores = torch.matmul(qg, kc.unsqueeze(1).transpose(-1, -2)) * (1.0 / math.sqrt(D)) + mask
             p = torch.softmax(scores, -1)                                      # [Hkv, G, S, T]
@@ -118,16 +120,17 @@ class StaticCacheLM(nn.Module):
             x = x + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
         x = _RMSNorm(self.model.norm.weight, sp.rms_eps)(x)
         logits = self.lm_head(x)
-        return logits[None], torch.stack(ks), torch.stack(vs)
+        return (logits[None], *new_cache)
 
 
 def example_inputs(spec: ExportSpec, pos: int = 0):
     return (torch.zeros((1, spec.chunk), dtype=torch.int64), torch.tensor([pos], dtype=torch.int64),
-            torch.zeros(spec.cache_shape()), torch.zeros(spec.cache_shape()))
+            *[torch.zeros(spec.cache_shape()) for _ in range(2 * spec.n_layers)])
 
 
-INPUT_NAMES = ["input_ids", "pos", "k_cache", "v_cache"]
-OUTPUT_NAMES = ["logits", "k_cache_out", "v_cache_out"]
+def io_names(spec: ExportSpec) -> tuple[list[str], list[str]]:
+    cache = [f"{kv}_{i}" for i in range(spec.n_layers) for kv in ("key", "value")]
+    return ["input_ids", "pos"] + cache, ["logits"] + [f"{c}_out" for c in cache]
 
 
 def export_onnx(hf, path, chunk: int, max_len: int = 512) -> ExportSpec:
@@ -143,7 +146,8 @@ def export_onnx(hf, path, chunk: int, max_len: int = 512) -> ExportSpec:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with torch.no_grad():
-        torch.onnx.export(lm, example_inputs(spec), str(tmp), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+        inputs, outputs = io_names(spec)
+        torch.onnx.export(lm, example_inputs(spec), str(tmp), input_names=inputs, output_names=outputs,
                           opset_version=17, dynamo=False, do_constant_folding=False)
     m = onnx.load(str(tmp))
     entry = m.metadata_props.add()

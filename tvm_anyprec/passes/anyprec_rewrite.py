@@ -23,10 +23,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ..kernels import dense
 from ..kernels.anyprec import WORD, kernel_name, lut_width, make_anyprec_linear
 
 NBITS_NAME = "nbits"
-KERNEL_PREFIX = "anyprec_linear"
+KERNEL_PREFIXES = ("anyprec_linear", "dense_nt")
 
 
 @dataclass
@@ -133,8 +134,6 @@ class _Rewriter(relax.PyExprMutator):
             return call
         wvar, layout = found
         name = self.names.get(wvar.name, wvar.name)
-        if name not in self.eligible:
-            return call
         wshape = _static_shape(wvar)
         N, K = (wshape[0], wshape[1]) if layout == "nk" else (wshape[1], wshape[0])
         x = call.args[0]
@@ -143,6 +142,9 @@ class _Rewriter(relax.PyExprMutator):
             self.owner.report.skipped.setdefault(name, f"input shape {xs} is not static [.., {K}]")
             return call
         M = int(np.prod(xs[:-1])) if len(xs) > 1 else 1
+        if name not in self.eligible:
+            # kept in fp32: still avoid materializing permute_dims(W) on every call
+            return self._dense(x, xs, wvar, M, N, K) if layout == "nk" else call
         o = self.owner
         site = o.report.rewritten.setdefault(name, LinearSite(name, N, K, layout))
         site.M[self.fname] = M
@@ -153,8 +155,18 @@ class _Rewriter(relax.PyExprMutator):
             gv = o.kernels[kname] = self.builder_.add_func(f, kname)
         planes = self._param(f"{name}.planes", [o.max_bits, N, (K + WORD - 1) // WORD], "uint32")
         luts = self._param(f"{name}.luts", [N, lut_width(o.max_bits, o.min_bits)], "float16")
+        return self._emit(gv, x, xs, [planes, luts, self.nbits], M, N, K)
+
+    def _dense(self, x, xs, wvar, M, N, K):
+        kname = dense.kernel_name(M, N, K)
+        gv = self.owner.kernels.get(kname)
+        if gv is None:
+            gv = self.owner.kernels[kname] = self.builder_.add_func(dense.make_dense_nt(M, N, K), kname)
+        return self._emit(gv, x, xs, [wvar], M, N, K)
+
+    def _emit(self, gv, x, xs, args, M, N, K):
         x2 = x if len(xs) == 2 else self.builder_.emit(relax.op.reshape(x, [M, K]))
-        y = relax.call_tir(gv, [x2, planes, luts, self.nbits], relax.TensorType([M, N], "float32"))
+        y = relax.call_tir(gv, [x2] + args, relax.TensorType([M, N], "float32"))
         if len(xs) != 2:
             y = relax.op.reshape(self.builder_.emit(y), xs[:-1] + [N])
         return y
