@@ -1,0 +1,94 @@
+"""The product's main job on the real model (SmolLM2-135M): ONNX export with a KV cache -> compile for x86
+-> run. Checked against onnxruntime (same ONNX, dequantized weights) and the torch perplexities."""
+import numpy as np
+import pytest
+
+from tvm_anyprec import api, data
+from tvm_anyprec.frontend.reference import dequantized_onnx, ort_session
+from tvm_anyprec.quant.model import Parent
+from tvm_anyprec.runtime import Session
+
+PROMPT = "To be, or not to be, that is the question:"
+
+
+@pytest.fixture(scope="session")
+def real_onnx(tmp_path_factory):
+    return api.export(tmp_path_factory.mktemp("onnx") / "smollm2", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def real_artifact(real_onnx, real_parent, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "smollm2-x86"
+    api.compile(real_onnx, out, "x86", parent=real_parent, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def session(real_artifact):
+    return Session(real_artifact)
+
+
+def test_artifact_layout(real_artifact):
+    m = api.inspect(real_artifact)
+    assert m["kind"] == "compiled" and m["bit_widths"] == [3, 4, 5, 6, 7, 8]
+    assert len(m["layers"]) == 210 and set(m["functions"]) == {"decode", "prefill"}
+    assert "model.embed_tokens.weight" in m["kept_fp32"]          # tied with the lm_head: stays fp32
+    assert {"lib.so", "weights.safetensors"} <= set(m["files"])
+
+
+def test_logits_match_onnxruntime_per_bit_width(session, real_onnx, real_parent):
+    """Prefill graph, 32 tokens: TVM (bitplane kernels) vs ORT on the same ONNX with dequantized weights."""
+    parent = Parent.load(real_parent)
+    ids = session.tokenizer(PROMPT * 3)["input_ids"][:32]
+    spec = session.spec("prefill")
+    zeros = np.zeros((spec["n_kv_heads"], spec["max_len"], spec["head_dim"]), np.float32)
+    feeds = {"input_ids": np.array([ids], np.int64), "pos": np.array([0], np.int64)}
+    for i in range(spec["n_layers"]):
+        feeds[f"key_{i}"] = feeds[f"value_{i}"] = zeros
+    for b in (3, 4, 8):
+        ref = ort_session(dequantized_onnx(real_onnx / "prefill.onnx", parent.layers, b)).run(["logits"], feeds)[0][0]
+        out, _ = session.forward_tokens(np.array(ids), b)
+        # 30 layers of fp32 arithmetic in different orders: compare against the logit scale
+        err = np.abs(out - ref).max() / np.abs(ref).max()
+        assert err < 1e-3, f"{b}-bit: max relative logit error {err:.2e}"
+        assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.95
+
+
+def test_perplexity_matches_torch(session, real_parent):
+    """Same windows of the corpus: compiled model vs torch with the dequantized weights, within 1%."""
+    bits = [3, 4, 8]
+    torch_rows = api.eval_torch(real_parent, bits, windows=2, seqlen=128, baselines=False, quiet=True)
+    ids = data.token_windows(session.tokenizer, data.EVAL_TEXT, 2, 128)
+    for row in torch_rows:
+        if row["bits"] == 32:
+            continue
+        ppl = session.perplexity(ids, row["bits"])
+        assert abs(ppl / row["ppl"] - 1) < 0.01, f"{row['bits']}-bit: tvm {ppl:.3f} vs torch {row['ppl']:.3f}"
+
+
+def test_switching_bits_in_one_process(session, real_artifact):
+    """One load: bits switched between calls give the same tokens as separate runs, and resident memory
+    does not grow with the number of bit-widths used."""
+    import psutil
+
+    ids = session.tokenizer(PROMPT)["input_ids"]
+    proc = psutil.Process()
+    first = session.generate_ids(ids, 6, 8)
+    rss0 = proc.memory_info().rss
+    mixed = {b: session.generate_ids(ids, 6, b) for b in (3, 4, 5, 6, 7, 8)}
+    growth = proc.memory_info().rss - rss0
+    assert mixed[8] == first
+    assert growth < 64 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB after using 6 bit-widths"
+    fresh = Session(real_artifact)
+    for b in (3, 8):
+        assert fresh.generate_ids(ids, 6, b) == mixed[b]
+    assert mixed[3] != mixed[8] or mixed[4] != mixed[8]   # the bit-width really changes the model
+
+
+def test_cli_run_generates_text(real_artifact):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "tvm_anyprec.cli", "run", str(real_artifact), "--bits", "8",
+                        "--prompt", PROMPT, "--max-new-tokens", "8"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(PROMPT) and len(r.stdout) > len(PROMPT) + 5
