@@ -84,7 +84,9 @@ def quantized_tensors(site, layer, min_bits: int, max_bits: int) -> dict:
 
 
 def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_head",), seed_bits: int = 3,
-                  max_bits: int = 8, force: bool = False, tuning_db=None, tokenizer=None, quiet: bool = False) -> dict:
+                  max_bits: int = 8, force: bool = False, tuning_db=None, tokenizer=None, quiet: bool = False,
+                  require_rewrite: bool = True) -> dict:
+    """``require_rewrite=False`` allows an artifact with every layer in fp32 (a baseline for benchmarks)."""
     import tvm
 
     from .artifact import read_manifest
@@ -111,7 +113,7 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
          quiet)
     rw = AnyPrecRewrite(seed_bits, max_bits, exclude)
     mod = rw(imp.mod)
-    if not rw.report.rewritten:
+    if not rw.report.rewritten and require_rewrite:
         raise CompileError("no linear layer to rewrite: the graph has no MatMul/Gemm with a weight initializer"
                            + (f" (kept: {rw.report.skipped})" if rw.report.skipped else ""))
     _log(rw.report.summary(), quiet)

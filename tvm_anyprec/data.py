@@ -29,7 +29,7 @@ class DataError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    d = Path(os.environ.get("TVM_ANYPREC_CACHE", Path.home() / ".cache" / "tvm-anyprec"))
+    d = Path(os.environ.get("TVM_ANYPREC_CACHE") or Path.home() / ".cache" / "tvm-anyprec")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
