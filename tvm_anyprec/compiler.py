@@ -68,7 +68,9 @@ def schedule_kernels(mod, target, database=None, quiet=True):
         else:
             sched = schedule_linear_cpu(f)
             how[gv.name_hint] = "default"
-        mod[gv] = sched
+        # opaque to FuseOps: fusing a hand-scheduled kernel with its neighbours would drop the schedule
+        # (and FuseTIR cannot merge its buffers)
+        mod[gv] = sched.with_attr("op_pattern", 8)
     return mod, how
 
 
