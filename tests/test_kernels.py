@@ -66,3 +66,37 @@ def test_dense_nt_matches_numpy(M, N, K):
     y = tvm.runtime.empty((M, N), "float32", dev)
     fn(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev), y)
     np.testing.assert_allclose(y.numpy(), x @ w.T, rtol=RTOL, atol=1e-4)
+
+
+@pytest.mark.parametrize("b_shape", [(3, 1, 64, 24), (3, 3, 64, 16)])
+def test_fallback_schedule_keeps_results(b_shape):
+    """The fallback rule for unscheduled ops (batched matmul -> parallel + vectorized) computes the same."""
+    from tvm import relax
+
+    from tvm_anyprec.schedules.cpu import parallelize_outer
+
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType([3, 3, 8, 64], "float32"))
+    b = relax.Var("b", relax.TensorType(list(b_shape), "float32"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.relu(relax.op.matmul(a, b)))
+        bb.emit_func_output(y)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    rng = np.random.default_rng(3)
+    av = rng.standard_normal((3, 3, 8, 64)).astype(np.float32)
+    bv = rng.standard_normal(b_shape).astype(np.float32)
+    dev = tvm.cpu()
+    for gv, f in mod.functions_items():
+        if not isinstance(f, tvm.tirx.PrimFunc):
+            continue
+        g = parallelize_outer(f)
+        assert g is not None, gv.name_hint
+        script = g.script()
+        assert "T.parallel" in script
+        fn = _build(g)
+        if "matmul" in gv.name_hint:
+            assert "T.vectorized" in script
+            out = tvm.runtime.empty((3, 3, 8, b_shape[-1]), "float32", dev)
+            fn(tvm.runtime.tensor(av, dev), tvm.runtime.tensor(bv, dev), out)
+            np.testing.assert_allclose(out.numpy(), av @ bv, rtol=1e-4, atol=1e-4)

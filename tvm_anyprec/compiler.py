@@ -30,17 +30,20 @@ def _log(msg, quiet):
 
 
 def relax_pipeline(target):
-    """cpu_generic's default pipeline plus dlight's CPU rules for the ops we do not schedule ourselves."""
+    """cpu_generic's default pipeline plus, for the ops we do not schedule ourselves, dlight's CPU rules and
+    then a parallel-outer-loops fallback."""
     import tvm
     import tvm.s_tir.dlight as dl
     from tvm.relax.backend.cpu_generic import pipeline as P
+
+    from .schedules.cpu import fallback_pass
 
     @tvm.transform.module_pass(opt_level=0, name="AnyPrecCPUPipeline")
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
                 P.library_dispatch_passes(target) + P.legalize_passes(target)
-                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
+                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction()), fallback_pass()]
                 + P.dataflow_lower_passes(target) + P.finalize_passes(target))
             return seq(mod)
 

@@ -1,6 +1,6 @@
 """The bitplane any-precision linear operator in TVMScript (schedulable s_tir).
 
-    Y[m, n] = sum_k X[m, k] * LUTS[n, off(b) + code_b(n, k)]   (+ BIAS[n])
+    Y[m, n] = sum_k X[m, k] * LUTS[n, off(b) + code_b(n, k)]
 
 * PLANES uint32 [B, N, KW] (KW = ceil(K/32)); plane 0 holds the MSB; bit k % 32 of word k // 32.
 * LUTS float16 [N, 2^(B+1) - 2^MINB]: the LUT of bit-width b starts at off(b) = 2^b - 2^MINB and has 2^b
@@ -45,9 +45,9 @@ def _weight(PLANES, LUTS, NBITS, vn, vk, B, MINB):
     return T.Cast("float32", LUTS[vn, idx])
 
 
-def make_anyprec_linear(M: int, N: int, K: int, max_bits: int = 8, min_bits: int = 3, bias: bool = False,
-                        lut_dtype: str = "float16"):
-    """PrimFunc (X, PLANES, LUTS, NBITS[, BIAS], Y) for static M, N, K (no global_symbol)."""
+def make_anyprec_linear(M: int, N: int, K: int, max_bits: int = 8, min_bits: int = 3, lut_dtype: str = "float16"):
+    """PrimFunc (X, PLANES, LUTS, NBITS, Y) for static M, N, K (no global_symbol). A bias stays a Relax add
+    after the call (it fuses with the neighbouring elementwise ops)."""
     B, MINB = max_bits, min_bits
     KW = (K + WORD - 1) // WORD
     KP = KW * WORD
@@ -70,31 +70,8 @@ def make_anyprec_linear(M: int, N: int, K: int, max_bits: int = 8, min_bits: int
                     Y[vm, vn] = T.float32(0)
                 Y[vm, vn] = Y[vm, vn] + T.if_then_else(vk < K, X[vm, T.min(vk, K - 1)], T.float32(0)) * W[vn, vk]
 
-    @T.prim_func(s_tir=True)
-    def anyprec_linear_bias(X: T.Buffer((M, K), "float32"), PLANES: T.Buffer((B, N, KW), "uint32"),
-                            LUTS: T.Buffer((N, L), lut_dtype), NBITS: T.Buffer((1,), "int32"),
-                            BIAS: T.Buffer((N,), "float32"), Y: T.Buffer((M, N), "float32")):
-        T.func_attr({"tirx.noalias": True})
-        W = T.sblock_alloc_buffer((N, KP), "float32")
-        ACC = T.sblock_alloc_buffer((M, N), "float32")
-        for n, k in T.grid(N, KP):
-            with T.sblock("decode"):
-                vn, vk = T.axis.remap("SS", [n, k])
-                W[vn, vk] = _weight(PLANES, LUTS, NBITS, vn, vk, B, MINB)
-        for m, n, k in T.grid(M, N, KP):
-            with T.sblock("matmul"):
-                vm, vn, vk = T.axis.remap("SSR", [m, n, k])
-                with T.init():
-                    ACC[vm, vn] = T.float32(0)
-                ACC[vm, vn] = ACC[vm, vn] + T.if_then_else(vk < K, X[vm, T.min(vk, K - 1)], T.float32(0)) * W[vn, vk]
-        for m, n in T.grid(M, N):
-            with T.sblock("bias"):
-                vm, vn = T.axis.remap("SS", [m, n])
-                Y[vm, vn] = ACC[vm, vn] + BIAS[vn]
-
-    f = anyprec_linear_bias if bias else anyprec_linear
-    return f.without_attr("global_symbol")
+    return anyprec_linear.without_attr("global_symbol")
 
 
-def kernel_name(M: int, N: int, K: int, max_bits: int, min_bits: int, bias: bool) -> str:
-    return f"anyprec_linear_m{M}_n{N}_k{K}_b{min_bits}to{max_bits}{'_bias' if bias else ''}"
+def kernel_name(M: int, N: int, K: int, max_bits: int, min_bits: int) -> str:
+    return f"anyprec_linear_m{M}_n{N}_k{K}_b{min_bits}to{max_bits}"

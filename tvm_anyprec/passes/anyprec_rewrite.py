@@ -148,7 +148,7 @@ class _Rewriter(relax.PyExprMutator):
         o = self.owner
         site = o.report.rewritten.setdefault(name, LinearSite(name, N, K, layout))
         site.M[self.fname] = M
-        kname = kernel_name(M, N, K, o.max_bits, o.min_bits, False)
+        kname = kernel_name(M, N, K, o.max_bits, o.min_bits)
         gv = o.kernels.get(kname)
         if gv is None:
             f = make_anyprec_linear(M, N, K, o.max_bits, o.min_bits)

@@ -53,8 +53,33 @@ def check_bits(seed_bits: int, max_bits: int) -> None:
         raise QuantizationError(f"parent bit-width {max_bits} unsupported: use {seed_bits}..{MAX_PARENT_BITS}")
 
 
+def require_bits(bits: int, widths) -> None:
+    if bits not in widths:
+        raise QuantizationError(f"bit-width {bits} unsupported: this parent holds {list(widths)}")
+
+
+class _Bitplanes:
+    """What the parents of both schemes share: ``planes`` [max_bits, N, ceil(K/32)], children
+    ``lowest_bits..max_bits``, a child's codes = the top bits of the parent code."""
+
+    @property
+    def max_bits(self) -> int:
+        return int(self.planes.shape[0])
+
+    @property
+    def bit_widths(self) -> list[int]:
+        return list(range(self.lowest_bits, self.max_bits + 1))
+
+    def check_bits(self, bits: int) -> None:
+        require_bits(bits, self.bit_widths)
+
+    def codes(self, bits: int) -> np.ndarray:
+        self.check_bits(bits)
+        return unpack_bitplanes(self.planes, self.shape[1], bits)
+
+
 @dataclass
-class AnyPrecLayer:
+class AnyPrecLayer(_Bitplanes):
     """A quantized linear layer [N, K]: the parent bitplanes plus one LUT per child bit-width."""
 
     planes: np.ndarray                      # uint32 [max_bits, N, ceil(K/32)], plane 0 = MSB
@@ -65,20 +90,8 @@ class AnyPrecLayer:
     meta: dict = field(default_factory=dict)
 
     @property
-    def max_bits(self) -> int:
-        return int(self.planes.shape[0])
-
-    @property
-    def bit_widths(self) -> list[int]:
-        return list(range(self.seed_bits, self.max_bits + 1))
-
-    def check_bits(self, bits: int) -> None:
-        if bits not in self.bit_widths:
-            raise QuantizationError(f"bit-width {bits} unsupported: this parent holds {self.bit_widths}")
-
-    def codes(self, bits: int) -> np.ndarray:
-        self.check_bits(bits)
-        return unpack_bitplanes(self.planes, self.shape[1], bits)
+    def lowest_bits(self) -> int:
+        return self.seed_bits
 
     def dequantize(self, bits: int) -> np.ndarray:
         codes = self.codes(bits).astype(np.int64)
@@ -256,7 +269,7 @@ def weighted_error(w: np.ndarray, wq: np.ndarray, fisher: np.ndarray | None = No
 
 # ----------------------------------------------------------------------------- uniform scheme
 @dataclass
-class UniformLayer:
+class UniformLayer(_Bitplanes):
     """8-bit (``max_bits``) asymmetric uniform parent per row-group; children are truncations."""
 
     planes: np.ndarray        # uint32 [max_bits, N, ceil(K/32)]
@@ -268,20 +281,8 @@ class UniformLayer:
     scheme: str = "uniform"
 
     @property
-    def max_bits(self) -> int:
-        return int(self.planes.shape[0])
-
-    @property
-    def bit_widths(self) -> list[int]:
-        return list(range(self.min_bits, self.max_bits + 1))
-
-    def check_bits(self, bits: int) -> None:
-        if bits not in self.bit_widths:
-            raise QuantizationError(f"bit-width {bits} unsupported: this parent holds {self.bit_widths}")
-
-    def codes(self, bits: int) -> np.ndarray:
-        self.check_bits(bits)
-        return unpack_bitplanes(self.planes, self.shape[1], bits)
+    def lowest_bits(self) -> int:
+        return self.min_bits
 
     def dequantize(self, bits: int) -> np.ndarray:
         n, k = self.shape

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .anyprec import (AnyPrecLayer, QuantizationError, UniformLayer, check_bits, layer_bytes, parent_bytes,
-                      quantize_nonuniform, quantize_uniform, rtn_quantize)
+                      quantize_nonuniform, quantize_uniform, require_bits, rtn_quantize)
 
 DEFAULT_EXCLUDE = ("lm_head",)
 
@@ -86,8 +86,7 @@ class Parent:
         return list(range(self.seed_bits, self.max_bits + 1))
 
     def check_bits(self, bits: int) -> None:
-        if bits not in self.bit_widths:
-            raise QuantizationError(f"bit-width {bits} unsupported: this parent holds {self.bit_widths}")
+        require_bits(bits, self.bit_widths)
 
     def dequantized(self, bits: int) -> dict[str, np.ndarray]:
         self.check_bits(bits)

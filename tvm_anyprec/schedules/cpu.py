@@ -37,3 +37,79 @@ def schedule_linear_cpu(func: tvm.tirx.PrimFunc, n_tile: int = 16) -> tvm.tirx.P
         _, dlane = sch.split(sch.get_loops(dec)[-1], [None, 32])
         sch.vectorize(dlane)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def parallelize_outer(func: tvm.tirx.PrimFunc, min_extent: int = 2) -> tvm.tirx.PrimFunc | None:
+    """Fallback for ops nobody scheduled (attention matmuls, cache updates). Per block, on a copy of the
+    schedule so a rule that does not fit leaves nothing half-done:
+      1. matmul-like blocks (S..S R): S..S fused and parallel, then R, then the last S vectorized, so the
+         innermost loop walks the output and the right operand contiguously;
+      2. otherwise the leading data-parallel loops fused and run in parallel.
+    Only spatial loops are parallelized (dlight's block analysis says which). None when nothing fits."""
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    try:
+        sch = tvm.s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+    except Exception:  # not schedulable TIR
+        return None
+    if not infos:
+        return None
+    changed = False
+    for info in infos:
+        for rule in (_reduce_then_vector, _parallel_lead):
+            trial = sch.copy()
+            try:
+                ok = rule(trial, info, min_extent)
+            except Exception:  # the rule does not fit this block: try the next one on a fresh copy
+                ok = False
+            if ok:
+                sch, changed = trial, True
+                break
+    return sch.mod["main"] if changed else None
+
+
+def _reduce_then_vector(sch, info, _min_extent) -> bool:
+    kinds = info.dom_kind()
+    loops = [it.loop_rv for it in info.iters]
+    if len(kinds) < 2 or not kinds.endswith("SR") or kinds.count("R") != 1 or any(lp is None for lp in loops):
+        return False
+    *outer, last_s, red = loops
+    if int(sch.get(last_s).extent) % 8:
+        return False
+    sch.reorder(*outer, red, last_s)
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    sch.vectorize(last_s)                        # before decompose_reduction (compact-dataflow check)
+    sch.decompose_reduction(info.block_rv, red)
+    return True
+
+
+def _parallel_lead(sch, info, min_extent) -> bool:
+    lead = []
+    for it in info.iters:
+        if it.kind != "S" or it.loop_rv is None:
+            break
+        lead.append(it.loop_rv)
+    if not lead:
+        return False
+    fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    if int(sch.get(fused).extent) < min_extent:
+        return False
+    sch.parallel(fused)
+    return True
+
+
+def fallback_pass():
+    """Module pass: parallelize_outer on every PrimFunc not marked scheduled (runs after dlight)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="AnyPrecParallelizeRemaining")
+    def _pass(mod, _ctx):
+        for gv, f in list(mod.functions_items()):
+            if isinstance(f, tvm.tirx.PrimFunc) and "tirx.is_scheduled" not in (f.attrs or {}):
+                g = parallelize_outer(f)
+                if g is not None:
+                    mod[gv] = g.with_attr("tirx.is_scheduled", True)
+        return mod
+
+    return _pass
