@@ -2,14 +2,12 @@
 every child on a fixed slice of Hamlet (8 windows x 128 tokens) against fp32 and RTN 4-bit g128."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
 from tvm_anyprec import api
 from tvm_anyprec.artifact import WEIGHTS, read_manifest
-from tvm_anyprec.quant.anyprec import layer_bytes, parent_bytes
 from tvm_anyprec.quant.model import Parent, find_linears, memory_table
 
 pytestmark = pytest.mark.slow

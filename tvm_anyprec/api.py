@@ -1,28 +1,15 @@
 """Python API with the same verbs as the command line: quantize, compile, run, eval, inspect."""
 from __future__ import annotations
 
-import os
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from . import data
-from .artifact import MANIFEST, ArtifactError, read_manifest
+from .artifact import MANIFEST, ArtifactError, log, read_manifest, refuse_overwrite
 
 EVAL_WINDOWS, EVAL_SEQLEN = 16, 128
 CALIB_WINDOWS = 8
-
-
-def _log(msg: str, quiet: bool = False) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def _refuse_overwrite(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ArtifactError(f"{out} already exists; pass force=True (--force) to replace it")
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -36,11 +23,11 @@ def quantize(out, model=None, scheme: str = "nonuniform", seed_bits: int = 3, ma
     out = Path(out)
     if scheme == "nonuniform":
         check_bits(seed_bits, max_bits)  # fail before the slow steps
-    _refuse_overwrite(out, force)
+    refuse_overwrite(out, force)
     src = data.resolve_model(model)
     t0 = time.time()
     m, tok = data.load_model(src)
-    _log(f"loaded {src.name} ({sum(p.numel() for p in m.parameters()) / 1e6:.1f}M parameters) "
+    log(f"loaded {src.name} ({sum(p.numel() for p in m.parameters()) / 1e6:.1f}M parameters) "
          f"in {time.time() - t0:.1f}s", quiet)
     fisher = None
     calib = {"windows": 0}
@@ -52,7 +39,7 @@ def quantize(out, model=None, scheme: str = "nonuniform", seed_bits: int = 3, ma
     parent.info.update({"source": {"model": str(src), "name": src.name, "sha256": data.file_sha256(src)},
                         "calibration": calib, "exclude": list(exclude)})
     manifest = parent.save(out)
-    _log(f"wrote {out} ({manifest['files']['weights.safetensors']['bytes'] / 2**20:.1f} MiB) "
+    log(f"wrote {out} ({manifest['files']['weights.safetensors']['bytes'] / 2**20:.1f} MiB) "
          f"in {time.time() - t0:.1f}s", quiet)
     return parent, manifest
 
@@ -101,9 +88,9 @@ def eval_torch(parent_dir, bits=None, windows: int = EVAL_WINDOWS, seqlen: int =
 
     def add(label, b, ppl):
         rows.append({"config": label, "bits": b, "ppl": ppl})
-        _log(f"  {label:<28} ppl {ppl:9.3f}", quiet)
+        log(f"  {label:<28} ppl {ppl:9.3f}", quiet)
 
-    _log(f"perplexity on {data.EVAL_TEXT}: {windows} windows x {seqlen} tokens (torch, dequantized weights)", quiet)
+    log(f"perplexity on {data.EVAL_TEXT}: {windows} windows x {seqlen} tokens (torch, dequantized weights)", quiet)
     add("fp32", 32, perplexity(m, ids))
     if baselines:
         with swapped_weights(m, rtn_weights(m, 4, 128, parent.info.get("exclude", ("lm_head",)))):
@@ -153,7 +140,7 @@ def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int = EXPORT_MAX
     t0 = time.time()
     for name, s in (("decode", 1), ("prefill", chunk)):
         export_onnx(m, out / f"{name}.onnx", s, max_len)
-        _log(f"exported {out / (name + '.onnx')} (chunk {s}, cache {max_len}) [{time.time() - t0:.0f}s]", quiet)
+        log(f"exported {out / (name + '.onnx')} (chunk {s}, cache {max_len}) [{time.time() - t0:.0f}s]", quiet)
     (out / "SOURCE").write_text(str(src) + "\n")
     return out
 

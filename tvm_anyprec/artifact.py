@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,19 @@ WEIGHTS = "weights.safetensors"
 
 class ArtifactError(RuntimeError):
     """A missing, corrupt, foreign or incompatible artifact."""
+
+
+def log(msg: str, quiet: bool = False) -> None:
+    """Progress messages go to stderr (stdout carries results)."""
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def refuse_overwrite(out: Path, force: bool) -> None:
+    """Never replace a user's non-empty directory (or a file) unless asked to."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ArtifactError(f"{out} already exists; pass force=True (--force) to replace it")
 
 
 @contextlib.contextmanager

@@ -8,13 +8,12 @@ Artifact (directory, written atomically):
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .artifact import WEIGHTS, ArtifactError, atomic_dir, save_tensors, write_manifest
+from .artifact import WEIGHTS, atomic_dir, log, refuse_overwrite, save_tensors, write_manifest
 from .data import file_sha256
 
 LIB = "lib.so"
@@ -22,11 +21,6 @@ LIB = "lib.so"
 
 class CompileError(RuntimeError):
     pass
-
-
-def _log(msg, quiet):
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def relax_pipeline(target):
@@ -50,7 +44,7 @@ def relax_pipeline(target):
     return _pipeline
 
 
-def schedule_kernels(mod, target, database=None, quiet=True):
+def schedule_kernels(mod, target, database=None):
     """Give every bitplane kernel a schedule: a tuned one from ``database`` when it has a record, else the
     hand schedule. Returns (mod, {kernel: "tuned"|"default"})."""
     import tvm
@@ -94,15 +88,13 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     """``require_rewrite=False`` allows an artifact with every layer in fp32 (a baseline for benchmarks)."""
     import tvm
 
-    from .artifact import read_manifest
     from .frontend.onnx_import import import_onnx
     from .passes.anyprec_rewrite import AnyPrecRewrite
     from .quant.anyprec import check_bits, quantize_nonuniform
     from .targets import preset
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ArtifactError(f"{out} already exists; pass force=True (--force) to replace it")
+    refuse_overwrite(out, force)
     tp = preset(target)
     par = None
     if parent is not None:
@@ -114,14 +106,14 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     check_bits(seed_bits, max_bits)
     t0 = time.time()
     imp = import_onnx(source)
-    _log(f"imported {', '.join(f'{f} ({Path(s).name})' for f, s in imp.sources.items())} in {time.time() - t0:.1f}s",
+    log(f"imported {', '.join(f'{f} ({Path(s).name})' for f, s in imp.sources.items())} in {time.time() - t0:.1f}s",
          quiet)
     rw = AnyPrecRewrite(seed_bits, max_bits, exclude)
     mod = rw(imp.mod)
     if not rw.report.rewritten and require_rewrite:
         raise CompileError("no linear layer to rewrite: the graph has no MatMul/Gemm with a weight initializer"
                            + (f" (kept: {rw.report.skipped})" if rw.report.skipped else ""))
-    _log(rw.report.summary(), quiet)
+    log(rw.report.summary(), quiet)
 
     tensors, layers = {}, {}
     sites = list(rw.report.rewritten.values())
@@ -149,7 +141,7 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     mod, how = schedule_kernels(mod, target_obj, tuning_db)
     t1 = time.time()
     ex = tvm.compile(mod, target=target_obj, relax_pipeline=relax_pipeline(target_obj))
-    _log(f"compiled for {target} ({tp['target']}) in {time.time() - t1:.1f}s", quiet)
+    log(f"compiled for {target} ({tp['target']}) in {time.time() - t1:.1f}s", quiet)
 
     functions = {}
     for fname in rw.report.functions:
@@ -169,6 +161,6 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
         ex.export_library(str(tmp / LIB))
         save_tensors(tmp / WEIGHTS, tensors)
         manifest = write_manifest(tmp, manifest)
-    _log(f"wrote {out}: {LIB} + {WEIGHTS} ({sum(a.nbytes for a in tensors.values()) / 2**20:.1f} MiB) "
+    log(f"wrote {out}: {LIB} + {WEIGHTS} ({sum(a.nbytes for a in tensors.values()) / 2**20:.1f} MiB) "
          f"in {time.time() - t0:.1f}s total", quiet)
     return manifest

@@ -65,20 +65,28 @@ def file_sha256(path: os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def load_tokenizer(model=None):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(model)
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_model(model=None):
     """-> (torch model in fp32, eval mode, tokenizer). Quiet about transformers' progress bars."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     path = resolve_model(model)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    tok = load_tokenizer(path)
     if path.suffix == ".gguf":
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         m = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     else:
-        tok = AutoTokenizer.from_pretrained(path)
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     m.eval()
     return m, tok

@@ -117,10 +117,7 @@ class Session:
             src = self.manifest.get("tokenizer")
             if src is None:
                 raise ArtifactError("this artifact records no tokenizer (compile it with --parent or --tokenizer)")
-            p = data.resolve_model(src if Path(str(src)).exists() else "smollm2")
-            from transformers import AutoTokenizer
-            self._tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name) if p.suffix == ".gguf" \
-                else AutoTokenizer.from_pretrained(p)
+            self._tok = data.load_tokenizer(src if Path(str(src)).exists() else "smollm2")
         return self._tok
 
     def generate(self, prompt: str, max_new_tokens: int = 32, bits: int = 8) -> str:

@@ -15,8 +15,6 @@ tied embedding/lm_head: quantizing it would change the embedding lookup too), no
 """
 from __future__ import annotations
 
-import fnmatch
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +23,7 @@ from tvm import relax
 
 from ..kernels import dense
 from ..kernels.anyprec import WORD, kernel_name, lut_width, make_anyprec_linear
+from ..quant.patterns import matches_any
 
 NBITS_NAME = "nbits"
 KERNEL_PREFIXES = ("anyprec_linear", "dense_nt")
@@ -70,11 +69,6 @@ def _static_shape(expr) -> list[int] | None:
     return out
 
 
-def _matches(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*{p}*") or re.search(p, name)
-               for p in patterns or ())
-
-
 def _weight_uses(func: relax.Function, weights: set) -> dict:
     """For each weight var: the set of op names that consume it (directly or through permute_dims)."""
     uses: dict = {w: set() for w in weights}
@@ -114,9 +108,9 @@ def _linear_weight(func_weights: set, lookup, w_expr):
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, owner, fname, weights, names, eligible):
+    def __init__(self, mod, owner, fname, weights, eligible):
         super().__init__(mod)
-        self.owner, self.fname, self.weights, self.names, self.eligible = owner, fname, weights, names, eligible
+        self.owner, self.fname, self.weights, self.eligible = owner, fname, weights, eligible
         self.new_params: dict = {}     # param name -> relax.Var (this function's)
         self.nbits = relax.Var(NBITS_NAME, relax.TensorType([1], "int32"))
 
@@ -133,7 +127,7 @@ class _Rewriter(relax.PyExprMutator):
         if found is None:
             return call
         wvar, layout = found
-        name = self.names.get(wvar.name, wvar.name)
+        name = wvar.name
         wshape = _static_shape(wvar)
         N, K = (wshape[0], wshape[1]) if layout == "nk" else (wshape[1], wshape[0])
         x = call.args[0]
@@ -175,14 +169,13 @@ class _Rewriter(relax.PyExprMutator):
 class AnyPrecRewrite:
     """Rewrite every eligible linear layer of the given Relax functions (module pass-like callable).
 
-    ``names`` maps relax parameter names (sanitized) to original weight names; ``exclude`` holds glob or
-    regex patterns on the original names. After the call, ``report`` says what was rewritten.
+    Weights are named by their Relax parameter names, which the ONNX importer takes from the initializers;
+    ``exclude`` holds glob or regex patterns on them. After the call, ``report`` says what was rewritten.
     """
 
-    def __init__(self, min_bits: int = 3, max_bits: int = 8, exclude=("lm_head",), names: dict | None = None,
-                 functions=None):
+    def __init__(self, min_bits: int = 3, max_bits: int = 8, exclude=("lm_head",), functions=None):
         self.min_bits, self.max_bits = min_bits, max_bits
-        self.exclude, self.names, self.functions = tuple(exclude or ()), dict(names or {}), functions
+        self.exclude, self.functions = tuple(exclude or ()), functions
         self.report = RewriteReport()
         self.kernels: dict = {}
 
@@ -190,7 +183,7 @@ class AnyPrecRewrite:
         uses = _weight_uses(func, weights)
         ok = set()
         for w, ops in uses.items():
-            name = self.names.get(w.name, w.name)
+            name = w.name
             shape = _static_shape(w)
             if shape is None or len(shape) != 2:
                 continue
@@ -199,7 +192,7 @@ class AnyPrecRewrite:
                     others = sorted(o.replace("relax.", "") for o in ops - {"permute_dims", "relax.matmul"})
                     self.report.skipped[name] = f"shared with {', '.join(others)} (tied weights)"
                 continue
-            if _matches(name, self.exclude):
+            if matches_any(name, self.exclude):
                 self.report.skipped[name] = "excluded by pattern"
                 continue
             ok.add(name)
@@ -214,7 +207,7 @@ class AnyPrecRewrite:
                 len(func.params)
             n_inputs[fname] = n_in
             weights = set(func.params[n_in:])
-            rw = _Rewriter(mod, self, fname, weights, self.names, self._eligible(func, weights))
+            rw = _Rewriter(mod, self, fname, weights, self._eligible(func, weights))
             body = rw.visit_expr(func.body)
             mod = rw.builder_.get()
             params = list(func.params[:n_in]) + [rw.nbits] + list(func.params[n_in:]) + list(rw.new_params.values())
@@ -227,5 +220,5 @@ class AnyPrecRewrite:
             params = list(func.params[:n_in]) + [p for p in func.params[n_in:] if p.name in used]
             mod[fname] = relax.Function(params, func.body, func.ret_ty, func.is_pure, func.attrs) \
                 .with_attr("num_input", n_in)
-            self.report.functions[fname] = [self.names.get(p.name, p.name) for p in params[n_in:]]
+            self.report.functions[fname] = [p.name for p in params[n_in:]]
         return mod

@@ -4,15 +4,14 @@ No TVM import here."""
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .patterns import matches_any
 from .anyprec import (AnyPrecLayer, QuantizationError, UniformLayer, check_bits, layer_bytes, parent_bytes,
                       quantize_nonuniform, quantize_uniform, require_bits, rtn_quantize)
 
@@ -33,13 +32,6 @@ def find_linears(model: torch.nn.Module, exclude=DEFAULT_EXCLUDE) -> dict[str, t
         if isinstance(mod, torch.nn.Linear) and not matches_any(name, exclude):
             out[name] = mod
     return out
-
-
-def matches_any(name: str, patterns) -> bool:
-    for p in patterns or ():
-        if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*{p}*") or re.search(p, name):
-            return True
-    return False
 
 
 def layer_type(name: str) -> str:
