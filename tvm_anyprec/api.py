@@ -146,7 +146,7 @@ def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int = EXPORT_MAX
 
 
 def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",), force: bool = False,
-            tuning_db=None, tokenizer=None, quiet: bool = False) -> dict:
+            tuning_log=None, tokenizer=None, quiet: bool = False) -> dict:
     """ONNX file/dir -> artifact. ``source`` may also be a model ('smollm2', .gguf, HF dir): then the ONNX
     export (``<out>.onnx/``) and the quantized parent (``<out>.parent/``) are made first when missing."""
     from .compiler import compile_model
@@ -167,7 +167,7 @@ def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",),
         src = onnx_dir
     elif tokenizer is None and (src if src.is_dir() else src.parent).joinpath("SOURCE").exists():
         tokenizer = (src if src.is_dir() else src.parent).joinpath("SOURCE").read_text().strip()
-    return compile_model(src, out, target, parent, exclude, force=force, tuning_db=tuning_db,
+    return compile_model(src, out, target, parent, exclude, force=force, tuning_log=tuning_log,
                          tokenizer=tokenizer, quiet=quiet)
 
 

@@ -59,6 +59,7 @@ def _add_compile(sub):
     p.add_argument("--exclude", action="append", default=None, help="weight name pattern kept in fp32 "
                    "(repeatable; default: lm_head)")
     p.add_argument("--tokenizer", help="model whose tokenizer `run`/`eval` use (default: from the parent)")
+    p.add_argument("--tuning-log", help="MetaSchedule database directory (default: tuning_logs/<target>/)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
             api.export(args.out, args.model, args.chunk, args.max_len)
         elif args.cmd == "compile":
             api.compile(args.source, args.out, args.target, args.parent, tuple(args.exclude or ("lm_head",)),
-                        args.force, tokenizer=args.tokenizer)
+                        args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer)
         elif args.cmd == "run":
             sess = api.load(args.artifact)
             sess.check_bits(args.bits)

@@ -83,9 +83,10 @@ def quantized_tensors(site, layer, min_bits: int, max_bits: int) -> dict:
 
 
 def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_head",), seed_bits: int = 3,
-                  max_bits: int = 8, force: bool = False, tuning_db=None, tokenizer=None, quiet: bool = False,
+                  max_bits: int = 8, force: bool = False, tuning_log=None, tokenizer=None, quiet: bool = False,
                   require_rewrite: bool = True) -> dict:
-    """``require_rewrite=False`` allows an artifact with every layer in fp32 (a baseline for benchmarks)."""
+    """``tuning_log``: a MetaSchedule JSON database directory (default: tuning_logs/<target>/ of this checkout,
+    used when present). ``require_rewrite=False`` allows an all-fp32 artifact (a baseline for benchmarks)."""
     import tvm
 
     from .frontend.onnx_import import import_onnx
@@ -138,7 +139,12 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
                 tensors[n] = np.ascontiguousarray(imp.weights[n])
 
     target_obj = tvm.target.Target(tp["target"])
-    mod, how = schedule_kernels(mod, target_obj, tuning_db)
+    from .tuning import default_log_dir, load_database
+    log_dir = Path(tuning_log) if tuning_log is not None else default_log_dir(target)
+    db = load_database(log_dir, warn=lambda m: log(m, False))
+    mod, how = schedule_kernels(mod, target_obj, db)
+    n_tuned = sum(v == "tuned" for v in how.values())
+    log(f"schedules: {n_tuned} kernels tuned (from {log_dir}), {len(how) - n_tuned} hand-scheduled", quiet)
     t1 = time.time()
     ex = tvm.compile(mod, target=target_obj, relax_pipeline=relax_pipeline(target_obj))
     log(f"compiled for {target} ({tp['target']}) in {time.time() - t1:.1f}s", quiet)
@@ -151,7 +157,7 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     manifest = {
         "kind": "compiled", "target": tp, "bit_widths": list(range(seed_bits, max_bits + 1)),
         "seed_bits": seed_bits, "max_bits": max_bits, "functions": functions, "layers": layers,
-        "kept_fp32": rw.report.skipped, "kernels": how,
+        "kept_fp32": rw.report.skipped, "kernels": how, "tuning_log": str(log_dir) if db is not None else None,
         "sources": {f: {"onnx": Path(s).name, "sha256": file_sha256(s)} for f, s in imp.sources.items()},
         "parent": None if par is None else {"path": str(parent), **par.info.get("source", {}),
                                             "calibration": par.info.get("calibration")},
