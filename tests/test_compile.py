@@ -200,3 +200,8 @@ def test_unsupported_bits(mlp):
 def test_vulkan_target_says_what_is_missing(mlp, tmp_path):
     with pytest.raises(TargetError, match="SPIR-V"):
         compile_model(mlp[0] / "mlp.onnx", tmp_path / "v", target="vulkan", quiet=True)
+
+
+def test_generate_without_tokenizer_says_so(mlp):
+    with pytest.raises(ArtifactError, match="records no tokenizer"):
+        Session(mlp[0] / "art").generate("hello", 4, 8)

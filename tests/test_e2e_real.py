@@ -92,3 +92,8 @@ def test_cli_run_generates_text(real_artifact):
                         "--prompt", PROMPT, "--max-new-tokens", "8"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(PROMPT) and len(r.stdout) > len(PROMPT) + 5
+
+
+def test_empty_prompt_is_a_clear_error(session):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        session.generate_ids([], 4, 8)

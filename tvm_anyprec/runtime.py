@@ -96,6 +96,8 @@ class Session:
     def generate_ids(self, prompt_ids, max_new_tokens: int, bits: int, eos: int | None = None) -> list[int]:
         """Greedy decoding; returns the new token ids."""
         prompt_ids = np.asarray(prompt_ids, np.int64)
+        if prompt_ids.size == 0:
+            raise ValueError("the prompt is empty: give at least one token")
         logits, cache = self.forward_tokens(prompt_ids, bits)
         pos = len(prompt_ids)
         max_len = self.spec("decode")["max_len"]
@@ -117,7 +119,13 @@ class Session:
             src = self.manifest.get("tokenizer")
             if src is None:
                 raise ArtifactError("this artifact records no tokenizer (compile it with --parent or --tokenizer)")
-            self._tok = data.load_tokenizer(src if Path(str(src)).exists() else "smollm2")
+            if not Path(str(src)).exists():
+                # an artifact made on another machine records that machine's path: the packaged model is
+                # found again by its file name; anything else must be present
+                if Path(str(src)).name not in (data.SMOLLM2_GGUF, "smollm2"):
+                    raise ArtifactError(f"tokenizer source {src} (recorded in the manifest) is not on this machine")
+                src = "smollm2"
+            self._tok = data.load_tokenizer(src)
         return self._tok
 
     def generate(self, prompt: str, max_new_tokens: int = 32, bits: int = 8) -> str:
