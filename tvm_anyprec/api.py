@@ -128,6 +128,7 @@ def evaluate(path, bits=None, windows: int = EVAL_WINDOWS, seqlen: int = EVAL_SE
 
 # ----------------------------------------------------------------------------- export / compile / run
 EXPORT_CHUNK, EXPORT_MAX_LEN = 32, 512
+SOURCE_MARKER = "SOURCE"   # written by export next to the ONNX files: the model (and tokenizer) they came from
 
 
 def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int = EXPORT_MAX_LEN, quiet: bool = False) -> Path:
@@ -141,7 +142,7 @@ def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int = EXPORT_MAX
     for name, s in (("decode", 1), ("prefill", chunk)):
         export_onnx(m, out / f"{name}.onnx", s, max_len)
         log(f"exported {out / (name + '.onnx')} (chunk {s}, cache {max_len}) [{time.time() - t0:.0f}s]", quiet)
-    (out / "SOURCE").write_text(str(src) + "\n")
+    (out / SOURCE_MARKER).write_text(str(src) + "\n")
     return out
 
 
@@ -165,8 +166,10 @@ def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",),
                 quantize(parent, model, exclude=exclude, force=True, quiet=quiet)
         tokenizer = tokenizer or str(model)
         src = onnx_dir
-    elif tokenizer is None and (src if src.is_dir() else src.parent).joinpath("SOURCE").exists():
-        tokenizer = (src if src.is_dir() else src.parent).joinpath("SOURCE").read_text().strip()
+    elif tokenizer is None:
+        marker = (src if src.is_dir() else src.parent) / SOURCE_MARKER
+        if marker.exists():
+            tokenizer = marker.read_text().strip()
     return compile_model(src, out, target, parent, exclude, force=force, tuning_log=tuning_log,
                          tokenizer=tokenizer, quiet=quiet)
 

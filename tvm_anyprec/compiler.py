@@ -121,9 +121,8 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     from tqdm.auto import tqdm
     for site in tqdm(sites, desc="quantizing weights" if par is None else "packing weights", disable=quiet,
                      unit="layer", leave=False):
-        key = site.name[:-len(".weight")] if site.name.endswith(".weight") else site.name
         if par is not None:
-            layer = par.layers.get(key) or par.layers.get(site.name)
+            layer = par.layers.get(site.name.removesuffix(".weight")) or par.layers.get(site.name)
             if layer is None:
                 raise CompileError(f"parent {parent} has no layer for graph weight {site.name!r}")
         else:

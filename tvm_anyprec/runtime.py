@@ -41,8 +41,9 @@ class Session:
 
     # ---------------------------------------------------------------- low level
     def check_bits(self, bits: int) -> None:
-        if bits not in self._nbits:
-            raise ValueError(f"--bits {bits} unsupported: this artifact serves {self.bit_widths}")
+        from .quant.anyprec import require_bits
+
+        require_bits(bits, self.bit_widths, "this artifact serves")
 
     def call(self, fname: str, inputs: list, bits: int):
         """Run one compiled function; inputs are numpy arrays or tvm tensors (in manifest order)."""

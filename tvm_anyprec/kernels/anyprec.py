@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-WORD = 32
+from ..quant.bitplanes import WORD, num_words
 
 
 def lut_offset(bits: int, min_bits: int) -> int:
@@ -49,7 +49,7 @@ def make_anyprec_linear(M: int, N: int, K: int, max_bits: int = 8, min_bits: int
     """PrimFunc (X, PLANES, LUTS, NBITS, Y) for static M, N, K (no global_symbol). A bias stays a Relax add
     after the call (it fuses with the neighbouring elementwise ops)."""
     B, MINB = max_bits, min_bits
-    KW = (K + WORD - 1) // WORD
+    KW = num_words(K)
     KP = KW * WORD
     L = lut_width(B, MINB)
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-WORD = 32
+from ..quant.bitplanes import WORD, num_words
 
 
 def make_dense_nt(M: int, N: int, K: int):
-    KP = (K + WORD - 1) // WORD * WORD
+    KP = num_words(K) * WORD
 
     @T.prim_func(s_tir=True)
     def dense_nt(X: T.Buffer((M, K), "float32"), W: T.Buffer((N, K), "float32"), Y: T.Buffer((M, N), "float32")):

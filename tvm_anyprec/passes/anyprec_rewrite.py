@@ -22,7 +22,8 @@ import tvm
 from tvm import relax
 
 from ..kernels import dense
-from ..kernels.anyprec import WORD, kernel_name, lut_width, make_anyprec_linear
+from ..kernels.anyprec import kernel_name, lut_width, make_anyprec_linear
+from ..quant.bitplanes import num_words
 from ..quant.patterns import matches_any
 
 NBITS_NAME = "nbits"
@@ -142,20 +143,21 @@ class _Rewriter(relax.PyExprMutator):
         o = self.owner
         site = o.report.rewritten.setdefault(name, LinearSite(name, N, K, layout))
         site.M[self.fname] = M
-        kname = kernel_name(M, N, K, o.max_bits, o.min_bits)
-        gv = o.kernels.get(kname)
-        if gv is None:
-            f = make_anyprec_linear(M, N, K, o.max_bits, o.min_bits)
-            gv = o.kernels[kname] = self.builder_.add_func(f, kname)
-        planes = self._param(f"{name}.planes", [o.max_bits, N, (K + WORD - 1) // WORD], "uint32")
+        gv = self._kernel(kernel_name(M, N, K, o.max_bits, o.min_bits),
+                          lambda: make_anyprec_linear(M, N, K, o.max_bits, o.min_bits))
+        planes = self._param(f"{name}.planes", [o.max_bits, N, num_words(K)], "uint32")
         luts = self._param(f"{name}.luts", [N, lut_width(o.max_bits, o.min_bits)], "float16")
         return self._emit(gv, x, xs, [planes, luts, self.nbits], M, N, K)
 
-    def _dense(self, x, xs, wvar, M, N, K):
-        kname = dense.kernel_name(M, N, K)
+    def _kernel(self, kname, make):
+        """One PrimFunc per kernel name, shared by every call site and function."""
         gv = self.owner.kernels.get(kname)
         if gv is None:
-            gv = self.owner.kernels[kname] = self.builder_.add_func(dense.make_dense_nt(M, N, K), kname)
+            gv = self.owner.kernels[kname] = self.builder_.add_func(make(), kname)
+        return gv
+
+    def _dense(self, x, xs, wvar, M, N, K):
+        gv = self._kernel(dense.kernel_name(M, N, K), lambda: dense.make_dense_nt(M, N, K))
         return self._emit(gv, x, xs, [wvar], M, N, K)
 
     def _emit(self, gv, x, xs, args, M, N, K):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .bitplanes import pack_bitplanes, unpack_bitplanes
+from .bitplanes import num_words, pack_bitplanes, unpack_bitplanes
 
 MIN_SEED_BITS, MAX_SEED_BITS, MAX_PARENT_BITS = 2, 4, 8
 
@@ -53,9 +53,9 @@ def check_bits(seed_bits: int, max_bits: int) -> None:
         raise QuantizationError(f"parent bit-width {max_bits} unsupported: use {seed_bits}..{MAX_PARENT_BITS}")
 
 
-def require_bits(bits: int, widths) -> None:
+def require_bits(bits: int, widths, holder: str = "this parent holds") -> None:
     if bits not in widths:
-        raise QuantizationError(f"bit-width {bits} unsupported: this parent holds {list(widths)}")
+        raise QuantizationError(f"bit-width {bits} unsupported: {holder} {list(widths)}")
 
 
 class _Bitplanes:
@@ -352,7 +352,7 @@ def layer_bytes(n: int, k: int, bits: int, lut_bytes: int = 2) -> int:
 
 def parent_bytes(n: int, k: int, seed_bits: int, max_bits: int, lut_bytes: int = 2) -> int:
     """The any-precision parent: max_bits planes of ceil(K/32) words + one LUT per bit-width."""
-    words = (k + 31) // 32
+    words = num_words(k)
     return max_bits * n * words * 4 + n * sum(1 << b for b in range(seed_bits, max_bits + 1)) * lut_bytes
 
 
