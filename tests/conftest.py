@@ -41,3 +41,28 @@ def real_parent(tmp_path_factory) -> Path:
             pass
     api.quantize(d, calib_windows=REAL_CALIB_WINDOWS, force=True, progress=False, quiet=True)
     return d
+
+
+@pytest.fixture(scope="session")
+def real_onnx(tmp_path_factory):
+    """The real model exported to ONNX (decode, prefill and verify graphs)."""
+    from tvm_anyprec import api
+
+    return api.export(tmp_path_factory.mktemp("onnx") / "smollm2", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def real_artifact(real_onnx, real_parent, tmp_path_factory):
+    """The real model compiled for x86 from the parent above."""
+    from tvm_anyprec import api
+
+    out = tmp_path_factory.mktemp("art") / "smollm2-x86"
+    api.compile(real_onnx, out, "x86", parent=real_parent, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def session(real_artifact):
+    from tvm_anyprec.runtime import Session
+
+    return Session(real_artifact)

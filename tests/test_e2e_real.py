@@ -11,27 +11,10 @@ from tvm_anyprec.runtime import Session
 PROMPT = "To be, or not to be, that is the question:"
 
 
-@pytest.fixture(scope="session")
-def real_onnx(tmp_path_factory):
-    return api.export(tmp_path_factory.mktemp("onnx") / "smollm2", quiet=True)
-
-
-@pytest.fixture(scope="session")
-def real_artifact(real_onnx, real_parent, tmp_path_factory):
-    out = tmp_path_factory.mktemp("art") / "smollm2-x86"
-    api.compile(real_onnx, out, "x86", parent=real_parent, quiet=True)
-    return out
-
-
-@pytest.fixture(scope="session")
-def session(real_artifact):
-    return Session(real_artifact)
-
-
 def test_artifact_layout(real_artifact):
     m = api.inspect(real_artifact)
     assert m["kind"] == "compiled" and m["bit_widths"] == [3, 4, 5, 6, 7, 8]
-    assert len(m["layers"]) == 210 and set(m["functions"]) == {"decode", "prefill"}
+    assert len(m["layers"]) == 210 and set(m["functions"]) == {"decode", "prefill", "verify"}
     assert "model.embed_tokens.weight" in m["kept_fp32"]          # tied with the lm_head: stays fp32
     assert {"lib.so", "weights.safetensors"} <= set(m["files"])
 

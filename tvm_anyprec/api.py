@@ -128,18 +128,24 @@ def evaluate(path, bits=None, windows: int = EVAL_WINDOWS, seqlen: int = EVAL_SE
 
 # ----------------------------------------------------------------------------- export / compile / run
 EXPORT_CHUNK, EXPORT_MAX_LEN = 32, 512
+VERIFY_CHUNK = 5   # tokens per call of the 'verify' graph: self-speculative decoding checks up to 4 drafts
 SOURCE_MARKER = "SOURCE"   # written by export next to the ONNX files: the model (and tokenizer) they came from
 
 
-def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int = EXPORT_MAX_LEN, quiet: bool = False) -> Path:
-    """Export the model to ONNX: ``out/decode.onnx`` (1 token/step) and ``out/prefill.onnx`` (chunk tokens)."""
+def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int = EXPORT_MAX_LEN,
+           verify_chunk: int = VERIFY_CHUNK, quiet: bool = False) -> Path:
+    """Export the model to ONNX: ``out/decode.onnx`` (1 token/step), ``out/prefill.onnx`` (chunk tokens) and
+    ``out/verify.onnx`` (verify_chunk tokens: the verifying pass of self-speculative decoding; 0 skips it)."""
     from .frontend.export import export_onnx
 
     out = Path(out)
     src = data.resolve_model(model)
     m, _tok = data.load_model(src)
     t0 = time.time()
-    for name, s in (("decode", 1), ("prefill", chunk)):
+    graphs = [("decode", 1), ("prefill", chunk)] + ([("verify", verify_chunk)] if verify_chunk else [])
+    if verify_chunk and not 1 < verify_chunk <= max_len:
+        raise ValueError(f"verify chunk must be in 2..{max_len}, got {verify_chunk}")
+    for name, s in graphs:
         export_onnx(m, out / f"{name}.onnx", s, max_len)
         log(f"exported {out / (name + '.onnx')} (chunk {s}, cache {max_len}) [{time.time() - t0:.0f}s]", quiet)
     (out / SOURCE_MARKER).write_text(str(src) + "\n")
@@ -158,7 +164,7 @@ def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",),
     if not is_onnx:
         model = data.resolve_model(source)
         onnx_dir = out.with_name(out.name + ".onnx")
-        if not (onnx_dir / "decode.onnx").exists() or not (onnx_dir / "prefill.onnx").exists():
+        if not all((onnx_dir / f"{g}.onnx").exists() for g in ("decode", "prefill", "verify")):
             export(onnx_dir, model, quiet=quiet)
         if parent is None:
             parent = out.with_name(out.name + ".parent")

@@ -46,6 +46,8 @@ def _add_export(sub):
     p.add_argument("--out", "-o", required=True)
     p.add_argument("--chunk", type=int, default=32, help="tokens per prefill call")
     p.add_argument("--max-len", type=int, default=512, help="KV cache length")
+    p.add_argument("--verify-chunk", type=int, default=5, help="tokens per call of verify.onnx, the verifying "
+                   "pass of self-speculative decoding (drafts up to this minus 1; 0: no verify graph)")
 
 
 def _add_compile(sub):
@@ -69,6 +71,25 @@ def _add_run(sub):
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--draft-bits", type=int, help="self-speculative decoding: draft with this lower bit-width "
+                   "(same weights) and verify at --bits; the output is plain greedy decoding at --bits")
+    p.add_argument("--draft-len", type=int, default=4, help="tokens drafted per round (speculative decoding)")
+    p.add_argument("--max-ms-per-token", type=float, help="latency budget: the precision policy picks the "
+                   "highest bit-width whose measured step time fits (re-chosen every step); overrides --bits")
+    p.add_argument("--max-bytes-per-token", type=float, help="weight bytes read per token budget for the policy")
+
+
+def _run_summary(args, stats: dict) -> str:
+    if args.draft_bits is not None:
+        acc = stats["accepted"] / max(stats["drafted"], 1)
+        return (f"{args.bits}-bit, drafts at {args.draft_bits} bits: {stats['accepted']}/{stats['drafted']} "
+                f"accepted ({acc:.0%}) in {stats['rounds']} rounds")
+    steps = stats.get("steps")
+    if steps:
+        used = sorted({b for b, _ in steps})
+        ms = sum(t for _, t in steps) / len(steps)
+        return f"policy chose {','.join(map(str, used))}-bit, {ms:.1f} ms/step"
+    return f"{args.bits}-bit"
 
 
 def main(argv=None) -> int:
@@ -98,18 +119,20 @@ def main(argv=None) -> int:
                                      exclude=tuple(args.exclude or ("lm_head",)), force=args.force)
             print(api.format_memory_report(parent))
         elif args.cmd == "export":
-            api.export(args.out, args.model, args.chunk, args.max_len)
+            api.export(args.out, args.model, args.chunk, args.max_len, args.verify_chunk)
         elif args.cmd == "compile":
             api.compile(args.source, args.out, args.target, args.parent, tuple(args.exclude or ("lm_head",)),
                         args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer)
         elif args.cmd == "run":
             sess = api.load(args.artifact)
             sess.check_bits(args.bits)
+            stats = {}
             t0 = time.time()
-            text = sess.generate(args.prompt, args.max_new_tokens, args.bits)
+            text = sess.generate(args.prompt, args.max_new_tokens, args.bits, args.draft_bits, args.draft_len,
+                                 args.max_ms_per_token, args.max_bytes_per_token, stats=stats)
+            dt = time.time() - t0
             print(args.prompt + text)
-            print(f"[{args.bits}-bit, {args.max_new_tokens} new tokens max, {time.time() - t0:.1f}s]",
-                  file=sys.stderr)
+            print(f"[{_run_summary(args, stats)}; {args.max_new_tokens} new tokens max, {dt:.1f}s]", file=sys.stderr)
         elif args.cmd == "eval":
             rows = api.evaluate(args.path, args.bits, args.windows, args.seqlen, baselines=not args.no_baselines)
             print(api.format_table(rows))

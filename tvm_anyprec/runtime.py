@@ -38,6 +38,7 @@ class Session:
         self._params = {f: [self.weights[n] for n in info["params"]] for f, info in self.functions.items()}
         self._nbits = {b: tvm.runtime.tensor(np.array([b], np.int32), self.dev) for b in self.bit_widths}
         self._tok = None
+        self._latency: dict[int, float] = {}
 
     # ---------------------------------------------------------------- low level
     def check_bits(self, bits: int) -> None:
@@ -94,23 +95,159 @@ class Session:
         lg, *cache = self.call("decode", [np.array([[token]], np.int64), np.array([pos], np.int64), *cache], bits)
         return lg.numpy()[0, -1], cache
 
-    def generate_ids(self, prompt_ids, max_new_tokens: int, bits: int, eos: int | None = None) -> list[int]:
-        """Greedy decoding; returns the new token ids."""
+    def generate_ids(self, prompt_ids, max_new_tokens: int, bits: int = 8, eos: int | None = None,
+                     max_ms_per_token: float | None = None, max_bytes_per_token: float | None = None,
+                     per_step: bool = True, trace: list | None = None) -> list[int]:
+        """Greedy decoding; returns the new token ids. With a budget (``max_ms_per_token`` and/or
+        ``max_bytes_per_token``) the bit-width comes from the precision policy instead of ``bits``: chosen
+        for the request, then again before every step if ``per_step`` (see tvm_anyprec.policy). ``trace``
+        (a list) receives (bits, ms) per decode step."""
         prompt_ids = np.asarray(prompt_ids, np.int64)
         if prompt_ids.size == 0:
             raise ValueError("the prompt is empty: give at least one token")
+        policy = None
+        if max_ms_per_token is not None or max_bytes_per_token is not None:
+            policy = self.policy(measure=max_ms_per_token is not None)
+            choice = policy.choose(max_ms_per_token, max_bytes_per_token)
+            if not choice.met:
+                print(f"tvm-anyprec: no bit-width meets the budget (max_ms_per_token={max_ms_per_token}, "
+                      f"max_bytes_per_token={max_bytes_per_token}); using {choice.bits} bits", file=sys.stderr)
+            bits = choice.bits
+        self.check_bits(bits)
+        logits, cache = self.forward_tokens(prompt_ids, bits)
+        st = {"pos": len(prompt_ids), "cache": cache, "nxt": int(np.argmax(logits[-1]))}
+        max_len = self.spec("decode")["max_len"]
+        out: list[int] = []
+
+        def step(b: int) -> bool:
+            out.append(st["nxt"])
+            if st["nxt"] == eos or st["pos"] >= max_len or len(out) >= max_new_tokens:
+                return False
+            lg, st["cache"] = self.decode_step(st["nxt"], st["pos"], st["cache"], b)
+            st["pos"] += 1
+            st["nxt"] = int(np.argmax(lg))
+            return True
+
+        if max_new_tokens <= 0:
+            return out
+        if policy is None:
+            while step(bits):
+                pass
+            return out
+        from .policy import run_with_policy
+        steps = run_with_policy(step, max_new_tokens, policy, max_ms_per_token, max_bytes_per_token, per_step)
+        if trace is not None:
+            trace.extend(steps)
+        return out
+
+    # ---------------------------------------------------------------- precision policy
+    def weight_bytes_per_token(self, bits: int) -> int:
+        """Weight bytes one decode step reads at ``bits``: b bitplanes + the b-bit LUT of every rewritten layer,
+        plus every fp32 tensor the decode function takes (the tied embedding/lm_head is read whole)."""
+        from .kernels.anyprec import lut_offset
+
+        self.check_bits(bits)
+        lo = self.manifest["seed_bits"]
+        total = 0
+        for name in self.functions["decode"]["params"]:
+            a = self.weights[name]
+            if name.endswith(".planes"):
+                total += bits * int(np.prod(a.shape[1:])) * 4               # uint32 words, b of B planes
+            elif name.endswith(".luts"):
+                total += a.shape[0] * (lut_offset(bits + 1, lo) - lut_offset(bits, lo)) * 2
+            else:
+                total += int(np.prod(a.shape)) * np.dtype(str(a.dtype)).itemsize
+        return total
+
+    def measure_latencies(self, bits=None, steps: int = 4) -> dict[int, float]:
+        """Median ms of one decode step per bit-width (cached on the session)."""
+        from .policy import measure
+
+        bits = list(bits or self.bit_widths)
+        todo = [b for b in bits if b not in self._latency]
+        if todo:
+            cache = self.empty_cache("decode")
+            self._latency.update(measure(lambda b: self.decode_step(1, 8, cache, b), todo, steps=steps))
+        return {b: self._latency[b] for b in bits}
+
+    def policy(self, measure: bool = True):
+        """A PrecisionPolicy over this artifact's bit-widths: byte counts always, latencies when ``measure``."""
+        from .policy import PrecisionPolicy
+
+        return PrecisionPolicy(self.bit_widths, self.measure_latencies() if measure else {},
+                               {b: self.weight_bytes_per_token(b) for b in self.bit_widths})
+
+    # ---------------------------------------------------------------- self-speculative decoding
+    def _verify_fn(self) -> str:
+        return "verify" if "verify" in self.functions else self._chunk_fn()
+
+    def generate_speculative(self, prompt_ids, max_new_tokens: int, bits: int, draft_bits: int, draft_len: int = 4,
+                             eos: int | None = None, stats: dict | None = None) -> list[int]:
+        """Greedy decoding at ``bits`` that drafts ``draft_len`` tokens with the ``draft_bits`` child (the same
+        weight buffers: a draft reads the top planes only) and checks them in one pass at ``bits``.
+
+        Each round: draft k tokens one by one at draft_bits (starting from the verifier's cache), run the
+        verify graph on [current token, drafts] at bits, keep the drafts up to the first one the verifier
+        would not have chosen, then take the verifier's own token there. Every kept token is the verifier's
+        argmax, so the output is plain greedy decoding at ``bits`` (up to float reordering between a chunked
+        and a one-token pass). The verifier's cache rows past the kept tokens hold rejected drafts; they are
+        masked (keys past the position are never read) and overwritten by the next round.
+        ``stats`` (a dict) receives drafted/accepted counts, rounds and the time in each phase."""
+        self.check_bits(bits)
+        self.check_bits(draft_bits)
+        vfn = self._verify_fn()
+        chunk = self.spec(vfn)["chunk"]
+        if not 1 <= draft_len < chunk:
+            raise ValueError(f"draft_len must be in 1..{chunk - 1} (the {vfn} graph checks {chunk} tokens per call)")
+        prompt_ids = np.asarray(prompt_ids, np.int64)
+        if prompt_ids.size == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        st = stats if stats is not None else {}
+        st.update(drafted=0, accepted=0, rounds=0, plain_steps=0, draft_s=0.0, verify_s=0.0)
         logits, cache = self.forward_tokens(prompt_ids, bits)
         pos = len(prompt_ids)
         max_len = self.spec("decode")["max_len"]
-        out = []
+        out: list[int] = []
         nxt = int(np.argmax(logits[-1]))
-        while len(out) < max_new_tokens:
-            out.append(nxt)
-            if nxt == eos or pos >= max_len:
+        while True:
+            out.append(nxt)                              # nxt sits at position pos, not yet in the cache
+            if nxt == eos or len(out) >= max_new_tokens or pos >= max_len:
                 break
-            lg, cache = self.decode_step(nxt, pos, cache, bits)
-            pos += 1
-            nxt = int(np.argmax(lg))
+            # a round yields the kept drafts plus the verifier's next token: never more than still needed
+            k = min(draft_len, max_new_tokens - len(out) - 1)
+            if k == 0 or pos + chunk > max_len:          # last token, or no room for a verify chunk: plain step
+                lg, cache = self.decode_step(nxt, pos, cache, bits)
+                st["plain_steps"] += 1
+                pos, nxt = pos + 1, int(np.argmax(lg))
+                continue
+            t0 = time.perf_counter()
+            drafts, dcache, tok = [], cache, nxt
+            for i in range(k):
+                lg, dcache = self.decode_step(tok, pos + i, dcache, draft_bits)
+                tok = int(np.argmax(lg))
+                drafts.append(tok)
+                if tok == eos:
+                    break
+            del dcache
+            t1 = time.perf_counter()
+            buf = np.zeros((1, chunk), np.int64)
+            buf[0, :len(drafts) + 1] = [nxt] + drafts
+            lg, *cache = self.call(vfn, [buf, np.array([pos], np.int64), *cache], bits)
+            preds = lg.numpy()[0, :len(drafts) + 1].argmax(-1)
+            st["verify_s"] += time.perf_counter() - t1
+            st["draft_s"] += t1 - t0
+            a = 0
+            while a < len(drafts) and int(preds[a]) == drafts[a]:
+                a += 1
+            st["rounds"] += 1
+            st["drafted"] += len(drafts)
+            st["accepted"] += a
+            for tok in drafts[:a]:
+                out.append(tok)
+                if tok == eos:
+                    return out
+            pos += a + 1
+            nxt = int(preds[a])
         return out
 
     @property
@@ -129,10 +266,24 @@ class Session:
             self._tok = data.load_tokenizer(src)
         return self._tok
 
-    def generate(self, prompt: str, max_new_tokens: int = 32, bits: int = 8) -> str:
+    def generate(self, prompt: str, max_new_tokens: int = 32, bits: int = 8, draft_bits: int | None = None,
+                 draft_len: int = 4, max_ms_per_token: float | None = None,
+                 max_bytes_per_token: float | None = None, stats: dict | None = None) -> str:
+        """Greedy text generation at ``bits``; with ``draft_bits``, self-speculative (same output, drafts from
+        the lower child); with a budget, the precision policy picks the bit-width (see generate_ids)."""
         tok = self.tokenizer
         ids = tok(prompt)["input_ids"]
-        new = self.generate_ids(ids, max_new_tokens, bits, eos=tok.eos_token_id)
+        if draft_bits is not None:
+            if max_ms_per_token is not None or max_bytes_per_token is not None:
+                raise ValueError("choose either speculative decoding (draft_bits) or a budget, not both")
+            new = self.generate_speculative(ids, max_new_tokens, bits, draft_bits, draft_len, tok.eos_token_id,
+                                            stats)
+        else:
+            trace = [] if stats is not None else None
+            new = self.generate_ids(ids, max_new_tokens, bits, tok.eos_token_id, max_ms_per_token,
+                                    max_bytes_per_token, trace=trace)
+            if stats is not None:
+                stats["steps"] = trace
         return tok.decode(new)
 
     def perplexity(self, windows: np.ndarray, bits: int) -> float:

@@ -22,7 +22,9 @@ class ImportedModel:
 
 
 def function_name(path: Path, spec) -> str:
-    if spec is not None:
+    if spec is not None:   # an export of ours: the file says its role (decode, prefill, verify)
+        if path.stem in ("decode", "prefill", "verify"):
+            return path.stem
         return "decode" if spec.chunk == 1 else "prefill"
     return path.stem.replace("-", "_").replace(".", "_") or "main"
 

@@ -1,0 +1,133 @@
+"""Self-speculative decoding and the run-time precision policy on the real model, in ONE run.
+
+  * speculative: for each draft bit-width (and draft length), acceptance rate and tokens/s of greedy
+    generation verified at --bits, vs plain greedy decoding at --bits (same prompts, same session, same
+    outputs: each speculative output is checked equal to the plain one);
+  * policy: per-bit decode-step latencies measured, then for budgets between them, generation with the
+    per-step policy: the bit-widths it used, the mean and max ms per step, and whether the budget was met.
+
+Usage: python benchmarks/speculative_policy.py [--artifact artifacts/bench/anyprec-x86] [--tokens 32]
+       [--threads 2]. The artifact is built (export + quantize + compile of SmolLM2) when missing.
+Prints tables; writes JSON next to the artifact (speculative_policy.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = ["To be, or not to be, that is the question:",
+           "The capital of France is",
+           "def fibonacci(n):",
+           "Once upon a time, in a small village,"]
+
+
+def bench_speculative(sess, prompts, tokens, bits, drafts, draft_lens, repeats):
+    rows = []
+
+    def timed(fn):
+        ts, out = [], None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            ts.append(time.perf_counter() - t0)
+        return out, statistics.median(ts), min(ts), max(ts)
+
+    plain_out, plain_t, lo, hi = [], 0.0, 0.0, 0.0
+    for ids in prompts:
+        o, t, a, b = timed(lambda: sess.generate_ids(ids, tokens, bits))
+        plain_out.append(o)
+        plain_t, lo, hi = plain_t + t, lo + a, hi + b
+    n_tok = sum(len(o) for o in plain_out)
+    rows.append({"config": f"plain {bits}-bit", "tokens": n_tok, "seconds": plain_t, "min_s": lo, "max_s": hi,
+                 "tokens_per_s": n_tok / plain_t, "acceptance": None, "vs_plain": 1.0})
+    for d in drafts:
+        for k in draft_lens:
+            tot = {"drafted": 0, "accepted": 0, "rounds": 0, "draft_s": 0.0, "verify_s": 0.0}
+            t_sum, lo, hi = 0.0, 0.0, 0.0
+            for ids, ref in zip(prompts, plain_out):
+                st = {}
+                o, t, a, b = timed(lambda: sess.generate_speculative(ids, tokens, bits, d, k, stats=st))
+                if o != ref:
+                    raise AssertionError(f"speculative {d}->{bits} output differs from plain greedy decoding")
+                for key in tot:
+                    tot[key] += st[key]
+                t_sum, lo, hi = t_sum + t, lo + a, hi + b
+            rows.append({"config": f"draft {d}-bit x{k}, verify {bits}-bit", "tokens": n_tok, "seconds": t_sum,
+                         "min_s": lo, "max_s": hi, "tokens_per_s": n_tok / t_sum,
+                         "acceptance": tot["accepted"] / max(tot["drafted"], 1), "vs_plain": plain_t / t_sum,
+                         "rounds": tot["rounds"], "draft_s_per_round": tot["draft_s"] / max(tot["rounds"], 1) / repeats,
+                         "verify_s_per_round": tot["verify_s"] / max(tot["rounds"], 1) / repeats})
+    return rows
+
+
+def bench_policy(sess, prompt_ids, tokens):
+    lat = sess.measure_latencies(steps=8)
+    levels = sorted(set(round(v, 3) for v in lat.values()))
+    budgets = [levels[0] * 0.8] + [(a + b) / 2 for a, b in zip(levels, levels[1:])] + [levels[-1] * 1.2]
+    rows = []
+    for budget in budgets:
+        trace = []
+        sess.generate_ids(prompt_ids, tokens, max_ms_per_token=budget, trace=trace)
+        steps = [ms for _b, ms in trace[:-1]] or [ms for _b, ms in trace]   # the last step stops, decodes nothing
+        rows.append({"budget_ms": budget, "bits_used": sorted({b for b, _ in trace}),
+                     "mean_ms": statistics.mean(steps), "max_ms": max(steps),
+                     "met": statistics.mean(steps) <= budget})
+    return lat, rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifact", default="artifacts/bench/anyprec-x86")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--bits", type=int, default=8, help="verifying bit-width")
+    ap.add_argument("--drafts", default="3,4,5", help="draft bit-widths")
+    ap.add_argument("--draft-lens", default="2,4", help="tokens drafted per round")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+
+    from tvm_anyprec import api
+    from tvm_anyprec.runtime import Session
+
+    art = Path(args.artifact)
+    if not (art / "manifest.json").exists():
+        api.compile("smollm2", art)
+    sess = Session(art)
+    prompts = [sess.tokenizer(p)["input_ids"] for p in PROMPTS]
+    drafts = [int(x) for x in args.drafts.split(",")]
+    lens = [int(x) for x in args.draft_lens.split(",")]
+    spec = bench_speculative(sess, prompts, args.tokens, args.bits, drafts, lens, args.repeats)
+    lat, pol = bench_policy(sess, prompts[0], args.tokens)
+
+    head = (f"SmolLM2-135M, {len(PROMPTS)} prompts x {args.tokens} new tokens, {args.threads} threads, "
+            f"{platform.machine()}, {time.strftime('%Y-%m-%d')}, verify graph: "
+            f"{'verify' if 'verify' in sess.functions else 'prefill'} ({sess.spec(sess._verify_fn())['chunk']} tokens)")
+    print("self-speculative decoding (outputs checked equal to plain greedy): " + head)
+    print(f"{'config':<34}{'tok/s':>8}{'accept':>8}{'vs plain':>10}{'draft ms/rnd':>14}{'verify ms/rnd':>15}")
+    for r in spec:
+        acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
+        dr = f"{r['draft_s_per_round'] * 1e3:.0f}" if "draft_s_per_round" in r else ""
+        vr = f"{r['verify_s_per_round'] * 1e3:.0f}" if "verify_s_per_round" in r else ""
+        print(f"{r['config']:<34}{r['tokens_per_s']:>8.2f}{acc:>8}{r['vs_plain']:>9.2f}x{dr:>14}{vr:>15}")
+    print("\nprecision policy, per-step (decode-step latency measured per bit-width: "
+          + ", ".join(f"{b}: {v:.1f} ms" for b, v in lat.items()) + ")")
+    print(f"{'budget ms':>10}{'bits used':>14}{'mean ms':>9}{'max ms':>8}{'met':>6}")
+    for r in pol:
+        print(f"{r['budget_ms']:>10.1f}{','.join(map(str, r['bits_used'])):>14}{r['mean_ms']:>9.1f}"
+              f"{r['max_ms']:>8.1f}{'yes' if r['met'] else 'NO':>6}")
+    out = art.parent / "speculative_policy.json"
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
+                               "threads": args.threads, "tokens": args.tokens, "prompts": PROMPTS,
+                               "speculative": spec, "latency_ms": lat, "policy": pol}, indent=1))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
