@@ -10,7 +10,7 @@ from tvm_anyprec.kernels.anyprec import make_anyprec_linear  # noqa: E402
 from tvm_anyprec.quant import quantize_nonuniform  # noqa: E402
 from tvm_anyprec.runtime import Session  # noqa: E402
 from tvm_anyprec.targets import preset  # noqa: E402
-from tvm_anyprec.tuning import DB_FILES, open_database, query_database, tune_kernel  # noqa: E402
+from tvm_anyprec.tuning import DB_FILES, count_records, open_database, query_database, tune_kernel  # noqa: E402
 
 from test_compile import H, K, _mlp_onnx  # noqa: E402  (same small graph: W1 is a [K=77, H=96] MatMul)
 
@@ -69,3 +69,87 @@ def test_corrupt_log_is_ignored_with_warning(tmp_path, capsys):
     m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", tuning_log=log, quiet=True)
     assert set(m["kernels"].values()) == {"default"} and m["tuning_log"] is None
     assert "warning: ignoring tuning log" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ model-level tuning: resume, RPC tracker
+def _records(log_dir) -> int:
+    return sum(1 for line in (log_dir / DB_FILES[1]).read_text().splitlines() if line.strip())
+
+
+def test_tune_command_interrupt_and_resume(tmp_path):
+    """`tune` killed (SIGKILL, the worst case) after its first batch of records: the records survive, a line
+    cut mid-write is dropped with a warning, the same command finishes the budget (only the missing trials),
+    and a third run reuses everything. Then compile applies the records."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _mlp_onnx(tmp_path / "mlp.onnx")
+    log = tmp_path / "log"
+    cmd = [sys.executable, "-m", "tvm_anyprec.cli", "tune", str(tmp_path / "mlp.onnx"), "--trials", "12",
+           "--only", "m3_n96", "--log-dir", str(log)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while not ((log / DB_FILES[1]).exists() and _records(log) >= 8):   # first batch (8 trials) written
+        assert p.poll() is None, p.communicate()[1].decode()[-2000:]
+        assert time.time() < deadline, "no records after 300 s"
+        time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    target = tvm.target.Target(preset("x86")["target"])
+    f = make_anyprec_linear(3, H, K)
+
+    def measured():
+        return count_records(open_database(log), f, target)
+
+    from tvm_anyprec.tuning import repair_log
+    repair_log(log)                                  # the kill itself may have cut a line
+    first = measured()
+    assert 1 <= first < 12
+    with open(log / DB_FILES[1], "a") as fh:         # a record cut short by the kill
+        fh.write('[0, [["main", "partial rec')
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "dropped 1 unreadable line" in r.stderr
+    assert "trial" in r.stderr and "best" in r.stderr                  # the progress bar
+    row = next(line for line in r.stdout.splitlines() if line.startswith("anyprec_linear_m3_n96"))
+    assert int(row.split()[1]) == measured() >= 12
+    assert int(row.split()[2]) == measured() - first                   # only the missing trials ran
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0 and "(reused)" in again.stdout
+    assert measured() == int(row.split()[1])
+    m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", tuning_log=log, quiet=True)
+    assert m["kernels"]["anyprec_linear_m3_n96_k77_b3to8"] == "tuned"
+
+
+def test_tuning_through_rpc_tracker_with_two_servers(tmp_path):
+    """TVM's RPC tracker and two RPC servers on loopback: the trials are measured on both servers, and the
+    records are then applied by compile (and give the same numbers as the hand schedule)."""
+    from tvm_anyprec.targets.remote import local_rpc_cluster
+    from tvm_anyprec.tuning import RPC
+
+    _mlp_onnx(tmp_path / "mlp.onnx")
+    target = tvm.target.Target(preset("x86")["target"])
+    f = make_anyprec_linear(3, H, K)
+    with local_rpc_cluster(2, key="anyprec-test", log_dir=tmp_path / "rpc") as (host, port, key, logs):
+        tune_kernel(f, target, tmp_path / "log", trials=4, rpc=RPC(host, port, key, workers=2))
+        loads = [lg.read_text().count("load_module") for lg in logs]
+    assert all(n >= 1 for n in loads) and sum(loads) >= 4, loads       # both servers measured trials
+    m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", tuning_log=tmp_path / "log", quiet=True)
+    assert m["kernels"]["anyprec_linear_m3_n96_k77_b3to8"] == "tuned"
+    plain = compile_model(tmp_path / "mlp.onnx", tmp_path / "art0", tuning_log=tmp_path / "none", quiet=True)
+    x = np.random.default_rng(2).standard_normal((3, K)).astype(np.float32)
+    assert set(plain["kernels"].values()) == {"default"}
+    a, b = Session(tmp_path / "art"), Session(tmp_path / "art0")
+    np.testing.assert_allclose(a.call("mlp", [x], 4).numpy(), b.call("mlp", [x], 4).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_tune_bad_arguments(tmp_path):
+    from tvm_anyprec.cli import main
+
+    _mlp_onnx(tmp_path / "mlp.onnx")
+    assert main(["tune", str(tmp_path / "mlp.onnx"), "--trials", "0", "--log-dir", str(tmp_path / "l")]) == 2
+    assert main(["tune", str(tmp_path / "mlp.onnx"), "--only", "nosuchkernel", "--log-dir", str(tmp_path / "l")]) == 2
+    assert main(["tune", str(tmp_path / "mlp.onnx"), "--rpc-tracker", "nohostport", "--rpc-key", "k"]) == 2

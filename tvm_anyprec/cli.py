@@ -1,4 +1,4 @@
-"""tvm-anyprec command line: quantize | compile | run | eval | inspect."""
+"""tvm-anyprec command line: quantize | export | compile | tune | run | eval | inspect."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +65,21 @@ def _add_compile(sub):
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
+def _add_tune(sub):
+    p = sub.add_parser("tune", help="auto-tune the model's kernels with MetaSchedule (XGBoost cost model)")
+    p.add_argument("source", help="a compiled artifact, ONNX (file or directory) or a model ('smollm2')")
+    p.add_argument("--target", default="x86", help="target preset (records go to tuning_logs/<target>/)")
+    p.add_argument("--trials", type=int, default=8, help="measured trials per distinct kernel; a second run "
+                   "with the same budget reuses the records, a larger one adds the difference")
+    p.add_argument("--log-dir", help="database directory (default: tuning_logs/<target>/ of this checkout)")
+    p.add_argument("--only", help="tune only kernels whose name contains this text")
+    p.add_argument("--space", choices=["project", "generic"], default="project", help="design space: the "
+                   "project's linear-kernel space (tiling, vector widths, unroll) or MetaSchedule's generic rules")
+    p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on its devices")
+    p.add_argument("--rpc-key", help="device key registered at the tracker")
+    p.add_argument("--rpc-workers", type=int, default=1, help="parallel measurement sessions (devices)")
+
+
 def _add_run(sub):
     p = sub.add_parser("run", help="generate text from an artifact at a bit-width chosen now")
     p.add_argument("artifact")
@@ -77,6 +92,27 @@ def _add_run(sub):
     p.add_argument("--max-ms-per-token", type=float, help="latency budget: the precision policy picks the "
                    "highest bit-width whose measured step time fits (re-chosen every step); overrides --bits")
     p.add_argument("--max-bytes-per-token", type=float, help="weight bytes read per token budget for the policy")
+
+
+def _tune(args) -> None:
+    from . import tuning
+
+    rpc = tuning.RPC.parse(args.rpc_tracker, args.rpc_key, args.rpc_workers) if args.rpc_tracker else None
+    log_dir = args.log_dir or tuning.default_log_dir(args.target)
+    t0 = time.time()
+    try:
+        rows = tuning.tune_model(args.source, args.target, args.trials, log_dir, rpc=rpc, only=args.only,
+                                 space=args.space)
+    except KeyboardInterrupt:
+        print(f"tvm-anyprec tune: interrupted; finished records are kept in {log_dir}: run the same command "
+              "again to resume", file=sys.stderr)
+        raise
+    print(f"{'kernel':<40}{'records':>8}{'new':>6}{'best ms':>10}")
+    for r in rows:
+        print(f"{r['kernel']:<40}{r['records']:>8}{r['trials_now']:>6}{r['best_ms']:>10.3f}"
+              + ("  (reused)" if r["reused"] else ""))
+    print(f"tuned {len(rows)} kernels in {time.time() - t0:.0f}s; records in {log_dir} "
+          f"(compile --target {args.target} applies them)", file=sys.stderr)
 
 
 def _run_summary(args, stats: dict) -> str:
@@ -98,6 +134,7 @@ def main(argv=None) -> int:
     _add_quantize(sub)
     _add_export(sub)
     _add_compile(sub)
+    _add_tune(sub)
     _add_run(sub)
     _add_eval(sub)
     p = sub.add_parser("inspect", help="print an artifact's manifest after verifying its checksums")
@@ -111,6 +148,7 @@ def main(argv=None) -> int:
     from .frontend.onnx_import import ImportError_
     from .quant.anyprec import QuantizationError
     from .targets import TargetError
+    from .tuning import TuningError
 
     try:
         if args.cmd == "quantize":
@@ -123,6 +161,8 @@ def main(argv=None) -> int:
         elif args.cmd == "compile":
             api.compile(args.source, args.out, args.target, args.parent, tuple(args.exclude or ("lm_head",)),
                         args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer)
+        elif args.cmd == "tune":
+            _tune(args)
         elif args.cmd == "run":
             sess = api.load(args.artifact)
             sess.check_bits(args.bits)
@@ -142,7 +182,7 @@ def main(argv=None) -> int:
         elif args.cmd == "inspect":
             print(json.dumps(api.inspect(args.path), indent=1))
     except (ArtifactError, DataError, QuantizationError, CompileError, ImportError_, TargetError,
-            FileNotFoundError, ValueError) as e:
+            TuningError, FileNotFoundError, ValueError) as e:
         print(f"tvm-anyprec {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

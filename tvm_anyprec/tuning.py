@@ -8,10 +8,21 @@ Known traps handled here (see TVM027_NOTES): the default builder imports tvm.s_t
 worker (12-22 s: every trial times out on 2 cores), so a lean build function is passed; the bit-width is an
 int32[1] tensor, not a scalar (the runner only feeds tensors); records are looked up on the kernel as the
 pass emits it (before AnnotateTIROpPattern adds attributes the workload key lacks).
+
+``tune_model`` tunes every distinct kernel of a model (an artifact, ONNX graphs or a model name) with the
+project's design space (``schedules.cpu.linear_space_cpu``: N tiling, reduction and decode vector widths,
+unrolling), a progress bar (trials, workloads, best latency, time left) and resume: every measured record
+is appended to the database as it comes, a workload that already has ``trials`` records is skipped, and one
+with fewer gets only the missing trials (the search starts from its best records). A log cut mid-line by a
+kill is repaired (the partial line dropped) before it is opened. Measurements can run on remote devices
+through TVM's RPC tracker (``rpc=RPC(host, port, key, workers)``), with the kernels built here.
 """
 from __future__ import annotations
 
+import re
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
@@ -53,20 +64,250 @@ def query_database(db, func: tvm.tirx.PrimFunc, target) -> tvm.tirx.PrimFunc | N
     return new.without_attr("global_symbol") if func.attrs is None or "global_symbol" not in func.attrs else new
 
 
-def tune_kernel(func: tvm.tirx.PrimFunc, target, work_dir, trials: int, seed: int = 0) -> float:
-    """Tune one kernel into the JSON database at ``work_dir``; returns seconds spent."""
+@dataclass
+class RPC:
+    """Measure on devices registered at a TVM RPC tracker under ``key`` (``workers``: parallel sessions)."""
+    host: str
+    port: int
+    key: str
+    workers: int = 1
+    timeout_s: int = 60
+
+    @staticmethod
+    def parse(tracker: str, key: str, workers: int = 1) -> "RPC":
+        host, _, port = tracker.rpartition(":")
+        if not host or not port.isdigit():
+            raise TuningError(f"--rpc-tracker must be HOST:PORT, got {tracker!r}")
+        if not key:
+            raise TuningError("--rpc-key is required with --rpc-tracker")
+        return RPC(host, int(port), key, workers)
+
+
+class TuningError(ValueError):
+    pass
+
+
+def _runner(rpc: RPC | None):
     from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)
+    if rpc is None:
+        return ms.runner.LocalRunner(evaluator_config=evaluator)
+    cfg = ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
+                              session_timeout_sec=rpc.timeout_s)
+    return ms.runner.RPCRunner(rpc_config=cfg, evaluator_config=evaluator, max_workers=rpc.workers)
+
+
+def _progress_callback(on_batch):
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class _Progress(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            secs = [float(sum(r.run_secs) / len(r.run_secs)) for r in runner_results
+                    if r.error_msg is None and r.run_secs]
+            on_batch(len(runner_results), secs)
+
+    return _Progress()
+
+
+def tune_kernel(func: tvm.tirx.PrimFunc, target, work_dir, trials: int, seed: int = 0, rpc: RPC | None = None,
+                space: str = "project", on_batch=None) -> float:
+    """Tune one kernel into the JSON database at ``work_dir``; returns seconds spent. ``space``: "project"
+    (the linear-kernel design space of tvm_anyprec.schedules) or "generic" (MetaSchedule's default rules)."""
+    import logging
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules.cpu import linear_space_cpu
 
     t0 = time.time()
     cores = int(target.attrs.get("num-cores", 1)) if hasattr(target, "attrs") else 1
-    ms.tune_tir(workload(func), target, work_dir=str(work_dir), max_trials_global=trials,
-                num_trials_per_iter=min(16, trials), cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
-                database=open_database(work_dir),
-                builder=ms.builder.LocalBuilder(f_build=_lean_build, timeout_sec=60),
-                runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1,
-                                                                                         min_repeat_ms=20)),
-                num_tuning_cores=cores, seed=seed)
+    callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
+    if on_batch is not None:
+        callbacks.append(_progress_callback(on_batch))
+    gen = ms.space_generator.ScheduleFn(linear_space_cpu) if space == "project" else "post-order-apply"
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    with _quiet_logs(work_dir):
+        ms.tune_tir(workload(func), target, work_dir=str(Path(work_dir) / "logs"), max_trials_global=trials,
+                    num_trials_per_iter=min(8, trials), cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
+                    database=open_database(work_dir),
+                    builder=ms.builder.LocalBuilder(f_build=_lean_build, timeout_sec=60),
+                    runner=_runner(rpc), measure_callbacks=callbacks, space=gen,
+                    num_tuning_cores=cores, seed=seed)
     return time.time() - t0
+
+
+class _quiet_logs:
+    """MetaSchedule logs every iteration at INFO to the console; keep them in work_dir/logs only."""
+
+    def __init__(self, work_dir):
+        self.dir = Path(work_dir) / "logs"
+
+    def __enter__(self):
+        import logging
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.saved = []
+        for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
+            lg = logging.getLogger(name)
+            self.saved.append((lg, lg.level, lg.propagate))
+            lg.setLevel(logging.WARNING)
+        return self
+
+    def __exit__(self, *exc):
+        for lg, level, prop in self.saved:
+            lg.setLevel(level)
+            lg.propagate = prop
+        return False
+
+
+# ----------------------------------------------------------------------------- model-level tuning
+_KERNEL_RE = {
+    "anyprec_linear": re.compile(r"anyprec_linear_m(\d+)_n(\d+)_k(\d+)_b(\d+)to(\d+)$"),
+    "dense_nt": re.compile(r"dense_nt_m(\d+)_n(\d+)_k(\d+)$"),
+}
+
+
+def kernel_from_name(name: str) -> tvm.tirx.PrimFunc:
+    """Rebuild a kernel from the name the rewrite pass gave it (an artifact's manifest lists them)."""
+    from .kernels import dense
+    from .kernels.anyprec import make_anyprec_linear
+
+    m = _KERNEL_RE["anyprec_linear"].match(name)
+    if m:
+        M, N, K, lo, hi = map(int, m.groups())
+        return make_anyprec_linear(M, N, K, hi, lo)
+    m = _KERNEL_RE["dense_nt"].match(name)
+    if m:
+        return dense.make_dense_nt(*map(int, m.groups()))
+    raise TuningError(f"unknown kernel name {name!r}")
+
+
+def model_kernels(source, exclude=("lm_head",)) -> dict[str, tvm.tirx.PrimFunc]:
+    """The distinct kernels of a model: from a compiled artifact's manifest, or by importing ONNX graphs
+    (a file or directory) and running the rewrite pass, or, for a model name ('smollm2', a .gguf, an HF
+    directory), by exporting it first (into the cache directory, once)."""
+    from .artifact import MANIFEST, read_manifest
+
+    src = Path(str(source))
+    if (src / MANIFEST).exists():
+        m = read_manifest(src, verify=False)
+        if m.get("kind") != "compiled":
+            raise TuningError(f"{src} is a {m.get('kind')!r} directory: give a compiled artifact, ONNX or a model")
+        return {k: kernel_from_name(k) for k in m["kernels"]}
+    is_onnx = src.suffix == ".onnx" or (src.is_dir() and any(src.glob("*.onnx")))
+    if not is_onnx:
+        from . import api, data
+        model = data.resolve_model(source)
+        src = data.cache_dir() / "onnx" / model.stem
+        if not all((src / f"{g}.onnx").exists() for g in ("decode", "prefill", "verify")):
+            api.export(src, model)
+    from .frontend.onnx_import import import_onnx
+    from .passes.anyprec_rewrite import KERNEL_PREFIXES, AnyPrecRewrite
+
+    mod = AnyPrecRewrite(3, 8, exclude)(import_onnx(src).mod)
+    return {gv.name_hint: f for gv, f in mod.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith(KERNEL_PREFIXES)}
+
+
+def count_records(db, func, target) -> int:
+    """Measured records of ``func`` on ``target`` already in ``db``."""
+    mod = workload(func)
+    if not db.has_workload(mod):
+        return 0
+    wl = db.commit_workload(mod)
+    return sum(1 for r in db.get_top_k(wl, 1 << 20) if str(r.target.kind.name) == str(target.kind.name))
+
+
+def best_seconds(db, func) -> float | None:
+    mod = workload(func)
+    if not db.has_workload(mod):
+        return None
+    top = db.get_top_k(db.commit_workload(mod), 1)
+    return float(sum(top[0].run_secs) / len(top[0].run_secs)) if top and top[0].run_secs else None
+
+
+def repair_log(path, warn=print) -> int:
+    """Drop lines a kill cut short (a JSON database is one record per line); returns how many were dropped."""
+    import json
+
+    dropped = 0
+    for name in DB_FILES:
+        f = Path(path) / name
+        if not f.exists():
+            continue
+        lines = f.read_text().splitlines()
+        good = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+                good.append(line)
+            except ValueError:
+                dropped += 1
+        if dropped:
+            warn(f"warning: {f}: dropped {dropped} unreadable line(s) (an interrupted write); kept {len(good)}")
+            tmp = f.with_name(f.name + ".tmp")
+            tmp.write_text("".join(x + "\n" for x in good))
+            tmp.replace(f)
+    return dropped
+
+
+def tune_model(source, target: str = "x86", trials: int = 32, log_dir=None, rpc: RPC | None = None,
+               only=None, space: str = "project", progress: bool = True, seed: int = 0) -> list[dict]:
+    """Tune every distinct kernel of ``source`` for the ``target`` preset, ``trials`` measured records per
+    kernel, into ``log_dir`` (default tuning_logs/<target>/). Resumable (see the module docstring).
+    ``only``: a substring filter on kernel names. Returns one row per kernel: name, trials run now, records,
+    best ms (tuned), default ms is not measured here (benchmarks/tuning_speedup.py does that)."""
+    from tqdm.auto import tqdm
+
+    from .targets import preset
+
+    if trials < 1:
+        raise TuningError(f"--trials must be >= 1, got {trials}")
+    tp = preset(target)
+    tgt = tvm.target.Target(tp["target"])
+    log_dir = Path(log_dir) if log_dir is not None else default_log_dir(target)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    repair_log(log_dir, warn=lambda m: print(m, file=sys.stderr))
+    kernels = model_kernels(source)
+    if only:
+        kernels = {k: f for k, f in kernels.items() if only in k}
+        if not kernels:
+            raise TuningError(f"no kernel name contains {only!r}")
+    db = open_database(log_dir)
+    plan = [(name, f, max(0, trials - count_records(db, f, tgt))) for name, f in sorted(kernels.items())]
+    todo = sum(n for _, _, n in plan)
+    done_wl = sum(1 for _, _, n in plan if n == 0)
+    rows = []
+    bar = tqdm(total=todo, unit="trial", disable=not progress, file=sys.stderr,
+               desc=f"tuning {len(plan)} kernels for {target}")
+    state = {"best": None, "wl": done_wl, "name": ""}
+
+    def on_batch(n, secs):
+        if secs:
+            b = min(secs)
+            state["best"] = b if state["best"] is None else min(state["best"], b)
+        bar.update(n)
+        bar.set_postfix_str(f"workload {state['wl'] + 1}/{len(plan)} {state['name']}, best "
+                            + (f"{state['best'] * 1e3:.3f} ms" if state["best"] else "-"))
+
+    try:
+        for name, f, n in plan:
+            before = count_records(db, f, tgt)
+            if n:
+                state["best"], state["name"] = best_seconds(db, f), name
+                tune_kernel(f, tgt, log_dir, n, seed=seed, rpc=rpc, space=space, on_batch=on_batch)
+                db = open_database(log_dir)           # tune_kernel appended to the files: re-read them
+            state["wl"] += 1 if n else 0
+            rows.append({"kernel": name, "trials_now": count_records(db, f, tgt) - before,
+                         "records": count_records(db, f, tgt), "best_ms": (best_seconds(db, f) or 0) * 1e3,
+                         "reused": n == 0})
+    finally:
+        bar.close()
+    return rows
 
 
 REPO_LOGS = Path(__file__).resolve().parents[1] / "tuning_logs"

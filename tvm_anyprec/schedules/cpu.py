@@ -18,25 +18,54 @@ def _has_block(sch, name: str) -> bool:
         return False
 
 
-def schedule_linear_cpu(func: tvm.tirx.PrimFunc, n_tile: int = 16) -> tvm.tirx.PrimFunc:
-    sch = tvm.s_tir.Schedule(func)
+def _schedule_linear(sch, n_factors, lane, dlane, unroll=None) -> None:
+    """The CPU linear schedule; the knobs are ints (hand schedule) or sampled random variables (the search
+    space): n_factors = [N tiles, rows per tile], lane = partial sums per row (vector width of the
+    reduction), dlane = vector width of the bitplane decode, unroll = max auto-unroll step of the tile body."""
     m, n, k = sch.get_loops(sch.get_sblock("matmul"))
-    n_extent = int(sch.get(n).extent)
-    tile = next(t for t in (n_tile, 8, 4, 2, 1) if n_extent % t == 0)
-    no, ni = sch.split(n, [None, tile])
-    kw, lane = sch.split(k, [None, 32])
-    sch.reorder(no, m, ni, kw, lane)
-    rf = sch.rfactor(lane, 2)
+    no, ni = sch.split(n, n_factors)
+    kw, ln = sch.split(k, [None, lane])
+    sch.reorder(no, m, ni, kw, ln)
+    rf = sch.rfactor(ln, 2)
     loops = sch.get_loops(rf)
     sch.vectorize(loops[-1])
     sch.parallel(loops[0])
-    sch.reverse_compute_at(sch.get_sblock("matmul"), loops[0])  # lane sum per tile: Y_rf stays tile-sized
+    # unit loops kept: the number of loops must not depend on sampled tile sizes (a trace is replayed)
+    sch.reverse_compute_at(sch.get_sblock("matmul"), loops[0], preserve_unit_loops=True)  # Y_rf stays tile-sized
     if _has_block(sch, "decode"):
         dec = sch.get_sblock("decode")
-        sch.compute_at(dec, loops[0])
-        _, dlane = sch.split(sch.get_loops(dec)[-1], [None, 32])
-        sch.vectorize(dlane)
+        sch.compute_at(dec, loops[0], preserve_unit_loops=True)
+        _, dl = sch.split(sch.get_loops(dec)[-1], [None, dlane])
+        sch.vectorize(dl)
+    if unroll is not None:
+        sch.annotate(rf, "meta_schedule.unroll_explicit", unroll)
+
+
+def schedule_linear_cpu(func: tvm.tirx.PrimFunc, n_tile: int = 16) -> tvm.tirx.PrimFunc:
+    """Hand schedule: tiles of n_tile rows (or the largest of 8, 4, 2, 1 dividing N), 32-lane partial sums,
+    decode vectorized over the 32 bits of a plane word."""
+    sch = tvm.s_tir.Schedule(func)
+    n_extent = int(sch.get(sch.get_loops(sch.get_sblock("matmul"))[1]).extent)
+    tile = next(t for t in (n_tile, 8, 4, 2, 1) if n_extent % t == 0)
+    _schedule_linear(sch, [None, tile], 32, 32)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+LANES = (8, 16, 32)
+UNROLL = (0, 16, 64, 256)
+
+
+def linear_space_cpu(sch) -> None:
+    """MetaSchedule design space of the linear kernels (bitplane and dense): the hand schedule's structure
+    with its knobs sampled, so the tuner explores the N tiling (perfect tiles, up to 64 rows per parallel
+    task), the reduction vector width, the decode vector width and unrolling. Used as a ScheduleFn."""
+    n = sch.get_loops(sch.get_sblock("matmul"))[1]
+    n_factors = sch.sample_perfect_tile(n, n=2, max_innermost_factor=64)
+    uniform = [1.0 / len(LANES)] * len(LANES)
+    lane = sch.sample_categorical(list(LANES), uniform)
+    dlane = sch.sample_categorical(list(LANES), uniform) if _has_block(sch, "decode") else 32
+    unroll = sch.sample_categorical(list(UNROLL), [1.0 / len(UNROLL)] * len(UNROLL))
+    _schedule_linear(sch, n_factors, lane, dlane, unroll)
 
 
 def parallelize_outer(func: tvm.tirx.PrimFunc, min_extent: int = 2) -> tvm.tirx.PrimFunc | None:
