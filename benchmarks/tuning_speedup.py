@@ -26,8 +26,7 @@ import numpy as np
 def kernel_inputs(func, rng):
     """Arguments for a kernel from its buffer shapes: planes random bits, LUTs sorted random values."""
     args = []
-    for p in func.params:
-        buf = func.buffer_map[p]
+    for buf in func.params:            # TVM 0.27: PrimFunc parameters are the buffers
         shape = [int(d) for d in buf.shape]
         dt = str(buf.dtype)
         if buf.name == "NBITS":
@@ -47,8 +46,8 @@ def time_kernel(func, target, args, bits, repeat):
     dev = tvm.cpu()
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).jit()
     targs = [tvm.runtime.tensor(a, dev) for a in args]
-    for i, p in enumerate(func.params):
-        if func.buffer_map[p].name == "NBITS":
+    for i, buf in enumerate(func.params):
+        if buf.name == "NBITS":
             targs[i] = tvm.runtime.tensor(np.array([bits], np.int32), dev)
     lib["main"](*targs)
     out = targs[-1].numpy().copy()

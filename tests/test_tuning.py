@@ -153,3 +153,19 @@ def test_tune_bad_arguments(tmp_path):
     assert main(["tune", str(tmp_path / "mlp.onnx"), "--trials", "0", "--log-dir", str(tmp_path / "l")]) == 2
     assert main(["tune", str(tmp_path / "mlp.onnx"), "--only", "nosuchkernel", "--log-dir", str(tmp_path / "l")]) == 2
     assert main(["tune", str(tmp_path / "mlp.onnx"), "--rpc-tracker", "nohostport", "--rpc-key", "k"]) == 2
+
+
+def test_hand_schedule_is_the_first_record(tmp_path):
+    """The tuner measures the hand schedule first and stores it as a record: the database's best is never a
+    regression against compiling without a log."""
+    from tvm_anyprec.schedules.cpu import schedule_linear_cpu
+    from tvm_anyprec.tuning import commit_hand_baseline, workload
+
+    target = tvm.target.Target(preset("x86")["target"])
+    f = make_anyprec_linear(2, 48, 64)
+    db = open_database(tmp_path / "log")
+    secs = commit_hand_baseline(db, f, target)
+    assert secs is not None and secs > 0
+    assert count_records(db, f, target) == 1
+    best = query_database(open_database(tmp_path / "log"), f, target)
+    tvm.ir.assert_structural_equal(workload(best)["main"], workload(schedule_linear_cpu(f))["main"])

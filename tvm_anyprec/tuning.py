@@ -112,6 +112,29 @@ def _progress_callback(on_batch):
     return _Progress()
 
 
+def commit_hand_baseline(db, func: tvm.tirx.PrimFunc, target, rpc: RPC | None = None) -> float | None:
+    """Measure the hand schedule with the tuner's own builder and runner and store it as a record, so the
+    database's best is never worse than the schedule compile uses without a log. Returns its seconds."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules.cpu import hand_schedule
+
+    sch = hand_schedule(workload(func))
+    (built,) = ms.builder.LocalBuilder(f_build=_lean_build, timeout_sec=60).build([ms.builder.BuilderInput(sch.mod,
+                                                                                                          target)])
+    if built.error_msg is not None:
+        return None
+    args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+    dev_type = "cpu" if target.kind.name == "llvm" else target.kind.name
+    (fut,) = _runner(rpc).run([ms.runner.RunnerInput(built.artifact_path, dev_type, args_info)])
+    res = fut.result()
+    if res.error_msg is not None or not res.run_secs:
+        return None
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(workload(func)),
+                                                     res.run_secs, target, args_info))
+    return float(sum(float(x) for x in res.run_secs) / len(res.run_secs))
+
+
 def tune_kernel(func: tvm.tirx.PrimFunc, target, work_dir, trials: int, seed: int = 0, rpc: RPC | None = None,
                 space: str = "project", on_batch=None) -> float:
     """Tune one kernel into the JSON database at ``work_dir``; returns seconds spent. ``space``: "project"
@@ -259,8 +282,9 @@ def tune_model(source, target: str = "x86", trials: int = 32, log_dir=None, rpc:
                only=None, space: str = "project", progress: bool = True, seed: int = 0) -> list[dict]:
     """Tune every distinct kernel of ``source`` for the ``target`` preset, ``trials`` measured records per
     kernel, into ``log_dir`` (default tuning_logs/<target>/). Resumable (see the module docstring).
-    ``only``: a substring filter on kernel names. Returns one row per kernel: name, trials run now, records,
-    best ms (tuned), default ms is not measured here (benchmarks/tuning_speedup.py does that)."""
+    ``only``: a substring filter on kernel names. The first session on a kernel measures the hand schedule
+    as its first record, so the best record is never a regression. Returns one row per kernel: name, records
+    added now, records in all, best ms, reused (nothing to do)."""
     from tqdm.auto import tqdm
 
     from .targets import preset
@@ -280,11 +304,10 @@ def tune_model(source, target: str = "x86", trials: int = 32, log_dir=None, rpc:
     db = open_database(log_dir)
     plan = [(name, f, max(0, trials - count_records(db, f, tgt))) for name, f in sorted(kernels.items())]
     todo = sum(n for _, _, n in plan)
-    done_wl = sum(1 for _, _, n in plan if n == 0)
     rows = []
     bar = tqdm(total=todo, unit="trial", disable=not progress, file=sys.stderr,
                desc=f"tuning {len(plan)} kernels for {target}")
-    state = {"best": None, "wl": done_wl, "name": ""}
+    state = {"best": None, "wl": 0, "name": ""}
 
     def on_batch(n, secs):
         if secs:
@@ -297,14 +320,20 @@ def tune_model(source, target: str = "x86", trials: int = 32, log_dir=None, rpc:
     try:
         for name, f, n in plan:
             before = count_records(db, f, tgt)
+            state["name"] = name
+            if n and before == 0:          # first session on this kernel: the hand schedule is record 1
+                hand = commit_hand_baseline(db, f, tgt, rpc)
+                n -= 1
+                state["best"] = None
+                on_batch(1, [hand] if hand else [])
             if n:
-                state["best"], state["name"] = best_seconds(db, f), name
+                state["best"] = best_seconds(db, f) or state["best"]
                 tune_kernel(f, tgt, log_dir, n, seed=seed, rpc=rpc, space=space, on_batch=on_batch)
                 db = open_database(log_dir)           # tune_kernel appended to the files: re-read them
-            state["wl"] += 1 if n else 0
-            rows.append({"kernel": name, "trials_now": count_records(db, f, tgt) - before,
-                         "records": count_records(db, f, tgt), "best_ms": (best_seconds(db, f) or 0) * 1e3,
-                         "reused": n == 0})
+            state["wl"] += 1
+            after = count_records(db, f, tgt)
+            rows.append({"kernel": name, "trials_now": after - before, "records": after,
+                         "best_ms": (best_seconds(db, f) or 0) * 1e3, "reused": after == before})
     finally:
         bar.close()
     return rows

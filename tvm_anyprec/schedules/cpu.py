@@ -41,14 +41,18 @@ def _schedule_linear(sch, n_factors, lane, dlane, unroll=None) -> None:
         sch.annotate(rf, "meta_schedule.unroll_explicit", unroll)
 
 
-def schedule_linear_cpu(func: tvm.tirx.PrimFunc, n_tile: int = 16) -> tvm.tirx.PrimFunc:
-    """Hand schedule: tiles of n_tile rows (or the largest of 8, 4, 2, 1 dividing N), 32-lane partial sums,
-    decode vectorized over the 32 bits of a plane word."""
-    sch = tvm.s_tir.Schedule(func)
+def hand_schedule(func_or_mod, n_tile: int = 16):
+    """The hand schedule as a Schedule (its trace can be stored as a tuning record): tiles of n_tile rows (or
+    the largest of 8, 4, 2, 1 dividing N), 32-lane partial sums, decode vectorized over a plane word."""
+    sch = tvm.s_tir.Schedule(func_or_mod)
     n_extent = int(sch.get(sch.get_loops(sch.get_sblock("matmul"))[1]).extent)
     tile = next(t for t in (n_tile, 8, 4, 2, 1) if n_extent % t == 0)
     _schedule_linear(sch, [None, tile], 32, 32)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch
+
+
+def schedule_linear_cpu(func: tvm.tirx.PrimFunc, n_tile: int = 16) -> tvm.tirx.PrimFunc:
+    return hand_schedule(func, n_tile).mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 LANES = (8, 16, 32)
