@@ -69,13 +69,17 @@ def bench_speculative(sess, prompts, tokens, bits, drafts, draft_lens, repeats):
 def bench_policy(sess, prompt_ids, tokens):
     lat = sess.measure_latencies(steps=8)
     levels = sorted(set(round(v, 3) for v in lat.values()))
-    budgets = [levels[0] * 0.8] + [(a + b) / 2 for a, b in zip(levels, levels[1:])] + [levels[-1] * 1.2]
+    # one budget below every measured latency (infeasible: the policy must fall back to the lowest width and
+    # warn), one 10% above each measured level (feasible), and one halfway between neighbouring levels
+    # (feasible only if the machine is as fast as when measured: levels within noise make it a coin toss)
+    budgets = sorted([levels[0] * 0.8] + [v * 1.1 for v in levels]
+                     + [(a + b) / 2 for a, b in zip(levels, levels[1:])])
     rows = []
     for budget in budgets:
         trace = []
         sess.generate_ids(prompt_ids, tokens, max_ms_per_token=budget, trace=trace)
         steps = [ms for _b, ms in trace[:-1]] or [ms for _b, ms in trace]   # the last step stops, decodes nothing
-        rows.append({"budget_ms": budget, "bits_used": sorted({b for b, _ in trace}),
+        rows.append({"budget_ms": budget, "feasible": budget >= levels[0], "bits_used": sorted({b for b, _ in trace}),
                      "mean_ms": statistics.mean(steps), "max_ms": max(steps),
                      "met": statistics.mean(steps) <= budget})
     return lat, rows
@@ -90,6 +94,7 @@ def main(argv=None):
     ap.add_argument("--draft-lens", default="2,4", help="tokens drafted per round")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--policy-only", action="store_true", help="skip the speculative part")
     args = ap.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
 
@@ -103,7 +108,8 @@ def main(argv=None):
     prompts = [sess.tokenizer(p)["input_ids"] for p in PROMPTS]
     drafts = [int(x) for x in args.drafts.split(",")]
     lens = [int(x) for x in args.draft_lens.split(",")]
-    spec = bench_speculative(sess, prompts, args.tokens, args.bits, drafts, lens, args.repeats)
+    spec = [] if args.policy_only else bench_speculative(sess, prompts, args.tokens, args.bits, drafts, lens,
+                                                         args.repeats)
     lat, pol = bench_policy(sess, prompts[0], args.tokens)
 
     head = (f"SmolLM2-135M, {len(PROMPTS)} prompts x {args.tokens} new tokens, {args.threads} threads, "
@@ -118,11 +124,11 @@ def main(argv=None):
         print(f"{r['config']:<34}{r['tokens_per_s']:>8.2f}{acc:>8}{r['vs_plain']:>9.2f}x{dr:>14}{vr:>15}")
     print("\nprecision policy, per-step (decode-step latency measured per bit-width: "
           + ", ".join(f"{b}: {v:.1f} ms" for b, v in lat.items()) + ")")
-    print(f"{'budget ms':>10}{'bits used':>14}{'mean ms':>9}{'max ms':>8}{'met':>6}")
+    print(f"{'budget ms':>10}{'feasible':>9}{'bits used':>14}{'mean ms':>9}{'max ms':>8}{'met':>6}")
     for r in pol:
-        print(f"{r['budget_ms']:>10.1f}{','.join(map(str, r['bits_used'])):>14}{r['mean_ms']:>9.1f}"
-              f"{r['max_ms']:>8.1f}{'yes' if r['met'] else 'NO':>6}")
-    out = art.parent / "speculative_policy.json"
+        print(f"{r['budget_ms']:>10.1f}{'yes' if r['feasible'] else 'no':>9}{','.join(map(str, r['bits_used'])):>14}"
+              f"{r['mean_ms']:>9.1f}{r['max_ms']:>8.1f}{'yes' if r['met'] else 'NO':>6}")
+    out = art.parent / ("policy.json" if args.policy_only else "speculative_policy.json")
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
                                "threads": args.threads, "tokens": args.tokens, "prompts": PROMPTS,
                                "speculative": spec, "latency_ms": lat, "policy": pol}, indent=1))

@@ -15,18 +15,50 @@ from tvm_anyprec.tuning import DB_FILES, count_records, open_database, query_dat
 from test_compile import H, K, _mlp_onnx  # noqa: E402  (same small graph: W1 is a [K=77, H=96] MatMul)
 
 
+def _records(log_dir) -> int:
+    return sum(1 for line in (log_dir / DB_FILES[1]).read_text().splitlines() if line.strip())
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """4 trials on the kernel of the graph's first layer (M=3, N=96, K=77): enough for a valid record."""
+    """`tune` on the graph's first layer (M=3, N=96, K=77), 12 trials, SIGKILLed after its first batch of
+    records (the worst case), a cut line appended as a kill mid-write would leave, then the same command
+    again (resume) and once more (nothing left to do). Shared by the tests below."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tvm_anyprec.tuning import repair_log
+
     d = tmp_path_factory.mktemp("tune")
+    _mlp_onnx(d / "mlp.onnx")
+    log = d / "log"
+    cmd = [sys.executable, "-m", "tvm_anyprec.cli", "tune", str(d / "mlp.onnx"), "--trials", "12",
+           "--only", "m3_n96", "--log-dir", str(log)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while not ((log / DB_FILES[1]).exists() and _records(log) >= 8):   # baseline + first batch written
+        assert p.poll() is None, p.communicate()[1].decode()[-2000:]
+        assert time.time() < deadline, "no records after 300 s"
+        time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
     target = tvm.target.Target(preset("x86")["target"])
     f = make_anyprec_linear(3, H, K)
-    tune_kernel(f, target, d / "log", trials=4)
-    return d, f, target
+    repair_log(log)                                  # the kill itself may have cut a line
+    first = count_records(open_database(log), f, target)
+    with open(log / DB_FILES[1], "a") as fh:         # a record cut short by a kill
+        fh.write('[0, [["main", "partial rec')
+    resume = subprocess.run(cmd, capture_output=True, text=True)
+    after_resume = count_records(open_database(log), f, target) if resume.returncode == 0 else None
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    return d, f, target, {"first": first, "resume": resume, "after_resume": after_resume, "again": again}
 
 
 def test_records_written_and_found(tuned):
-    d, f, target = tuned
+    d, f, target, _ = tuned
     assert all((d / "log" / name).stat().st_size > 0 for name in DB_FILES)
     sched = query_database(open_database(d / "log"), f, target)
     assert sched is not None
@@ -44,7 +76,7 @@ def test_records_written_and_found(tuned):
 
 
 def test_compile_applies_log_and_says_which(tuned, tmp_path):
-    d, _f, _t = tuned
+    d, _f, _t, _ = tuned
     _mlp_onnx(tmp_path / "mlp.onnx")
     m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", tuning_log=d / "log", quiet=True)
     assert m["kernels"] == {"anyprec_linear_m3_n96_k77_b3to8": "tuned",
@@ -72,56 +104,22 @@ def test_corrupt_log_is_ignored_with_warning(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ model-level tuning: resume, RPC tracker
-def _records(log_dir) -> int:
-    return sum(1 for line in (log_dir / DB_FILES[1]).read_text().splitlines() if line.strip())
-
-
-def test_tune_command_interrupt_and_resume(tmp_path):
-    """`tune` killed (SIGKILL, the worst case) after its first batch of records: the records survive, a line
-    cut mid-write is dropped with a warning, the same command finishes the budget (only the missing trials),
-    and a third run reuses everything. Then compile applies the records."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    _mlp_onnx(tmp_path / "mlp.onnx")
-    log = tmp_path / "log"
-    cmd = [sys.executable, "-m", "tvm_anyprec.cli", "tune", str(tmp_path / "mlp.onnx"), "--trials", "12",
-           "--only", "m3_n96", "--log-dir", str(log)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    while not ((log / DB_FILES[1]).exists() and _records(log) >= 8):   # first batch (8 trials) written
-        assert p.poll() is None, p.communicate()[1].decode()[-2000:]
-        assert time.time() < deadline, "no records after 300 s"
-        time.sleep(0.5)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    target = tvm.target.Target(preset("x86")["target"])
-    f = make_anyprec_linear(3, H, K)
-
-    def measured():
-        return count_records(open_database(log), f, target)
-
-    from tvm_anyprec.tuning import repair_log
-    repair_log(log)                                  # the kill itself may have cut a line
-    first = measured()
-    assert 1 <= first < 12
-    with open(log / DB_FILES[1], "a") as fh:         # a record cut short by the kill
-        fh.write('[0, [["main", "partial rec')
-    r = subprocess.run(cmd, capture_output=True, text=True)
+def test_tune_command_interrupt_and_resume(tuned):
+    """`tune` killed (SIGKILL) after its first batch of records: the records survive, a line cut mid-write
+    is dropped with a warning, the same command finishes the budget (only the missing trials), and a third
+    run reuses everything."""
+    d, f, target, run = tuned
+    assert 1 <= run["first"] < 12
+    r = run["resume"]
     assert r.returncode == 0, r.stderr[-2000:]
     assert "dropped 1 unreadable line" in r.stderr
     assert "trial" in r.stderr and "best" in r.stderr                  # the progress bar
     row = next(line for line in r.stdout.splitlines() if line.startswith("anyprec_linear_m3_n96"))
-    assert int(row.split()[1]) == measured() >= 12
-    assert int(row.split()[2]) == measured() - first                   # only the missing trials ran
-    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert int(row.split()[1]) == run["after_resume"] >= 12
+    assert int(row.split()[2]) == run["after_resume"] - run["first"]   # only the missing trials ran
+    again = run["again"]
     assert again.returncode == 0 and "(reused)" in again.stdout
-    assert measured() == int(row.split()[1])
-    m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", tuning_log=log, quiet=True)
-    assert m["kernels"]["anyprec_linear_m3_n96_k77_b3to8"] == "tuned"
+    assert count_records(open_database(d / "log"), f, target) == run["after_resume"]
 
 
 def test_tuning_through_rpc_tracker_with_two_servers(tmp_path):
