@@ -100,6 +100,7 @@ def machine_info(threads: int) -> dict:
         "python": platform.python_version(), "numpy": np.__version__,
         "threads": threads, "thread_env": thread_report(),
     }
+    info["git"] = git_state()
     try:
         import psutil
         info["mem_bytes"] = psutil.virtual_memory().total
@@ -117,6 +118,19 @@ def machine_info(threads: int) -> dict:
     except Exception:  # older numpy: no dict mode
         pass
     return info
+
+
+def git_state() -> dict:
+    """The commit measured, and the source files that differed from it (uncommitted work is measured too)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tvm_anyprec", "benchmarks"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.splitlines()
+    except Exception as e:  # not a checkout
+        return {"error": str(e)}
+    return {"commit": head, "uncommitted": [line.strip() for line in dirty]}
 
 
 # ----------------------------------------------------------------------------- compiled kernels

@@ -17,6 +17,17 @@ def _plt():
     return plt
 
 
+def _plain_log_ticks(ax, axis="y"):
+    """Log axis with plain numbers (0.3, 1, 10) instead of 3x10^-1."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    a = ax.yaxis if axis == "y" else ax.xaxis
+    a.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    a.set_major_formatter(fmt)
+    a.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
 def _err(rows):
     med = [r["median_s"] * 1e3 for r in rows]
     return med, [[m - r["min_s"] * 1e3 for m, r in zip(med, rows)], [r["max_s"] * 1e3 - m for m, r in zip(med, rows)]]
@@ -49,6 +60,7 @@ def latency_vs_bits(res: dict, path: Path) -> Path:
                             color="tab:red", markerfacecolor=face,
                             label=f"ORT NBits b{r['block']} acc{r['accuracy_level']}")
             ax.set_yscale("log")
+            _plain_log_ticks(ax)
             ax.set_xticks(range(3, 9))
             ax.set_title(f"{'GEMV' if M == 1 else f'GEMM M={M}'} {shape}", fontsize=9)
             ax.grid(alpha=0.3, which="both")
@@ -106,7 +118,7 @@ def ppl_vs_memory(res: dict, path: Path) -> Path:
         mem_by.setdefault((r.get("kind"), r["bits"], r.get("block")), r)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     pts = []
-    for r in res["perplexity"]["rows"]:
+    for r in res["ppl"]["rows"]:
         c = r["config"]
         if c.startswith("tvm-anyprec"):
             m, col, mk = mem_by[("anyprec-read", r["bits"], None)], "tab:blue", "o"
@@ -129,10 +141,10 @@ def ppl_vs_memory(res: dict, path: Path) -> Path:
     parent = next(r for r in res["memory"]["rows"] if r.get("kind") == "anyprec-parent")
     ax.axvline(parent["MiB"], color="tab:blue", ls=":", label=f"our parent, all of 3..8 bits ({parent['MiB']:.0f} MiB)")
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    _plain_log_ticks(ax, "x")
     ax.set_xlabel("weight MiB of the quantized linear layers (read per token)")
-    ax.set_ylabel(f"perplexity ({res['perplexity']['text']}, {res['perplexity']['windows']}x"
-                  f"{res['perplexity']['seqlen']} tokens)")
+    ax.set_ylabel(f"perplexity ({res['ppl']['text']}, {res['ppl']['windows']}x"
+                  f"{res['ppl']['seqlen']} tokens)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title("SmolLM2-135M: perplexity vs weight memory", fontsize=10)
@@ -175,7 +187,7 @@ def make_plots(res: dict, out_dir: Path, stem: str) -> list[str]:
     if res.get("kernels", {}).get("rows"):
         out.append(latency_vs_bits(res, out_dir / f"{stem}-latency-vs-bits.png"))
         out.append(bandwidth_fraction(res, out_dir / f"{stem}-bandwidth-fraction.png"))
-    if res.get("perplexity", {}).get("rows") and res.get("memory"):
+    if res.get("ppl", {}).get("rows") and res.get("memory"):
         out.append(ppl_vs_memory(res, out_dir / f"{stem}-ppl-vs-memory.png"))
     if res.get("model", {}).get("rows"):
         out.append(model_latency(res, out_dir / f"{stem}-model.png"))

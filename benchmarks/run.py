@@ -233,6 +233,7 @@ def main(argv=None) -> int:
     for p in PARTS:
         if p in parts:
             res[p] = runners[p]()
+            res[p]["git"] = info["git"]          # each part records the source it measured
             if not args.quick:
                 (part_dir / f"{p}.json").write_text(json.dumps(res[p], indent=1, default=str))
         elif not args.quick and (part_dir / f"{p}.json").exists():
