@@ -1,4 +1,6 @@
-"""tvm-anyprec command line: quantize | export | compile | tune | run | eval | inspect."""
+"""tvm-anyprec command line: quantize | export | compile | tune | run | bench | eval | inspect.
+
+`tvm-anyprec bench [--quick] ...` runs the benchmarks of the source checkout (python -m benchmarks)."""
 from __future__ import annotations
 
 import argparse
@@ -128,7 +130,24 @@ def _run_summary(args, stats: dict) -> str:
     return f"{args.bits}-bit"
 
 
+def _bench(rest: list[str]) -> int:
+    """`bench`: the benchmarks entry point of the source checkout (python -m benchmarks), run as a child so
+    that its thread settings take effect before numpy loads."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__main__.py").exists():
+        print("tvm-anyprec bench: error: the benchmarks live in the source checkout (benchmarks/), "
+              f"not found next to {root / 'tvm_anyprec'}", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, "-m", "benchmarks", *rest], cwd=root)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:        # everything after `bench` belongs to the benchmarks' own parser
+        return _bench(argv[1:])
     ap = argparse.ArgumentParser(prog="tvm-anyprec", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_quantize(sub)
