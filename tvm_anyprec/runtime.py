@@ -10,6 +10,13 @@ import numpy as np
 from .artifact import WEIGHTS, ArtifactError, load_tensors, read_manifest
 
 
+def _prompt(prompt_ids) -> np.ndarray:
+    ids = np.asarray(prompt_ids, np.int64)
+    if ids.size == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    return ids
+
+
 class Session:
     """One loaded artifact: the library and one set of weight buffers serve every bit-width."""
 
@@ -75,9 +82,10 @@ class Session:
     def _chunk_fn(self) -> str:
         return "prefill" if "prefill" in self.functions else "decode"
 
-    def forward_tokens(self, ids: np.ndarray, bits: int, pos: int = 0, cache=None):
-        """Run ``ids`` (1-D) through the model from position ``pos``; returns (logits [len, V], cache)."""
-        fn = self._chunk_fn()
+    def forward_tokens(self, ids: np.ndarray, bits: int, pos: int = 0, cache=None, fn: str | None = None):
+        """Run ``ids`` (1-D) through the model from position ``pos``, in calls of the chunked function ``fn``
+        (default: prefill), the last one padded; returns (logits [len, V], cache)."""
+        fn = fn or self._chunk_fn()
         S = self.spec(fn)["chunk"]
         cache = cache if cache is not None else self.empty_cache(fn)
         if pos + len(ids) > self.spec(fn)["max_len"]:
@@ -102,9 +110,7 @@ class Session:
         ``max_bytes_per_token``) the bit-width comes from the precision policy instead of ``bits``: chosen
         for the request, then again before every step if ``per_step`` (see tvm_anyprec.policy). ``trace``
         (a list) receives (bits, ms) per decode step."""
-        prompt_ids = np.asarray(prompt_ids, np.int64)
-        if prompt_ids.size == 0:
-            raise ValueError("the prompt is empty: give at least one token")
+        prompt_ids = _prompt(prompt_ids)
         policy = None
         if max_ms_per_token is not None or max_bytes_per_token is not None:
             policy = self.policy(measure=max_ms_per_token is not None)
@@ -199,11 +205,11 @@ class Session:
         chunk = self.spec(vfn)["chunk"]
         if not 1 <= draft_len < chunk:
             raise ValueError(f"draft_len must be in 1..{chunk - 1} (the {vfn} graph checks {chunk} tokens per call)")
-        prompt_ids = np.asarray(prompt_ids, np.int64)
-        if prompt_ids.size == 0:
-            raise ValueError("the prompt is empty: give at least one token")
+        prompt_ids = _prompt(prompt_ids)
         st = stats if stats is not None else {}
         st.update(drafted=0, accepted=0, rounds=0, plain_steps=0, draft_s=0.0, verify_s=0.0)
+        if max_new_tokens <= 0:
+            return []
         logits, cache = self.forward_tokens(prompt_ids, bits)
         pos = len(prompt_ids)
         max_len = self.spec("decode")["max_len"]
@@ -230,10 +236,8 @@ class Session:
                     break
             del dcache
             t1 = time.perf_counter()
-            buf = np.zeros((1, chunk), np.int64)
-            buf[0, :len(drafts) + 1] = [nxt] + drafts
-            lg, *cache = self.call(vfn, [buf, np.array([pos], np.int64), *cache], bits)
-            preds = lg.numpy()[0, :len(drafts) + 1].argmax(-1)
+            lg, cache = self.forward_tokens(np.array([nxt] + drafts), bits, pos, cache, fn=vfn)
+            preds = lg.argmax(-1)
             st["verify_s"] += time.perf_counter() - t1
             st["draft_s"] += t1 - t0
             a = 0
