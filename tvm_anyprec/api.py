@@ -153,9 +153,13 @@ def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int = EXPORT_MAX
 
 
 def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",), force: bool = False,
-            tuning_log=None, tokenizer=None, quiet: bool = False) -> dict:
+            tuning_log=None, tokenizer=None, quiet: bool = False, act_bits: int | None = None,
+            act_outlier: str = "smooth", act_int4_all: bool = False) -> dict:
     """ONNX file/dir -> artifact. ``source`` may also be a model ('smollm2', .gguf, HF dir): then the ONNX
-    export (``<out>.onnx/``) and the quantized parent (``<out>.parent/``) are made first when missing."""
+    export (``<out>.onnx/``) and the quantized parent (``<out>.parent/``) are made first when missing.
+    ``act_bits`` 8|4: low-bit activations (W4A8, or W4A4 after self-attention / everywhere with
+    ``act_int4_all``) instead of the bitplane operator; no parent is needed, the outlier handling is calibrated
+    on the calibration text with the source model (see README "Low-bit activations")."""
     from .compiler import compile_model
 
     out = Path(out)
@@ -166,7 +170,7 @@ def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",),
         onnx_dir = out.with_name(out.name + ".onnx")
         if not all((onnx_dir / f"{g}.onnx").exists() for g in ("decode", "prefill", "verify")):
             export(onnx_dir, model, quiet=quiet)
-        if parent is None:
+        if parent is None and act_bits is None:
             parent = out.with_name(out.name + ".parent")
             if not (Path(parent) / MANIFEST).exists():
                 quantize(parent, model, exclude=exclude, force=True, quiet=quiet)
@@ -176,8 +180,30 @@ def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",),
         marker = (src if src.is_dir() else src.parent) / SOURCE_MARKER
         if marker.exists():
             tokenizer = marker.read_text().strip()
+    act = stats = None
+    if act_bits is not None:
+        from .quant import activations as A
+        act = A.preset(act_bits, act_outlier, not act_int4_all)
+        if act_outlier != "none":
+            if tokenizer is None:
+                raise ValueError("outlier calibration needs the source model: compile a model, or ONNX from "
+                                 "`export` (its SOURCE marker), or pass act_outlier='none'")
+            stats = calibrate_activations(tokenizer, exclude, quiet=quiet)
     return compile_model(src, out, target, parent, exclude, force=force, tuning_log=tuning_log,
-                         tokenizer=tokenizer, quiet=quiet)
+                         tokenizer=tokenizer, quiet=quiet, act_quant=act, act_stats=stats)
+
+
+def calibrate_activations(model=None, exclude=("lm_head",), windows: int = CALIB_WINDOWS,
+                          seqlen: int = EVAL_SEQLEN, quiet: bool = False) -> dict:
+    """Per-channel max |x| of every linear input on the calibration text (for low-bit activations)."""
+    from .quant.activations import calibrate_absmax
+    from .quant.model import find_linears
+
+    m, tok = data.load_model(model)
+    t0 = time.time()
+    stats = calibrate_absmax(m, data.token_windows(tok, data.CALIB_TEXT, windows, seqlen), find_linears(m, exclude))
+    log(f"activation statistics from {windows} windows of {data.CALIB_TEXT} in {time.time() - t0:.1f}s", quiet)
+    return stats
 
 
 def load(artifact):

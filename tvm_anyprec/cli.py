@@ -65,6 +65,12 @@ def _add_compile(sub):
     p.add_argument("--tokenizer", help="model whose tokenizer `run`/`eval` use (default: from the parent)")
     p.add_argument("--tuning-log", help="MetaSchedule database directory (default: tuning_logs/<target>/)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--act-bits", type=int, choices=(8, 4), help="low-bit activations instead of any-precision "
+                   "weights: INT4 weights x per-token INT8 activations (8), or INT4 activations after "
+                   "self-attention (4); the artifact then runs at --bits 4 only")
+    p.add_argument("--act-outlier", choices=("smooth", "none"), default="smooth",
+                   help="activation outlier handling: power-of-two per-channel smoothing calibrated on text")
+    p.add_argument("--act-int4-all", action="store_true", help="with --act-bits 4: INT4 activations everywhere")
 
 
 def _add_tune(sub):
@@ -179,7 +185,8 @@ def main(argv=None) -> int:
             api.export(args.out, args.model, args.chunk, args.max_len, args.verify_chunk)
         elif args.cmd == "compile":
             api.compile(args.source, args.out, args.target, args.parent, tuple(args.exclude or ("lm_head",)),
-                        args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer)
+                        args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer,
+                        act_bits=args.act_bits, act_outlier=args.act_outlier, act_int4_all=args.act_int4_all)
         elif args.cmd == "tune":
             _tune(args)
         elif args.cmd == "run":

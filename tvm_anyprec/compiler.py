@@ -84,9 +84,12 @@ def quantized_tensors(site, layer, min_bits: int, max_bits: int) -> dict:
 
 def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_head",), seed_bits: int = 3,
                   max_bits: int = 8, force: bool = False, tuning_log=None, tokenizer=None, quiet: bool = False,
-                  require_rewrite: bool = True) -> dict:
+                  require_rewrite: bool = True, act_quant=None, act_stats=None) -> dict:
     """``tuning_log``: a MetaSchedule JSON database directory (default: tuning_logs/<target>/ of this checkout,
-    used when present). ``require_rewrite=False`` allows an all-fp32 artifact (a baseline for benchmarks)."""
+    used when present). ``require_rewrite=False`` allows an all-fp32 artifact (a baseline for benchmarks).
+    ``act_quant`` (a quant.activations.ActQuantConfig): low-bit activations instead of the bitplane operator
+    (INT4 weights from the graph's own weights, ``parent`` unused; ``act_stats``: calibrated per-channel max |x|
+    per layer for the outlier handling, see passes.act_quant)."""
     import tvm
 
     from .frontend.onnx_import import import_onnx
@@ -98,18 +101,26 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     refuse_overwrite(out, force)
     tp = preset(target)
     par = None
+    if act_quant is not None:
+        seed_bits = max_bits = 4
+        parent = None
     if parent is not None:
         from .quant.model import Parent
         par = Parent.load(parent)
         if par.scheme != "nonuniform":
             raise CompileError(f"{parent}: the bitplane operator needs a 'nonuniform' parent, got '{par.scheme}'")
         seed_bits, max_bits = par.seed_bits, par.max_bits
-    check_bits(seed_bits, max_bits)
+    if act_quant is None:
+        check_bits(seed_bits, max_bits)
     t0 = time.time()
     imp = import_onnx(source)
     log(f"imported {', '.join(f'{f} ({Path(s).name})' for f, s in imp.sources.items())} in {time.time() - t0:.1f}s",
          quiet)
-    rw = AnyPrecRewrite(seed_bits, max_bits, exclude)
+    if act_quant is not None:
+        from .passes.act_quant import ActQuantRewrite
+        rw = ActQuantRewrite(act_quant, exclude)
+    else:
+        rw = AnyPrecRewrite(seed_bits, max_bits, exclude)
     mod = rw(imp.mod)
     if not rw.report.rewritten and require_rewrite:
         raise CompileError("no linear layer to rewrite: the graph has no MatMul/Gemm with a weight initializer"
@@ -121,6 +132,14 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     from tqdm.auto import tqdm
     for site in tqdm(sites, desc="quantizing weights" if par is None else "packing weights", disable=quiet,
                      unit="layer", leave=False):
+        if act_quant is not None:
+            from .passes.act_quant import layer_tensors
+            w = imp.weights[site.name]
+            stats = (act_stats or {}).get(site.name.removesuffix(".weight"))
+            tensors.update(layer_tensors(site, w if site.layout == "nk" else w.T, act_quant, stats))
+            layers[site.name] = {"N": site.N, "K": site.K, "layout": site.layout, "rows": site.M,
+                                 "act_bits": rw.act_bits[site.name]}
+            continue
         if par is not None:
             layer = par.layers.get(site.name.removesuffix(".weight")) or par.layers.get(site.name)
             if layer is None:
@@ -142,6 +161,10 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     log_dir = Path(tuning_log) if tuning_log is not None else default_log_dir(target)
     db = load_database(log_dir, warn=lambda m: log(m, False))
     mod, how = schedule_kernels(mod, target_obj, db)
+    if act_quant is not None:
+        from .passes.act_quant import schedule_kernels as schedule_act_kernels
+        mod, how_act = schedule_act_kernels(mod)
+        how.update(how_act)
     n_tuned = sum(v == "tuned" for v in how.values())
     log(f"schedules: {n_tuned} kernels tuned (from {log_dir}), {len(how) - n_tuned} hand-scheduled", quiet)
     for kind in ("tuned", "default"):
@@ -166,6 +189,9 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
                                             "calibration": par.info.get("calibration")},
         "tokenizer": tokenizer or (None if par is None else par.info.get("source", {}).get("model")),
     }
+    if act_quant is not None:
+        manifest["act_quant"] = {**act_quant.to_dict(), "calibrated": bool(act_stats),
+                                 "weights": "uniform 4-bit child (per row-group scale and zero point)"}
     with atomic_dir(out) as tmp:
         ex.export_library(str(tmp / LIB))
         save_tensors(tmp / WEIGHTS, tensors)

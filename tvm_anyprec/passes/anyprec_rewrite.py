@@ -175,6 +175,8 @@ class AnyPrecRewrite:
     ``exclude`` holds glob or regex patterns on them. After the call, ``report`` says what was rewritten.
     """
 
+    rewriter = None   # the mutator class (default _Rewriter); subclasses (passes.act_quant) put their own
+
     def __init__(self, min_bits: int = 3, max_bits: int = 8, exclude=("lm_head",), functions=None):
         self.min_bits, self.max_bits = min_bits, max_bits
         self.exclude, self.functions = tuple(exclude or ()), functions
@@ -209,7 +211,7 @@ class AnyPrecRewrite:
                 len(func.params)
             n_inputs[fname] = n_in
             weights = set(func.params[n_in:])
-            rw = _Rewriter(mod, self, fname, weights, self._eligible(func, weights))
+            rw = (self.rewriter or _Rewriter)(mod, self, fname, weights, self._eligible(func, weights))
             body = rw.visit_expr(func.body)
             mod = rw.builder_.get()
             params = list(func.params[:n_in]) + [rw.nbits] + list(func.params[n_in:]) + list(rw.new_params.values())

@@ -38,9 +38,10 @@ def schedule_int_gemm_cpu(func: tvm.tirx.PrimFunc, n_tile: int = 16) -> tvm.tirx
         deq = None
     if deq is not None:
         sch.reverse_compute_at(deq, no)
-        if nt > 1:
-            dm, dn, dg = sch.get_loops(deq)[-3:]
-            sch.reorder(dm, dg, dn)
+        inner = sch.get_loops(deq)[1:]   # below the parallel tile loop: (m,) n-in-tile, g (unit loops vanish)
+        if nt > 1 and len(inner) >= 2:
+            dn, dg = inner[-2:]
+            sch.reorder(dg, dn)
             sch.vectorize(dn)
             sch.decompose_reduction(deq, dg)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
