@@ -22,39 +22,23 @@ from tvm import relax
 
 from ..kernels.intgemm import act_quant_name, check_shape, int_gemm_name, make_act_quant, make_int_gemm
 from ..quant.activations import ActQuantConfig, prepare_layer
-from .anyprec_rewrite import AnyPrecRewrite, LinearSite, _linear_weight, _Rewriter, _static_shape
+from .anyprec_rewrite import AnyPrecRewrite, LinearSite, _Rewriter
 
 KERNEL_PREFIXES = ("act_quant_", "int_gemm_w4_")
 
 
 @relax.expr_functor.mutator
 class _ActRewriter(_Rewriter._cls):
-    def visit_call_(self, call):
-        call = self.visit_expr_post_order(call)
-        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul" and len(call.args) == 2):
-            return call
-        found = _linear_weight(self.weights, self.lookup_binding, call.args[1])
-        if found is None:
-            return call
-        wvar, layout = found
+    def _linear(self, call, x, xs, wvar, layout, M, N, K):
         name = wvar.name
-        wshape = _static_shape(wvar)
-        N, K = (wshape[0], wshape[1]) if layout == "nk" else (wshape[1], wshape[0])
-        x = call.args[0]
-        xs = _static_shape(x)
-        if xs is None or len(xs) < 1 or xs[-1] != K:
-            self.owner.report.skipped.setdefault(name, f"input shape {xs} is not static [.., {K}]")
-            return call
-        M = int(np.prod(xs[:-1])) if len(xs) > 1 else 1
         cfg: ActQuantConfig = self.owner.cfg
         bits = cfg.bits_for(name.removesuffix(".weight"))
         why = check_shape(K, cfg.group_size)
         if name in self.eligible and (bits is None or why):
             self.owner.report.skipped.setdefault(name, why or "float activations requested (a16_layers)")
         if name not in self.eligible or bits is None or why:
-            return self._dense(x, xs, wvar, M, N, K) if layout == "nk" else call
-        site = self.owner.report.rewritten.setdefault(name, LinearSite(name, N, K, layout))
-        site.M[self.fname] = M
+            return self._fallback(call, x, xs, wvar, layout, M, N, K)
+        self._site(name, N, K, layout, M)
         self.owner.act_bits[name] = bits
         gs = cfg.group_size
         G = K // gs

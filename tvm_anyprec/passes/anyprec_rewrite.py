@@ -122,27 +122,43 @@ class _Rewriter(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
+        m = self._match_linear(call)
+        return call if m is None else self._linear(call, *m)
+
+    def _match_linear(self, call):
+        """``matmul(x, W^T)`` / ``matmul(x, W)`` on a weight parameter with a static input [.., K] ->
+        (x, x shape, W var, layout, M, N, K); None when ``call`` is not such a linear layer."""
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul" and len(call.args) == 2):
-            return call
+            return None
         found = _linear_weight(self.weights, self.lookup_binding, call.args[1])
         if found is None:
-            return call
+            return None
         wvar, layout = found
-        name = wvar.name
         wshape = _static_shape(wvar)
         N, K = (wshape[0], wshape[1]) if layout == "nk" else (wshape[1], wshape[0])
         x = call.args[0]
         xs = _static_shape(x)
         if xs is None or len(xs) < 1 or xs[-1] != K:
-            self.owner.report.skipped.setdefault(name, f"input shape {xs} is not static [.., {K}]")
-            return call
+            self.owner.report.skipped.setdefault(wvar.name, f"input shape {xs} is not static [.., {K}]")
+            return None
         M = int(np.prod(xs[:-1])) if len(xs) > 1 else 1
-        if name not in self.eligible:
-            # kept in fp32: still avoid materializing permute_dims(W) on every call
-            return self._dense(x, xs, wvar, M, N, K) if layout == "nk" else call
-        o = self.owner
-        site = o.report.rewritten.setdefault(name, LinearSite(name, N, K, layout))
+        return x, xs, wvar, layout, M, N, K
+
+    def _fallback(self, call, x, xs, wvar, layout, M, N, K):
+        """A layer kept in fp32: still avoid materializing permute_dims(W) on every call."""
+        return self._dense(x, xs, wvar, M, N, K) if layout == "nk" else call
+
+    def _site(self, name, N, K, layout, M):
+        site = self.owner.report.rewritten.setdefault(name, LinearSite(name, N, K, layout))
         site.M[self.fname] = M
+        return site
+
+    def _linear(self, call, x, xs, wvar, layout, M, N, K):
+        name = wvar.name
+        if name not in self.eligible:
+            return self._fallback(call, x, xs, wvar, layout, M, N, K)
+        o = self.owner
+        self._site(name, N, K, layout, M)
         gv = self._kernel(kernel_name(M, N, K, o.max_bits, o.min_bits),
                           lambda: make_anyprec_linear(M, N, K, o.max_bits, o.min_bits))
         planes = self._param(f"{name}.planes", [o.max_bits, N, num_words(K)], "uint32")
