@@ -95,7 +95,7 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     from .frontend.onnx_import import import_onnx
     from .passes.anyprec_rewrite import AnyPrecRewrite
     from .quant.anyprec import check_bits, quantize_nonuniform
-    from .targets import preset
+    from .targets import export_compiler, preset
 
     out = Path(out)
     refuse_overwrite(out, force)
@@ -193,7 +193,7 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
         manifest["act_quant"] = {**act_quant.to_dict(), "calibrated": bool(act_stats),
                                  "weights": "uniform 4-bit child (per row-group scale and zero point)"}
     with atomic_dir(out) as tmp:
-        ex.export_library(str(tmp / LIB))
+        ex.export_library(str(tmp / LIB), fcompile=export_compiler(tp))
         save_tensors(tmp / WEIGHTS, tensors)
         manifest = write_manifest(tmp, manifest)
     log(f"wrote {out}: {LIB} + {WEIGHTS} ({sum(a.nbytes for a in tensors.values()) / 2**20:.1f} MiB) "

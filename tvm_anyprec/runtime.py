@@ -20,7 +20,11 @@ def _prompt(prompt_ids) -> np.ndarray:
 class Session:
     """One loaded artifact: the library and one set of weight buffers serve every bit-width."""
 
-    def __init__(self, artifact, verify: bool = True):
+    def __init__(self, artifact, verify: bool = True, remote=None, remote_files: bool = False):
+        """``remote``: a ``tvm.rpc.RPCSession`` to run on (an aarch64 board, or qemu: targets.arm.qemu_session);
+        the library is uploaded and loaded there, the weights live in its memory. ``remote_files``: the
+        device reads this artifact's files at the same path (qemu-user does), so the weights are loaded
+        there instead of being sent through RPC."""
         import tvm
         from tvm import relax
 
@@ -30,22 +34,38 @@ class Session:
         self.path = Path(artifact)
         self.manifest = read_manifest(self.path, kind="compiled", verify=verify)
         tp = self.manifest["target"]
-        check_runnable(tp["arch"], tp["name"])
-        self.dev = tvm.cpu()
+        if remote is None:
+            check_runnable(tp["arch"], tp["name"])
+        self.remote = remote
+        self.dev = tvm.cpu() if remote is None else remote.cpu()
         self.bit_widths = list(self.manifest["bit_widths"])
         try:
-            lib = tvm.runtime.load_module(str(self.path / LIB))
+            if remote is None:
+                lib = tvm.runtime.load_module(str(self.path / LIB))
+            else:
+                remote.upload(str(self.path / LIB), "anyprec_" + LIB)
+                lib = remote.load_module("anyprec_" + LIB)
         except Exception as e:
-            raise ArtifactError(f"cannot load {self.path / LIB}: {e}") from e
+            raise ArtifactError(f"cannot load {self.path / LIB}" + (" on the remote device" if remote else "")
+                                + f": {e}") from e
         self.vm = relax.VirtualMachine(lib, self.dev)
-        host = load_tensors(self.path / WEIGHTS)
-        self.weights = {k: tvm.runtime.tensor(v, self.dev) for k, v in host.items()}
-        del host
+        self.weights = self._load_weights(remote_files)
         self.functions = self.manifest["functions"]
         self._params = {f: [self.weights[n] for n in info["params"]] for f, info in self.functions.items()}
         self._nbits = {b: tvm.runtime.tensor(np.array([b], np.int32), self.dev) for b in self.bit_widths}
         self._tok = None
         self._latency: dict[int, float] = {}
+
+    def _load_weights(self, remote_files: bool) -> dict:
+        import tvm
+
+        if self.remote is not None and remote_files:
+            path = str((self.path / WEIGHTS).resolve())
+            load = self.remote.get_function("tvm_anyprec.load_safetensor")
+            names = sorted({n for f in self.manifest["functions"].values() for n in f["params"]})
+            return {n: load(path, n) for n in names}
+        host = load_tensors(self.path / WEIGHTS)
+        return {k: tvm.runtime.tensor(v, self.dev) for k, v in host.items()}
 
     # ---------------------------------------------------------------- low level
     def check_bits(self, bits: int) -> None:
@@ -62,7 +82,12 @@ class Session:
             raise ValueError(f"artifact has no function {fname!r} (has {sorted(self.functions)})")
         args = [a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(a), self.dev)
                 for a in inputs]
-        return self.vm[fname](*args, self._nbits[bits], *self._params[fname])
+        if self.remote is None:
+            return self.vm[fname](*args, self._nbits[bits], *self._params[fname])
+        # over RPC a returned tuple is an opaque remote object: run statefully and fetch the outputs
+        self.vm.set_input(fname, *args, self._nbits[bits], *self._params[fname])
+        self.vm.invoke_stateful(fname)
+        return self.vm.get_outputs(fname)
 
     def spec(self, fname: str) -> dict:
         spec = self.functions[fname].get("spec")

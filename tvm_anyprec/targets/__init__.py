@@ -28,6 +28,12 @@ def _num_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _arm(mcpu: str, features: tuple) -> dict:
+    # 4 cores: the boards these stand for (Raspberry Pi 4, phones' big cores, Graviton instances) have >= 4
+    return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu,
+            "mattr": [f"+{f}" for f in features], "num-cores": 4}
+
+
 # name -> (arch, description, function building the target dict)
 PRESETS = {
     "x86": ("x86_64", "this machine's x86-64 CPU (LLVM host CPU detection)",
@@ -36,7 +42,20 @@ PRESETS = {
                  lambda: {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": _num_cores()}),
     "x86-avx512": ("x86_64", "x86-64 with AVX-512 (x86-64-v4)",
                    lambda: {"kind": "llvm", "mcpu": "x86-64-v4", "num-cores": _num_cores()}),
+    "arm-neon": ("aarch64", "aarch64 with NEON only, e.g. Cortex-A72 (Raspberry Pi 4)",
+                 lambda: _arm("cortex-a72", ("neon",))),
+    "arm-dotprod": ("aarch64", "aarch64 with the dot-product extension (sdot), e.g. Cortex-A76 (Snapdragon 855+)",
+                    lambda: _arm("cortex-a76", ("neon", "dotprod"))),
+    "arm-i8mm": ("aarch64", "aarch64 with int8 matrix multiply (smmla), e.g. Neoverse V1 (Graviton 3)",
+                 lambda: _arm("neoverse-v1", ("neon", "dotprod", "i8mm"))),
 }
+
+# aarch64 presets: the instruction-set features the kernels may use, and the qemu-aarch64 CPU model that has
+# exactly those (qemu 7.2 has no Neoverse V1: "max" has i8mm, and more)
+ARM_FEATURES = {"arm-neon": ("neon",), "arm-dotprod": ("neon", "dotprod"), "arm-i8mm": ("neon", "dotprod", "i8mm")}
+QEMU_CPU = {"arm-neon": "cortex-a72", "arm-dotprod": "cortex-a76", "arm-i8mm": "max"}
+ALIASES = {"aarch64": "arm-neon", "rpi4": "arm-neon", "cortex-a72": "arm-neon", "cortex-a76": "arm-dotprod",
+           "neoverse-v1": "arm-i8mm", "graviton3": "arm-i8mm"}
 
 UNSUPPORTED = {
     "vulkan": "this TVM build has no SPIR-V code generator (target.build.vulkan is missing); "
@@ -45,13 +64,25 @@ UNSUPPORTED = {
 
 
 def preset(name: str) -> dict:
-    """-> {"name", "arch", "target": dict}"""
+    """-> {"name", "arch", "target": dict[, "features", "qemu_cpu"]}"""
+    name = ALIASES.get(name, name)
     if name in UNSUPPORTED:
         raise TargetError(f"target {name!r} is not available: {UNSUPPORTED[name]}")
     if name not in PRESETS:
         raise TargetError(f"unknown target {name!r}; presets: {', '.join(PRESETS)}")
     arch, _desc, make = PRESETS[name]
-    return {"name": name, "arch": arch, "target": make()}
+    out = {"name": name, "arch": arch, "target": make()}
+    if name in ARM_FEATURES:
+        out.update(features=list(ARM_FEATURES[name]), qemu_cpu=QEMU_CPU[name])
+    return out
+
+
+def export_compiler(tp: dict):
+    """fcompile for export_library: the host toolchain for x86, the aarch64 cross compiler for ARM."""
+    if tp["arch"] == "aarch64" and host_arch() != "aarch64":
+        from .arm import cross_compiler
+        return cross_compiler()
+    return None
 
 
 def host_arch() -> str:
@@ -61,5 +92,7 @@ def host_arch() -> str:
 
 def check_runnable(arch: str, target_name: str) -> None:
     if arch != host_arch():
+        hint = (" (or run it through RPC: Session(..., remote=...), CLI run --qemu / --rpc)"
+                if arch == "aarch64" else "")
         raise TargetError(f"artifact was compiled for {target_name} ({arch}); this machine is {host_arch()}: "
-                          "recompile with --target for this machine, or run it on a matching device")
+                          f"recompile with --target for this machine, or run it on a matching device{hint}")
