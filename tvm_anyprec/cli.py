@@ -57,7 +57,9 @@ def _add_compile(sub):
     p.add_argument("source", help="an .onnx file, a directory of .onnx files (from export), or a model "
                    "('smollm2', .gguf): then export and quantize run first when their outputs are missing")
     p.add_argument("--out", "-o", required=True)
-    p.add_argument("--target", default="x86", help="target preset (x86, x86-avx2, x86-avx512)")
+    p.add_argument("--target", default="x86", help="target preset: x86 (this CPU), x86-avx2, x86-avx512, "
+                   "arm-neon (Cortex-A72), arm-dotprod (Cortex-A76), arm-i8mm (Neoverse V1); aarch64 presets "
+                   "cross-compile with aarch64-linux-gnu-g++")
     p.add_argument("--parent", help="any-precision parent from `quantize` (default: quantize the graph's "
                    "weights with plain k-means, or make one when compiling a model)")
     p.add_argument("--exclude", action="append", default=None, help="weight name pattern kept in fp32 "
@@ -100,6 +102,9 @@ def _add_run(sub):
     p.add_argument("--max-ms-per-token", type=float, help="latency budget: the precision policy picks the "
                    "highest bit-width whose measured step time fits (re-chosen every step); overrides --bits")
     p.add_argument("--max-bytes-per-token", type=float, help="weight bytes read per token budget for the policy")
+    p.add_argument("--remote", help="run on another device: 'qemu' or 'qemu:<cpu>' (the emulated aarch64 board "
+                   "of scripts/setup_arm.sh; the default for an aarch64 artifact on x86) or HOST:PORT of a TVM "
+                   "RPC server on the device")
 
 
 def _tune(args) -> None:
@@ -190,7 +195,7 @@ def main(argv=None) -> int:
         elif args.cmd == "tune":
             _tune(args)
         elif args.cmd == "run":
-            sess = api.load(args.artifact)
+            sess = api.load(args.artifact, args.remote)
             sess.check_bits(args.bits)
             stats = {}
             t0 = time.time()

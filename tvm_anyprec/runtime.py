@@ -50,6 +50,9 @@ class Session:
                                 + f": {e}") from e
         self.vm = relax.VirtualMachine(lib, self.dev)
         self.weights = self._load_weights(remote_files)
+        # the function that feeds a prompt (None: prefill in chunks). Under emulation a wide GEMM costs ~100x
+        # a decode step, so a qemu session feeds prompts token by token ("decode"); results are the same.
+        self.prompt_fn: str | None = None
         self.functions = self.manifest["functions"]
         self._params = {f: [self.weights[n] for n in info["params"]] for f, info in self.functions.items()}
         self._nbits = {b: tvm.runtime.tensor(np.array([b], np.int32), self.dev) for b in self.bit_widths}
@@ -145,7 +148,7 @@ class Session:
                       f"max_bytes_per_token={max_bytes_per_token}); using {choice.bits} bits", file=sys.stderr)
             bits = choice.bits
         self.check_bits(bits)
-        logits, cache = self.forward_tokens(prompt_ids, bits)
+        logits, cache = self.forward_tokens(prompt_ids, bits, fn=self.prompt_fn)
         st = {"pos": len(prompt_ids), "cache": cache, "nxt": int(np.argmax(logits[-1]))}
         max_len = self.spec("decode")["max_len"]
         out: list[int] = []
@@ -235,7 +238,7 @@ class Session:
         st.update(drafted=0, accepted=0, rounds=0, plain_steps=0, draft_s=0.0, verify_s=0.0)
         if max_new_tokens <= 0:
             return []
-        logits, cache = self.forward_tokens(prompt_ids, bits)
+        logits, cache = self.forward_tokens(prompt_ids, bits, fn=self.prompt_fn)
         pos = len(prompt_ids)
         max_len = self.spec("decode")["max_len"]
         out: list[int] = []

@@ -37,6 +37,32 @@ def _lean_build(mod, target, _params):
     return _tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
+def _cross_export(mod) -> str:
+    """Builder export for aarch64 targets: a shared library linked by the cross g++ (MetaSchedule's default
+    exports a tar of objects that the device would have to link itself; the emulated board has no compiler)."""
+    import os
+    import tempfile
+
+    from tvm.support import cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="anyprec-ms-"), "tvm_tmp_mod.so")
+    mod.export_library(path, fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+    return path
+
+
+def _builder(target):
+    from tvm.s_tir import meta_schedule as ms
+
+    cross = "aarch64" in str(target.attrs.get("mtriple", "")) and "aarch64" not in _host_machine()
+    return ms.builder.LocalBuilder(f_build=_lean_build, f_export=_cross_export if cross else None, timeout_sec=60)
+
+
+def _host_machine() -> str:
+    import platform
+
+    return platform.machine().lower()
+
+
 def workload(func: tvm.tirx.PrimFunc) -> tvm.IRModule:
     """The IRModule a kernel is tuned and looked up as."""
     f = func
@@ -120,8 +146,7 @@ def commit_hand_baseline(db, func: tvm.tirx.PrimFunc, target, rpc: RPC | None = 
     from .schedules.cpu import hand_schedule
 
     sch = hand_schedule(workload(func))
-    (built,) = ms.builder.LocalBuilder(f_build=_lean_build, timeout_sec=60).build([ms.builder.BuilderInput(sch.mod,
-                                                                                                          target)])
+    (built,) = _builder(target).build([ms.builder.BuilderInput(sch.mod, target)])
     if built.error_msg is not None:
         return None
     args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
@@ -156,7 +181,7 @@ def tune_kernel(func: tvm.tirx.PrimFunc, target, work_dir, trials: int, seed: in
         ms.tune_tir(workload(func), target, work_dir=str(Path(work_dir) / "logs"), max_trials_global=trials,
                     num_trials_per_iter=min(8, trials), cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
                     database=open_database(work_dir),
-                    builder=ms.builder.LocalBuilder(f_build=_lean_build, timeout_sec=60),
+                    builder=_builder(target),
                     runner=_runner(rpc), measure_callbacks=callbacks, space=gen,
                     num_tuning_cores=cores, seed=seed)
     return time.time() - t0
@@ -285,13 +310,50 @@ def tune_model(source, target: str = "x86", trials: int = 32, log_dir=None, rpc:
     ``only``: a substring filter on kernel names. The first session on a kernel measures the hand schedule
     as its first record, so the best record is never a regression. Returns one row per kernel: name, records
     added now, records in all, best ms, reused (nothing to do)."""
-    from tqdm.auto import tqdm
+    from contextlib import ExitStack
 
     from .targets import preset
 
     if trials < 1:
         raise TuningError(f"--trials must be >= 1, got {trials}")
     tp = preset(target)
+    with ExitStack() as stack:
+        if rpc is None and tp["arch"] == "aarch64" and "aarch64" not in _host_machine():
+            rpc = stack.enter_context(emulated_board(tp))
+        return _tune_model(source, target, tp, trials, log_dir, rpc, only, space, progress, seed)
+
+
+def emulated_board(tp: dict, n_servers: int = 1):
+    """Context: a loopback RPC tracker with ``n_servers`` aarch64 servers under qemu-aarch64 (the preset's CPU
+    model) -> RPC. Measurements there rank schedules under emulation, not on real hardware."""
+    from contextlib import contextmanager
+
+    from .targets import arm
+    from .targets.remote import local_rpc_cluster
+
+    why = arm.missing()
+    if why:
+        raise TuningError(f"{tp['name']} is an aarch64 target: give --rpc-tracker/--rpc-key of real boards, or "
+                          f"set up the emulated board ({why})")
+
+    def server(_i, host, port, key, sport):
+        return arm.device_server_command(tp["qemu_cpu"], "--tracker", f"{host}:{port}", "--key", key,
+                                         "--port", str(sport))
+
+    @contextmanager
+    def _board():
+        print(f"tvm-anyprec tune: measuring on the emulated aarch64 board (qemu-aarch64 -cpu {tp['qemu_cpu']}): "
+              "schedules are ranked by emulated time, not real-hardware time; re-tune on a board "
+              "(--rpc-tracker) for performance", file=sys.stderr)
+        with local_rpc_cluster(n_servers, key=f"anyprec-{tp['name']}", server_cmd=server, timeout_s=180) as c:
+            yield RPC(c[0], c[1], c[2], n_servers, timeout_s=300)
+
+    return _board()
+
+
+def _tune_model(source, target, tp, trials, log_dir, rpc, only, space, progress, seed) -> list[dict]:
+    from tqdm.auto import tqdm
+
     tgt = tvm.target.Target(tp["target"])
     log_dir = Path(log_dir) if log_dir is not None else default_log_dir(target)
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,10 @@
 // tvm-anyprec C++ example: load a compiled artifact with the TVM runtime, choose the bit-width at run time,
 // and generate tokens greedily. No Python: the manifest (JSON) and the weights (safetensors) are read here.
 //
-//   anyprec_generate ARTIFACT_DIR --prompt-ids 1,2,3 [--bits 3,8] [--max-new-tokens 16]
+//   anyprec_generate ARTIFACT_DIR --prompt-ids 1,2,3 [--bits 3,8] [--max-new-tokens 16] [--prompt-fn decode]
+//
+// --prompt-fn: the graph that feeds the prompt, "prefill" (default when the artifact has one: chunks of its
+// width) or "decode" (token by token; cheaper for very short prompts, and under emulation).
 //
 // One load serves every bit-width: the weights are uploaded once, and each call passes the bit-width as an
 // int32[1] tensor (the bitplane kernels read only the top b planes and the b-bit LUT). For each requested
@@ -168,7 +171,8 @@ class Model {
   const std::vector<int64_t>& bit_widths() const { return bit_widths_; }
 
   // Greedy decoding at `bits`: the prompt in chunks through prefill (or decode), then one token per step.
-  std::vector<int64_t> Generate(const std::vector<int64_t>& prompt, int bits, int max_new) {
+  std::vector<int64_t> Generate(const std::vector<int64_t>& prompt, int bits, int max_new,
+                                const std::string& prompt_fn = "prefill") {
     bool ok = false;
     for (int64_t b : bit_widths_) ok |= (b == bits);
     if (!ok) throw std::runtime_error("bit-width " + std::to_string(bits) + " is not served by this artifact");
@@ -179,7 +183,9 @@ class Model {
       std::memset(z.data_ptr(), 0, static_cast<size_t>(n_kv_heads_ * max_len_ * head_dim_) * 4);
       cache.push_back(z);
     }
-    const Graph& pre = graphs_.count("prefill") ? graphs_["prefill"] : graphs_["decode"];
+    if (prompt_fn != "prefill" && prompt_fn != "decode")
+      throw std::runtime_error("--prompt-fn must be prefill or decode, got " + prompt_fn);
+    const Graph& pre = (prompt_fn == "prefill" && graphs_.count("prefill")) ? graphs_["prefill"] : graphs_["decode"];
     int64_t next = -1;
     for (size_t start = 0; start < prompt.size(); start += pre.chunk) {
       std::vector<int64_t> ids(pre.chunk, 0);
@@ -252,7 +258,8 @@ std::vector<int64_t> ParseList(const std::string& s) {
 }
 
 int Usage() {
-  std::cerr << "usage: anyprec_generate ARTIFACT_DIR --prompt-ids 1,2,3 [--bits 3,8] [--max-new-tokens 16]\n";
+  std::cerr << "usage: anyprec_generate ARTIFACT_DIR --prompt-ids 1,2,3 [--bits 3,8] [--max-new-tokens 16] "
+               "[--prompt-fn prefill|decode]\n";
   return 2;
 }
 
@@ -263,6 +270,7 @@ int main(int argc, char** argv) {
   std::string dir = argv[1];
   std::vector<int64_t> prompt, bits;
   int max_new = 16;
+  std::string prompt_fn = "prefill";
   try {
     for (int i = 2; i < argc; ++i) {
       std::string a = argv[i];
@@ -270,6 +278,7 @@ int main(int argc, char** argv) {
       if (a == "--prompt-ids") prompt = ParseList(argv[++i]);
       else if (a == "--bits") bits = ParseList(argv[++i]);
       else if (a == "--max-new-tokens") max_new = std::stoi(argv[++i]);
+      else if (a == "--prompt-fn") prompt_fn = argv[++i];
       else return Usage();
     }
   } catch (const std::exception& e) {
@@ -288,7 +297,7 @@ int main(int argc, char** argv) {
     if (bits.empty()) bits = {model.bit_widths().back()};
     for (int64_t b : bits) {
       auto s = std::chrono::steady_clock::now();
-      std::vector<int64_t> out = model.Generate(prompt, static_cast<int>(b), max_new);
+      std::vector<int64_t> out = model.Generate(prompt, static_cast<int>(b), max_new, prompt_fn);
       double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - s).count();
       std::cout << "bits=" << b << " ids=";
       for (size_t i = 0; i < out.size(); ++i) std::cout << (i ? " " : "") << out[i];

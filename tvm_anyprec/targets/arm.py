@@ -2,7 +2,7 @@
 
 ``scripts/setup_arm.sh`` installs qemu-user and the cross compilers and builds ``.arm/`` (or $TVM_ANYPREC_ARM_ROOT):
 ``sysroot/`` (arm64 Debian userland with python3.11) and ``site/`` (aarch64 apache-tvm runtime, numpy).
-``qemu_session(cpu)`` starts the RPC server (pipe_rpc_server.py) under ``qemu-aarch64 -cpu <cpu>`` and returns a
+``qemu_session(cpu)`` starts the RPC server (device_server.py) under ``qemu-aarch64 -cpu <cpu>`` and returns a
 ``tvm.rpc.RPCSession``: upload a library, load it, run it on ``session.cpu()``. The emulated CPU model decides
 which instructions exist: a kernel using sdot on ``-cpu cortex-a72`` dies with SIGILL, as on real hardware.
 Timings under emulation are not performance.
@@ -13,12 +13,14 @@ import os
 import shutil
 from pathlib import Path
 
+from . import TargetError
+
 CROSS_CXX = "aarch64-linux-gnu-g++"
 PY = "python3.11"
 REPO = Path(__file__).resolve().parents[2]
 
 
-class ArmUnavailable(RuntimeError):
+class ArmUnavailable(TargetError):
     pass
 
 
@@ -65,7 +67,12 @@ def qemu_session(cpu: str = "max"):
     from tvm import rpc
     from tvm.rpc import _ffi_api
 
+    return rpc.RPCSession(_ffi_api.CreatePipeClient(*device_server_command(cpu)))
+
+
+def device_server_command(cpu: str = "max", *args) -> list:
+    """qemu-aarch64 running device_server.py (pipe mode; with ``--tracker ... --key ... --port ...``: a
+    tracker-registered server, e.g. for ``targets.remote.local_rpc_cluster(server_cmd=...)``)."""
     root = arm_root()
-    cmd = qemu_command([str(root / "sysroot" / "usr" / "bin" / PY), str(Path(__file__).with_name("pipe_rpc_server.py"))],
-                       cpu)
-    return rpc.RPCSession(_ffi_api.CreatePipeClient(*cmd))
+    return qemu_command([str(root / "sysroot" / "usr" / "bin" / PY), str(Path(__file__).with_name("device_server.py")),
+                         *args], cpu)
