@@ -3,15 +3,44 @@ are built once per test session and shared by every module that needs them.
 
 Set TVM_ANYPREC_TEST_PARENT=/some/dir to keep the quantized parent between runs while developing: it is
 built there if missing (or invalid) and reused otherwise. By default it lives in pytest's tmp dir.
+
+The suite runs on two pytest-xdist workers (pyproject: -n 2 --dist loadfile): the parent, the ONNX export and
+the x86 artifact are then built once, by whichever worker needs them first, under a file lock in the run's
+shared tmp dir; the other worker waits and reuses them. Each worker's TVM and torch use one thread (two
+workers on two cores).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import pytest
+if os.environ.get("PYTEST_XDIST_WORKER"):     # before tvm/torch are imported: one thread per worker
+    os.environ.setdefault("TVM_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 REAL_CALIB_WINDOWS = 4
+
+
+def _shared(tmp_path_factory, name: str, build) -> Path:
+    """``build(path)`` once per test run: with xdist, in the workers' common tmp dir under a file lock (the
+    first worker builds, the others wait and reuse); without it, in this session's tmp dir."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.mktemp(name) / name
+        build(path)
+        return path
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent      # shared by the workers of this run
+    path = root / "shared" / name / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = path.parent / "done"
+    with FileLock(str(path.parent / "lock")):
+        if not done.exists():
+            build(path)
+            done.touch()
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -29,17 +58,25 @@ def real_parent(tmp_path_factory) -> Path:
     from tvm_anyprec.artifact import ArtifactError
     from tvm_anyprec.quant.model import Parent
 
+    def build(d):
+        api.quantize(d, calib_windows=REAL_CALIB_WINDOWS, force=True, progress=False, quiet=True)
+
     keep = os.environ.get("TVM_ANYPREC_TEST_PARENT")
-    d = Path(keep) if keep else tmp_path_factory.mktemp("real") / "parent"
-    if keep and d.exists():
-        try:
-            p = Parent.load(d)
-            if p.scheme == "nonuniform" and p.bit_widths == [3, 4, 5, 6, 7, 8] and \
-                    p.info.get("calibration", {}).get("windows") == REAL_CALIB_WINDOWS:
-                return d
-        except ArtifactError:
-            pass
-    api.quantize(d, calib_windows=REAL_CALIB_WINDOWS, force=True, progress=False, quiet=True)
+    if not keep:
+        return _shared(tmp_path_factory, "parent", build)
+    from filelock import FileLock
+
+    d = Path(keep)
+    with FileLock(str(d) + ".lock"):
+        if d.exists():
+            try:
+                p = Parent.load(d)
+                if p.scheme == "nonuniform" and p.bit_widths == [3, 4, 5, 6, 7, 8] and \
+                        p.info.get("calibration", {}).get("windows") == REAL_CALIB_WINDOWS:
+                    return d
+            except ArtifactError:
+                pass
+        build(d)
     return d
 
 
@@ -48,7 +85,7 @@ def real_onnx(tmp_path_factory):
     """The real model exported to ONNX (decode, prefill and verify graphs)."""
     from tvm_anyprec import api
 
-    return api.export(tmp_path_factory.mktemp("onnx") / "smollm2", quiet=True)
+    return _shared(tmp_path_factory, "smollm2", lambda d: api.export(d, quiet=True))
 
 
 @pytest.fixture(scope="session")
@@ -56,9 +93,8 @@ def real_artifact(real_onnx, real_parent, tmp_path_factory):
     """The real model compiled for x86 from the parent above."""
     from tvm_anyprec import api
 
-    out = tmp_path_factory.mktemp("art") / "smollm2-x86"
-    api.compile(real_onnx, out, "x86", parent=real_parent, quiet=True)
-    return out
+    return _shared(tmp_path_factory, "smollm2-x86",
+                   lambda d: api.compile(real_onnx, d, "x86", parent=real_parent, quiet=True))
 
 
 @pytest.fixture(scope="session")

@@ -132,9 +132,9 @@ def test_tuning_through_rpc_tracker_with_two_servers(tmp_path):
     target = tvm.target.Target(preset("x86")["target"])
     f = make_anyprec_linear(3, H, K)
     with local_rpc_cluster(2, key="anyprec-test", log_dir=tmp_path / "rpc") as (host, port, key, logs):
-        tune_kernel(f, target, tmp_path / "log", trials=4, rpc=RPC(host, port, key, workers=2))
+        tune_kernel(f, target, tmp_path / "log", trials=2, rpc=RPC(host, port, key, workers=2))
         loads = [lg.read_text().count("load_module") for lg in logs]
-    assert all(n >= 1 for n in loads) and sum(loads) >= 4, loads       # both servers measured trials
+    assert all(n >= 1 for n in loads) and sum(loads) >= 2, loads       # both servers measured trials
     m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", tuning_log=tmp_path / "log", quiet=True)
     assert m["kernels"]["anyprec_linear_m3_n96_k77_b3to8"] == "tuned"
     plain = compile_model(tmp_path / "mlp.onnx", tmp_path / "art0", tuning_log=tmp_path / "none", quiet=True)

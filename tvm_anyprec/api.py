@@ -193,16 +193,25 @@ def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",),
                          tokenizer=tokenizer, quiet=quiet, act_quant=act, act_stats=stats)
 
 
+_CALIB_MEMO: dict = {}
+
+
 def calibrate_activations(model=None, exclude=("lm_head",), windows: int = CALIB_WINDOWS,
                           seqlen: int = EVAL_SEQLEN, quiet: bool = False) -> dict:
-    """Per-channel max |x| of every linear input on the calibration text (for low-bit activations)."""
+    """Per-channel max |x| of every linear input on the calibration text (for low-bit activations).
+    Memoized per process (same model, exclusions, windows and length): compiling several activation
+    variants of one model calibrates once."""
     from .quant.activations import calibrate_absmax
     from .quant.model import find_linears
 
+    key = (str(data.resolve_model(model)), tuple(exclude or ()), windows, seqlen)
+    if key in _CALIB_MEMO:
+        return _CALIB_MEMO[key]
     m, tok = data.load_model(model)
     t0 = time.time()
     stats = calibrate_absmax(m, data.token_windows(tok, data.CALIB_TEXT, windows, seqlen), find_linears(m, exclude))
     log(f"activation statistics from {windows} windows of {data.CALIB_TEXT} in {time.time() - t0:.1f}s", quiet)
+    _CALIB_MEMO[key] = stats
     return stats
 
 

@@ -57,7 +57,18 @@ def serve_tracker(argv) -> None:
     server._listen_loop(sock, a.port, a.key, (thost, int(tport)), [], a.host)
 
 
+def _load_runtime_extra() -> None:
+    """libtvm_runtime_extra holds tvm.contrib.random.random_fill_for_measure (MetaSchedule's RPC runner fills
+    the inputs with it); the runtime-only import does not load it."""
+    import ctypes
+
+    path = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_extra.so")
+    if os.path.exists(path):
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+
+
 def main() -> None:
+    _load_runtime_extra()
     tvm.register_global_func("tvm_anyprec.load_safetensor", load_safetensor)
     if "--tracker" in sys.argv:
         serve_tracker(sys.argv[1:])
