@@ -163,7 +163,7 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     mod, how = schedule_kernels(mod, target_obj, db)
     if act_quant is not None:
         from .passes.act_quant import schedule_kernels as schedule_act_kernels
-        mod, how_act = schedule_act_kernels(mod)
+        mod, how_act = schedule_act_kernels(mod, tp)
         how.update(how_act)
     n_tuned = sum(v == "tuned" for v in how.values())
     log(f"schedules: {n_tuned} kernels tuned (from {log_dir}), {len(how) - n_tuned} hand-scheduled", quiet)

@@ -84,15 +84,69 @@ def layer_tensors(site: LinearSite, w: np.ndarray, cfg: ActQuantConfig, act_absm
             f"{site.name}.w4_zeros": layer.w4.zeros, f"{site.name}.act_inv": inv.astype(np.float32)}
 
 
-def schedule_kernels(mod):
-    """Hand-schedule the act_quant / int_gemm kernels; mark them opaque to FuseOps. -> (mod, {kernel: how})."""
+def int_gemm_act_bits(mod) -> dict:
+    """{int_gemm kernel name: set of activation bit-widths of the layers calling it} from the Relax call sites
+    (a kernel is shared by every layer of its shape; the bits come from the act_quant kernel feeding it)."""
+    import re
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    out: dict = {}
+    for _gv, f in mod.functions_items():
+        if not isinstance(f, relax.Function):
+            continue
+        bound = {}
+        for block in f.body.blocks:
+            for b in block.bindings:
+                if isinstance(b, relax.VarBinding):
+                    bound[b.var] = b.value
+        for value in bound.values():
+            if not (isinstance(value, relax.Call) and value.op.same_as(call_tir)):
+                continue
+            name = value.args[0].name_hint
+            if not name.startswith("int_gemm_w4_"):
+                continue
+            src = value.args[1].fields[0]
+            src = bound.get(src, src)
+            if isinstance(src, relax.TupleGetItem):
+                src = bound.get(src.tuple_value, src.tuple_value)
+            m = None
+            if isinstance(src, relax.Call) and src.op.same_as(call_tir):
+                m = re.match(r"act_quant_m\d+_k\d+_a(\d+)_g\d+$", src.args[0].name_hint)
+            out.setdefault(name, set()).add(int(m.group(1)) if m else None)
+    return out
+
+
+def schedule_kernels(mod, tp: dict | None = None, variant: str | None = None):
+    """Hand-schedule the act_quant / int_gemm kernels; mark them opaque to FuseOps. -> (mod, {kernel: how}).
+
+    ``tp``: the target preset (``targets.preset``). For an aarch64 preset the int_gemm kernels become the ARM
+    variant its features allow (``schedules.intgemm_arm.variant_for``; how = "default:<variant>"); ``variant``
+    forces one ("neon", "sdot", "smmla", "packed"; ArmVariantError when the preset lacks its feature).
+    "packed" applies to the kernels that serve only 4-bit-activation layers; the others get the preset's
+    best variant."""
     from ..schedules.intgemm_cpu import schedule_act_quant_cpu, schedule_int_gemm_cpu
 
+    arm = tp is not None and tp.get("arch") == "aarch64"
+    if variant is not None and not arm:
+        raise ValueError(f"int_gemm variant {variant!r} is for aarch64 targets; target is "
+                         f"{(tp or {}).get('name', 'the default CPU')}")
+    if arm:
+        from ..schedules.intgemm_arm import pick_variant, schedule_int_gemm_arm, target_features
+        feats = target_features(tp)
+        act_bits = int_gemm_act_bits(mod)
     how = {}
     for gv, f in list(mod.functions_items()):
         if not (isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith(KERNEL_PREFIXES)):
             continue
-        sched = schedule_act_quant_cpu(f) if gv.name_hint.startswith("act_quant_") else schedule_int_gemm_cpu(f)
+        if gv.name_hint.startswith("act_quant_"):
+            sched, kind = schedule_act_quant_cpu(f), "default"
+        elif arm:
+            bits = act_bits.get(gv.name_hint, set())
+            ab = 4 if bits == {4} else (max(b or 8 for b in bits) if bits else None)
+            v = pick_variant(feats, f, ab, variant)
+            sched, kind = schedule_int_gemm_arm(f, v, feats, ab), f"default:{v}"
+        else:
+            sched, kind = schedule_int_gemm_cpu(f), "default"
         mod[gv] = sched.with_attr("op_pattern", 8)
-        how[gv.name_hint] = "default"
+        how[gv.name_hint] = kind
     return mod, how
