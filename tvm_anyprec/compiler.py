@@ -167,10 +167,9 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
         how.update(how_act)
     n_tuned = sum(v == "tuned" for v in how.values())
     log(f"schedules: {n_tuned} kernels tuned (from {log_dir}), {len(how) - n_tuned} hand-scheduled", quiet)
-    for kind in ("tuned", "default"):
+    for kind in sorted(set(how.values()), key=lambda k: (k != "tuned", k)):   # "default:sdot" = ARM variant
         names = sorted(k for k, v in how.items() if v == kind)
-        if names:
-            log(f"  {kind}: {', '.join(names)}", quiet)
+        log(f"  {kind}: {', '.join(names)}", quiet)
     t1 = time.time()
     ex = tvm.compile(mod, target=target_obj, relax_pipeline=relax_pipeline(target_obj))
     log(f"compiled for {target} ({tp['target']}) in {time.time() - t1:.1f}s", quiet)
