@@ -118,3 +118,34 @@ def test_cpp_example_for_aarch64(arm_artifact, session, tmp_path):
     for bits in (3, 8):
         got = [int(t) for t in lines[f"bits={bits}"].removeprefix("ids=").split()]
         assert got == session.generate_ids(ids, 2, bits), f"{bits}-bit"
+
+
+def test_integer_gemm_variants_tuned_on_the_board_and_applied(tmp_path):
+    """`tune` on a W4A4 artifact for arm-dotprod measures the integer GEMM variants the preset allows (neon,
+    sdot, packed) on the emulated Cortex-A76 and records the fastest per kernel; compile applies the choice
+    ("tuned:<variant>"), and the result on the board equals the x86 build."""
+    import json
+
+    from test_act_compile import _two_layer_onnx
+
+    from tvm_anyprec.compiler import compile_model
+    from tvm_anyprec.quant import activations as A
+    from tvm_anyprec.runtime import Session
+    from tvm_anyprec.tuning import VARIANTS_FILE, tune_int_gemm_variants
+
+    _two_layer_onnx(tmp_path / "mlp.onnx")
+    cfg = A.ActQuantConfig(4, outlier="none", group_size=64)
+    compile_model(tmp_path / "mlp.onnx", tmp_path / "art0", "arm-dotprod", act_quant=cfg, quiet=True,
+                  tuning_log=tmp_path / "none")
+    rows = tune_int_gemm_variants(tmp_path / "art0", "arm-dotprod", tmp_path / "log", progress=False)
+    assert len(rows) == 2 and all(set(r["ms"]) == {"neon", "sdot", "packed"} for r in rows), rows
+    table = json.loads((tmp_path / "log" / VARIANTS_FILE).read_text())
+    man = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", "arm-dotprod", act_quant=cfg, quiet=True,
+                        tuning_log=tmp_path / "log")
+    gemms = {k: v for k, v in man["kernels"].items() if k.startswith("int_gemm")}
+    assert gemms == {k: f"tuned:{table[k]['variant']}" for k in gemms}, (gemms, table)
+    x = np.random.default_rng(3).standard_normal((6, 128)).astype(np.float32)
+    compile_model(tmp_path / "mlp.onnx", tmp_path / "x86", "x86", act_quant=cfg, quiet=True)
+    want = Session(tmp_path / "x86").call("mlp", [x], 4).numpy()
+    board = Session(tmp_path / "art", remote=arm.qemu_session("cortex-a76"), remote_files=True)
+    np.testing.assert_allclose(board.call("mlp", [x], 4).numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

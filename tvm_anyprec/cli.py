@@ -50,6 +50,14 @@ def _add_export(sub):
     p.add_argument("--max-len", type=int, default=512, help="KV cache length")
     p.add_argument("--verify-chunk", type=int, default=5, help="tokens per call of verify.onnx, the verifying "
                    "pass of self-speculative decoding (drafts up to this minus 1; 0: no verify graph)")
+    _add_prune(p, "the prefill graph drops this fraction of each chunk's least-attended tokens (Agile-Quant "
+               "token pruning; 0..1, default 0: none)")
+
+
+def _add_prune(p, ratio_help: str) -> None:
+    p.add_argument("--prune-ratio", type=float, default=None, help=ratio_help)
+    p.add_argument("--prune-layer", type=int, default=None, help="first layer that processes fewer tokens "
+                   "(1..layers-1; importance from the layer before; default: the middle layer)")
 
 
 def _add_compile(sub):
@@ -73,11 +81,15 @@ def _add_compile(sub):
     p.add_argument("--act-outlier", choices=("smooth", "none"), default="smooth",
                    help="activation outlier handling: power-of-two per-channel smoothing calibrated on text")
     p.add_argument("--act-int4-all", action="store_true", help="with --act-bits 4: INT4 activations everywhere")
+    _add_prune(p, "token pruning in prefill (see export --prune-ratio): a model source is exported with it; "
+               "ONNX graphs must have been exported with the same setting (checked)")
 
 
 def _add_tune(sub):
     p = sub.add_parser("tune", help="auto-tune the model's kernels with MetaSchedule (XGBoost cost model)")
-    p.add_argument("source", help="a compiled artifact, ONNX (file or directory) or a model ('smollm2')")
+    p.add_argument("source", help="a compiled artifact, ONNX (file or directory) or a model ('smollm2'); an "
+                   "artifact compiled with --act-bits for an ARM preset: measure its integer GEMM variants "
+                   "(neon/sdot/smmla/packed) and keep the fastest per kernel")
     p.add_argument("--target", default="x86", help="target preset (records go to tuning_logs/<target>/)")
     p.add_argument("--trials", type=int, default=8, help="measured trials per distinct kernel; a second run "
                    "with the same budget reuses the records, a larger one adds the difference")
@@ -113,6 +125,14 @@ def _tune(args) -> None:
     rpc = tuning.RPC.parse(args.rpc_tracker, args.rpc_key, args.rpc_workers) if args.rpc_tracker else None
     log_dir = args.log_dir or tuning.default_log_dir(args.target)
     t0 = time.time()
+    if tuning.is_act_artifact(args.source):       # low-bit activations: choose among the integer GEMM variants
+        rows = tuning.tune_int_gemm_variants(args.source, args.target, log_dir, rpc=rpc)
+        print(f"{'kernel':<40}{'variant':>8}  measured ms per variant")
+        for r in rows:
+            print(f"{r['kernel']:<40}{r['variant']:>8}  " + ", ".join(f"{v} {t:.3f}" for v, t in r["ms"].items()))
+        print(f"chose variants for {len(rows)} kernels in {time.time() - t0:.0f}s; in {log_dir}/"
+              f"{tuning.VARIANTS_FILE} (compile --target {args.target} applies them)", file=sys.stderr)
+        return
     try:
         rows = tuning.tune_model(args.source, args.target, args.trials, log_dir, rpc=rpc, only=args.only,
                                  space=args.space)
@@ -187,11 +207,13 @@ def main(argv=None) -> int:
                                      exclude=tuple(args.exclude or ("lm_head",)), force=args.force)
             print(api.format_memory_report(parent))
         elif args.cmd == "export":
-            api.export(args.out, args.model, args.chunk, args.max_len, args.verify_chunk)
+            api.export(args.out, args.model, args.chunk, args.max_len, args.verify_chunk,
+                       prune_ratio=args.prune_ratio or 0.0, prune_layer=args.prune_layer)
         elif args.cmd == "compile":
             api.compile(args.source, args.out, args.target, args.parent, tuple(args.exclude or ("lm_head",)),
                         args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer,
-                        act_bits=args.act_bits, act_outlier=args.act_outlier, act_int4_all=args.act_int4_all)
+                        act_bits=args.act_bits, act_outlier=args.act_outlier, act_int4_all=args.act_int4_all,
+                        prune_ratio=args.prune_ratio, prune_layer=args.prune_layer)
         elif args.cmd == "tune":
             _tune(args)
         elif args.cmd == "run":

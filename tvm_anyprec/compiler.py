@@ -163,9 +163,10 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     mod, how = schedule_kernels(mod, target_obj, db)
     if act_quant is not None:
         from .passes.act_quant import schedule_kernels as schedule_act_kernels
-        mod, how_act = schedule_act_kernels(mod, tp)
+        from .tuning import load_variant_choices
+        mod, how_act = schedule_act_kernels(mod, tp, choices=load_variant_choices(log_dir, lambda m: log(m, False)))
         how.update(how_act)
-    n_tuned = sum(v == "tuned" for v in how.values())
+    n_tuned = sum(v.startswith("tuned") for v in how.values())
     log(f"schedules: {n_tuned} kernels tuned (from {log_dir}), {len(how) - n_tuned} hand-scheduled", quiet)
     for kind in sorted(set(how.values()), key=lambda k: (k != "tuned", k)):   # "default:sdot" = ARM variant
         names = sorted(k for k, v in how.items() if v == kind)

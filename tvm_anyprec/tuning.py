@@ -138,6 +138,23 @@ def _progress_callback(on_batch):
     return _Progress()
 
 
+def _measure(mod: tvm.IRModule, target, rpc: RPC | None = None):
+    """Build ``mod`` (one scheduled "main") with the tuner's builder and time it with its runner (the same
+    inputs and repeats as tuning trials). -> (mean seconds or None on failure, run_secs, args_info)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    (built,) = _builder(target).build([ms.builder.BuilderInput(mod, target)])
+    if built.error_msg is not None:
+        return None, None, None
+    args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    dev_type = "cpu" if target.kind.name == "llvm" else target.kind.name
+    (fut,) = _runner(rpc).run([ms.runner.RunnerInput(built.artifact_path, dev_type, args_info)])
+    res = fut.result()
+    if res.error_msg is not None or not res.run_secs:
+        return None, None, None
+    return float(sum(float(x) for x in res.run_secs) / len(res.run_secs)), res.run_secs, args_info
+
+
 def commit_hand_baseline(db, func: tvm.tirx.PrimFunc, target, rpc: RPC | None = None) -> float | None:
     """Measure the hand schedule with the tuner's own builder and runner and store it as a record, so the
     database's best is never worse than the schedule compile uses without a log. Returns its seconds."""
@@ -146,18 +163,134 @@ def commit_hand_baseline(db, func: tvm.tirx.PrimFunc, target, rpc: RPC | None = 
     from .schedules.cpu import hand_schedule
 
     sch = hand_schedule(workload(func))
-    (built,) = _builder(target).build([ms.builder.BuilderInput(sch.mod, target)])
-    if built.error_msg is not None:
-        return None
-    args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
-    dev_type = "cpu" if target.kind.name == "llvm" else target.kind.name
-    (fut,) = _runner(rpc).run([ms.runner.RunnerInput(built.artifact_path, dev_type, args_info)])
-    res = fut.result()
-    if res.error_msg is not None or not res.run_secs:
+    secs, run_secs, args_info = _measure(sch.mod, target, rpc)
+    if secs is None:
         return None
     db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(workload(func)),
-                                                     res.run_secs, target, args_info))
-    return float(sum(float(x) for x in res.run_secs) / len(res.run_secs))
+                                                     run_secs, target, args_info))
+    return secs
+
+
+# ----------------------------------------------------------------------------- integer GEMM variants (ARM)
+VARIANTS_FILE = "int_gemm_variants.json"
+
+
+def is_act_artifact(source) -> bool:
+    """A compiled artifact with low-bit activations (``compile --act-bits``)?"""
+    from .artifact import MANIFEST, read_manifest
+
+    p = Path(str(source))
+    return (p / MANIFEST).exists() and "act_quant" in read_manifest(p, verify=False)
+
+
+def int_gemm_kernels(manifest: dict) -> dict[str, set]:
+    """{int_gemm kernel name: activation bit-widths of the layers it serves} of a low-bit-activation artifact
+    (a kernel serves every layer of its N, K whose rows it computes)."""
+    pat = re.compile(r"int_gemm_w4_m(\d+)_n(\d+)_k(\d+)_g(\d+)$")
+    out = {}
+    for name in manifest.get("kernels", {}):
+        m = pat.match(name)
+        if not m:
+            continue
+        M, N, K, _gs = map(int, m.groups())
+        out[name] = {v["act_bits"] for v in manifest["layers"].values()
+                     if v["N"] == N and v["K"] == K and M in v["rows"].values()}
+    return out
+
+
+def _measure_many(mods: list, target, rpc: RPC | None = None) -> list:
+    """Mean seconds of each module (None where building or running failed), built in one builder batch and
+    measured in one runner batch."""
+    from tvm.s_tir import meta_schedule as ms
+
+    built = _builder(target).build([ms.builder.BuilderInput(m, target) for m in mods])
+    dev_type = "cpu" if target.kind.name == "llvm" else target.kind.name
+    idx = [i for i, b in enumerate(built) if b.error_msg is None]
+    futs = _runner(rpc).run([ms.runner.RunnerInput(built[i].artifact_path, dev_type,
+                                                   ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"])) for i in idx])
+    out = [None] * len(mods)
+    for i, fut in zip(idx, futs):
+        res = fut.result()
+        if res.error_msg is None and res.run_secs:
+            out[i] = float(sum(float(x) for x in res.run_secs) / len(res.run_secs))
+    return out
+
+
+def tune_int_gemm_variants(artifact, target: str, log_dir=None, rpc: RPC | None = None,
+                           progress: bool = True) -> list[dict]:
+    """Measure every ARM variant of every integer GEMM kernel of a low-bit-activation artifact (``compile
+    --act-bits``) on the target (a board through ``rpc``; default for aarch64 presets: the emulated board) and
+    store the fastest per kernel in <log_dir>/int_gemm_variants.json, which ``compile`` then applies
+    (how = "tuned:<variant>"). The variants are different kernels, not schedules of one, so this is a
+    measured choice among them rather than a MetaSchedule search."""
+    import json
+    from contextlib import ExitStack
+
+    from .artifact import read_manifest
+    from .kernels.intgemm_arm import unsupported
+    from .schedules.intgemm_arm import VARIANTS, gemm_shape, schedule_int_gemm_arm, target_features
+    from .targets import preset
+
+    tp = preset(target)
+    if tp["arch"] != "aarch64":
+        raise TuningError(f"integer GEMM variants exist for the aarch64 presets; {target} has one schedule")
+    man = read_manifest(artifact, kind="compiled", verify=False)
+    kernels = int_gemm_kernels(man)
+    if not kernels:
+        raise TuningError(f"{artifact} has no integer GEMM kernels: compile it with --act-bits 8|4")
+    tgt = tvm.target.Target(tp["target"])
+    feats = target_features(tp)
+    log_dir = Path(log_dir) if log_dir is not None else default_log_dir(target)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / VARIANTS_FILE
+    table = json.loads(path.read_text()) if path.exists() else {}
+    rows = []
+    with ExitStack() as stack:
+        where = "the RPC devices"
+        if rpc is None and "aarch64" not in _host_machine():
+            rpc, where = stack.enter_context(emulated_board(tp)), "the emulated board"
+        plan = []
+        for name, bits in sorted(kernels.items()):
+            f = kernel_from_name(name)
+            s = gemm_shape(f)
+            ab = 4 if bits == {4} else 8
+            cands = [v for v, (need, _) in VARIANTS.items() if (need == "neon" or need in feats)
+                     and (v == "neon" or not unsupported(v, s["K"], s["group_size"], ab))]
+            plan.append((name, f, ab, cands))
+        # one build batch and one measurement batch (worker pools start once, not per variant)
+        cases = [(name, v, tvm.IRModule({"main": schedule_int_gemm_arm(f, v, feats, ab).with_attr("global_symbol",
+                                                                                              "main")}))
+                 for name, f, ab, cands in plan for v in cands]
+        if progress:
+            print(f"int_gemm variants for {target}: building {len(cases)} kernels, measuring on "
+                  f"{where}", file=sys.stderr)
+        secs = _measure_many([m for *_, m in cases], tgt, rpc)
+        for name, f, ab, cands in plan:
+            ms_by = {v: t * 1e3 for (n, v, _), t in zip(cases, secs) if n == name and t is not None}
+            if not ms_by:
+                raise TuningError(f"{name}: no variant could be measured on {target}")
+            best = min(ms_by, key=ms_by.get)
+            table[name] = {"variant": best, "ms": ms_by, "act_bits": ab}
+            rows.append({"kernel": name, "variant": best, "ms": ms_by})
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        tmp.replace(path)
+    return rows
+
+
+def load_variant_choices(log_dir, warn=print) -> dict:
+    """{int_gemm kernel name: variant} from <log_dir>/int_gemm_variants.json ({} when absent; a corrupt file
+    is ignored with a warning)."""
+    import json
+
+    path = Path(log_dir) / VARIANTS_FILE
+    if not path.exists():
+        return {}
+    try:
+        return {k: v["variant"] for k, v in json.loads(path.read_text()).items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        warn(f"warning: ignoring {path}: {e}")
+        return {}
 
 
 def tune_kernel(func: tvm.tirx.PrimFunc, target, work_dir, trials: int, seed: int = 0, rpc: RPC | None = None,
@@ -214,6 +347,7 @@ class _quiet_logs:
 _KERNEL_RE = {
     "anyprec_linear": re.compile(r"anyprec_linear_m(\d+)_n(\d+)_k(\d+)_b(\d+)to(\d+)$"),
     "dense_nt": re.compile(r"dense_nt_m(\d+)_n(\d+)_k(\d+)$"),
+    "int_gemm": re.compile(r"int_gemm_w4_m(\d+)_n(\d+)_k(\d+)_g(\d+)$"),
 }
 
 
@@ -229,6 +363,10 @@ def kernel_from_name(name: str) -> tvm.tirx.PrimFunc:
     m = _KERNEL_RE["dense_nt"].match(name)
     if m:
         return dense.make_dense_nt(*map(int, m.groups()))
+    m = _KERNEL_RE["int_gemm"].match(name)
+    if m:
+        from .kernels.intgemm import make_int_gemm
+        return make_int_gemm(*map(int, m.groups()))
     raise TuningError(f"unknown kernel name {name!r}")
 
 

@@ -116,14 +116,15 @@ def int_gemm_act_bits(mod) -> dict:
     return out
 
 
-def schedule_kernels(mod, tp: dict | None = None, variant: str | None = None):
+def schedule_kernels(mod, tp: dict | None = None, variant: str | None = None, choices: dict | None = None):
     """Hand-schedule the act_quant / int_gemm kernels; mark them opaque to FuseOps. -> (mod, {kernel: how}).
 
     ``tp``: the target preset (``targets.preset``). For an aarch64 preset the int_gemm kernels become the ARM
     variant its features allow (``schedules.intgemm_arm.variant_for``; how = "default:<variant>"); ``variant``
     forces one ("neon", "sdot", "smmla", "packed"; ArmVariantError when the preset lacks its feature).
     "packed" applies to the kernels that serve only 4-bit-activation layers; the others get the preset's
-    best variant."""
+    best variant. ``choices``: {kernel: variant} measured by ``tuning.tune_int_gemm_variants`` (how =
+    "tuned:<variant>"), used where the preset has the variant's feature and the kernel's shape allows it."""
     from ..schedules.intgemm_cpu import schedule_act_quant_cpu, schedule_int_gemm_cpu
 
     arm = tp is not None and tp.get("arch") == "aarch64"
@@ -131,7 +132,7 @@ def schedule_kernels(mod, tp: dict | None = None, variant: str | None = None):
         raise ValueError(f"int_gemm variant {variant!r} is for aarch64 targets; target is "
                          f"{(tp or {}).get('name', 'the default CPU')}")
     if arm:
-        from ..schedules.intgemm_arm import pick_variant, schedule_int_gemm_arm, target_features
+        from ..schedules.intgemm_arm import VARIANTS, pick_variant, schedule_int_gemm_arm, target_features
         feats = target_features(tp)
         act_bits = int_gemm_act_bits(mod)
     how = {}
@@ -144,7 +145,14 @@ def schedule_kernels(mod, tp: dict | None = None, variant: str | None = None):
             bits = act_bits.get(gv.name_hint, set())
             ab = 4 if bits == {4} else (max(b or 8 for b in bits) if bits else None)
             v = pick_variant(feats, f, ab, variant)
-            sched, kind = schedule_int_gemm_arm(f, v, feats, ab), f"default:{v}"
+            kind = f"default:{v}"
+            tuned = (choices or {}).get(gv.name_hint) if variant is None else None
+            if tuned is not None and tuned != v and pick_variant(feats, f, ab, tuned) == tuned and \
+                    VARIANTS.get(tuned, ("?",))[0] in set(feats) | {"neon"}:
+                v = tuned
+            if tuned == v:
+                kind = f"tuned:{v}"
+            sched = schedule_int_gemm_arm(f, v, feats, ab)
         else:
             sched, kind = schedule_int_gemm_cpu(f), "default"
         mod[gv] = sched.with_attr("op_pattern", 8)
