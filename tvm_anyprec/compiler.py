@@ -23,10 +23,18 @@ class CompileError(RuntimeError):
     pass
 
 
+def is_gpu(target) -> bool:
+    return "gpu" in [str(k) for k in target.keys]
+
+
 def relax_pipeline(target):
     """cpu_generic's default pipeline plus, for the ops we do not schedule ourselves, dlight's CPU rules and
-    then a parallel-outer-loops fallback."""
+    then a parallel-outer-loops fallback. GPU targets: TVM's GPU pipeline (dlight's GPU rules for the rest)."""
     import tvm
+
+    if is_gpu(target):   # GPU branch: our kernels arrive scheduled (schedules/gpu.py, tirx.is_scheduled)
+        from tvm.relax.backend import cuda, gpu_generic
+        return (cuda if str(target.kind.name) == "cuda" else gpu_generic).get_default_pipeline(target)
     import tvm.s_tir.dlight as dl
     from tvm.relax.backend.cpu_generic import pipeline as P
 
@@ -52,6 +60,11 @@ def schedule_kernels(mod, target, database=None):
     from .passes.anyprec_rewrite import KERNEL_PREFIXES
     from .schedules.cpu import schedule_linear_cpu
 
+    hand = schedule_linear_cpu
+    if is_gpu(target):   # GPU branch: the CUDA/WebGPU hand schedule
+        from .schedules.gpu import max_threads_of, schedule_linear_gpu
+        threads = max_threads_of(target)
+        hand = lambda f: schedule_linear_gpu(f, threads)  # noqa: E731
     how = {}
     for gv, f in list(mod.functions_items()):
         if not (isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith(KERNEL_PREFIXES)):
@@ -63,7 +76,7 @@ def schedule_kernels(mod, target, database=None):
         if sched is not None:
             how[gv.name_hint] = "tuned"
         else:
-            sched = schedule_linear_cpu(f)
+            sched = hand(f)
             how[gv.name_hint] = "default"
         # opaque to FuseOps: fusing a hand-scheduled kernel with its neighbours would drop the schedule
         # (and FuseTIR cannot merge its buffers)
@@ -100,6 +113,8 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     out = Path(out)
     refuse_overwrite(out, force)
     tp = preset(target)
+    if tp.get("device") and act_quant is not None:
+        raise CompileError(f"low-bit activations have CPU schedules only; {target} is a GPU target")
     par = None
     if act_quant is not None:
         seed_bits = max_bits = 4
@@ -172,7 +187,13 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
         names = sorted(k for k, v in how.items() if v == kind)
         log(f"  {kind}: {', '.join(names)}", quiet)
     t1 = time.time()
-    ex = tvm.compile(mod, target=target_obj, relax_pipeline=relax_pipeline(target_obj))
+    if tp.get("device") == "cuda":   # nvcc (and, without a driver, a stub libcuda) so the .so embeds a fatbin
+        from .targets.cuda import ensure_cuda_build
+        log(f"CUDA build: nvcc ({ensure_cuda_build()})", quiet)
+    import contextlib
+    # the nvcc callback reads -arch from the current target (tvm.compile does not enter the target scope)
+    with target_obj if tp.get("device") else contextlib.nullcontext():
+        ex = tvm.compile(mod, target=target_obj, relax_pipeline=relax_pipeline(target_obj))
     log(f"compiled for {target} ({tp['target']}) in {time.time() - t1:.1f}s", quiet)
 
     functions = {}

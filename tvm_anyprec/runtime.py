@@ -29,15 +29,14 @@ class Session:
         from tvm import relax
 
         from .compiler import LIB
-        from .targets import check_runnable
+        from .targets import local_device
 
         self.path = Path(artifact)
         self.manifest = read_manifest(self.path, kind="compiled", verify=verify)
         tp = self.manifest["target"]
-        if remote is None:
-            check_runnable(tp["arch"], tp["name"])
         self.remote = remote
-        self.dev = tvm.cpu() if remote is None else remote.cpu()
+        # device selection: this CPU, or the GPU of a cuda-*/vulkan artifact (TargetError when there is none)
+        self.dev = local_device(tp) if remote is None else remote.cpu()
         self.bit_widths = list(self.manifest["bit_widths"])
         try:
             if remote is None:

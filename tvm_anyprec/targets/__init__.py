@@ -57,19 +57,54 @@ QEMU_CPU = {"arm-neon": "cortex-a72", "arm-dotprod": "cortex-a76", "arm-i8mm": "
 ALIASES = {"aarch64": "arm-neon", "rpi4": "arm-neon", "cortex-a72": "arm-neon", "cortex-a76": "arm-dotprod",
            "neoverse-v1": "arm-i8mm", "graviton3": "arm-i8mm"}
 
+# GPU presets: the device code's target; the host code is built for this machine (llvm). name -> (device,
+# description, function building the target dict). Compiling for CUDA needs nvcc (targets/cuda.py).
+def _cuda(arch: str) -> dict:
+    return {"kind": "cuda", "arch": arch, "max_num_threads": 1024, "thread_warp_size": 32,
+            "max_shared_memory_per_block": 49152, "host": {"kind": "llvm"}}
+
+
+GPU_PRESETS = {
+    "cuda-sm80": ("cuda", "NVIDIA Ampere (A100, sm_80) via nvcc", lambda: _cuda("sm_80")),
+    "cuda-sm89": ("cuda", "NVIDIA Ada (L4, RTX 40xx, sm_89) via nvcc", lambda: _cuda("sm_89")),
+    "cuda-sm90": ("cuda", "NVIDIA Hopper (H100, sm_90) via nvcc", lambda: _cuda("sm_90")),
+    "webgpu": ("webgpu", "WebGPU (WGSL kernels; the model runs in a browser through TVM's web runtime)",
+               lambda: {"kind": "webgpu", "host": {"kind": "llvm"}}),
+    "vulkan": ("vulkan", "Vulkan (SPIR-V; needs a TVM built with Vulkan support)",
+               lambda: {"kind": "vulkan", "host": {"kind": "llvm"}}),
+}
+
 UNSUPPORTED = {
-    "vulkan": "this TVM build has no SPIR-V code generator (target.build.vulkan is missing); "
-              "GPU targets are tracked in their own issue",
+    "vulkan": "this TVM build has no SPIR-V code generator (target.build.vulkan is missing)",
+}
+# what each needs from the TVM build; when it is there the target works (checked at call time)
+UNSUPPORTED_NEEDS = {"vulkan": "target.build.vulkan"}
+UNSUPPORTED_HINT = {
+    "vulkan": "the apache-tvm wheel is built without Vulkan (USE_VULKAN=OFF): build TVM from source with "
+              "-DUSE_VULKAN=ON, or use --target webgpu (WGSL) or a cuda-* preset",
 }
 
 
+def _unsupported(name: str) -> bool:
+    need = UNSUPPORTED_NEEDS.get(name)
+    if need is None:
+        return name in UNSUPPORTED
+    import tvm
+    return tvm.get_global_func(need, allow_missing=True) is None
+
+
 def preset(name: str) -> dict:
-    """-> {"name", "arch", "target": dict[, "features", "qemu_cpu"]}"""
+    """-> {"name", "arch", "target": dict[, "features", "qemu_cpu"][, "device"]}"""
     name = ALIASES.get(name, name)
-    if name in UNSUPPORTED:
-        raise TargetError(f"target {name!r} is not available: {UNSUPPORTED[name]}")
+    if name in UNSUPPORTED and _unsupported(name):
+        hint = f"; {UNSUPPORTED_HINT[name]}" if name in UNSUPPORTED_HINT else ""
+        raise TargetError(f"target {name!r} is not available: {UNSUPPORTED[name]}{hint}")
+    if name in GPU_PRESETS:   # arch: the host code's (this machine's); the kernels run on "device"
+        device, _desc, make = GPU_PRESETS[name]
+        return {"name": name, "arch": host_arch(), "device": device, "target": make()}
     if name not in PRESETS:
-        raise TargetError(f"unknown target {name!r}; presets: {', '.join(PRESETS)}")
+        raise TargetError(f"unknown target {name!r}; presets: {', '.join(PRESETS)}, "
+                          f"{', '.join(n for n in GPU_PRESETS if n not in UNSUPPORTED)}")
     arch, _desc, make = PRESETS[name]
     out = {"name": name, "arch": arch, "target": make()}
     if name in ARM_FEATURES:
@@ -96,3 +131,28 @@ def check_runnable(arch: str, target_name: str) -> None:
                 if arch == "aarch64" else "")
         raise TargetError(f"artifact was compiled for {target_name} ({arch}); this machine is {host_arch()}: "
                           f"recompile with --target for this machine, or run it on a matching device{hint}")
+
+
+def local_device(tp: dict):
+    """The device an artifact compiled for preset ``tp`` runs on here: the CPU, or CUDA GPU 0 / Vulkan device 0
+    for a GPU artifact. Raises TargetError saying what is missing."""
+    import tvm
+
+    check_runnable(tp["arch"], tp["name"])
+    device = tp.get("device")
+    if device is None:
+        return tvm.cpu()
+    if device == "cuda":
+        from .cuda import has_gpu
+        if not has_gpu():
+            raise TargetError(f"artifact was compiled for {tp['name']} (CUDA, {tp['target'].get('arch')}); this "
+                              "machine has no usable CUDA GPU (no NVIDIA driver, or no device): run it on a "
+                              "machine with an NVIDIA GPU and driver")
+        return tvm.cuda(0)
+    if device == "vulkan":
+        if not (tvm.runtime.enabled("vulkan") and tvm.vulkan(0).exist):
+            raise TargetError(f"artifact was compiled for {tp['name']}; this machine has no Vulkan device "
+                              "usable by TVM's runtime")
+        return tvm.vulkan(0)
+    raise TargetError(f"artifact was compiled for {tp['name']}: its WGSL kernels run in a browser through TVM's "
+                      "web runtime (tvm.js), not in this Python runtime")
