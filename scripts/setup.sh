@@ -7,6 +7,8 @@
 #   - the emulated aarch64 board (scripts/setup_arm.sh: qemu-user, the aarch64 cross compiler, an arm64
 #     sysroot and the aarch64 TVM runtime in .arm/); skip with TVM_ANYPREC_NO_ARM=1. If it cannot be
 #     installed (no root, no apt), setup goes on and the ARM tests skip, saying why.
+#   - what the GPU targets need without a GPU (scripts/setup_gpu.sh: wgpu-py, Mesa lavapipe, the stub
+#     libcuda.so.1); skip with TVM_ANYPREC_NO_GPU=1; if it fails, the WebGPU tests skip
 # Needs python3 (>= 3.10) with the venv module (Debian: python3-venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +42,12 @@ if [ -z "${TVM_ANYPREC_NO_ARM:-}" ]; then
   echo "setup: emulated aarch64 board (scripts/setup_arm.sh)"
   if ! PYTHON=.venv/bin/python bash scripts/setup_arm.sh; then
     echo "setup: warning: the aarch64 board could not be installed; the ARM tests will skip" >&2
+  fi
+fi
+if [ -z "${TVM_ANYPREC_NO_GPU:-}" ]; then
+  echo "setup: GPU targets without a GPU (scripts/setup_gpu.sh: wgpu + lavapipe, stub libcuda.so.1)"
+  if ! PYTHON=.venv/bin/python bash scripts/setup_gpu.sh; then
+    echo "setup: warning: lavapipe/wgpu could not be installed; the WebGPU tests will skip" >&2
   fi
 fi
 echo "setup: done (activate with: . .venv/bin/activate)"

@@ -67,7 +67,8 @@ def _add_compile(sub):
     p.add_argument("--out", "-o", required=True)
     p.add_argument("--target", default="x86", help="target preset: x86 (this CPU), x86-avx2, x86-avx512, "
                    "arm-neon (Cortex-A72), arm-dotprod (Cortex-A76), arm-i8mm (Neoverse V1); aarch64 presets "
-                   "cross-compile with aarch64-linux-gnu-g++")
+                   "cross-compile with aarch64-linux-gnu-g++; GPU: cuda-sm80, cuda-sm89, cuda-sm90 (needs nvcc; "
+                   "runs on an NVIDIA GPU), webgpu (WGSL), vulkan (only with a TVM built with Vulkan)")
     p.add_argument("--parent", help="any-precision parent from `quantize` (default: quantize the graph's "
                    "weights with plain k-means, or make one when compiling a model)")
     p.add_argument("--exclude", action="append", default=None, help="weight name pattern kept in fp32 "
