@@ -194,3 +194,24 @@ def test_wgsl_dense_kernel_matches_numpy(M, N, K, wgpu_device):
     y = wgpu_device.run_prim_func(f, {"X": x, "W": w, "Y": np.zeros((M, N), np.float32)}, ["Y"])["Y"]
     ref = x.astype(np.float64) @ w.astype(np.float64).T
     np.testing.assert_allclose(y, ref, rtol=RTOL, atol=RTOL * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 48, 200), (8, 32, 100)])
+def test_wgsl_tuning_space_samples_match_numpy(M, N, K, wgpu_device):
+    """Random points of the MetaSchedule space (linear_space_gpu) are correct schedules too."""
+    from tvm_anyprec.schedules.gpu import linear_space_gpu
+
+    rng = np.random.default_rng(7)
+    layer = quantize_nonuniform(rng.standard_normal((N, K)).astype(np.float32), None, 3, 8)
+    luts = np.concatenate([layer.luts[b] for b in range(3, 9)], 1).astype(np.float16)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    for seed in (1, 2):
+        sch = tvm.s_tir.Schedule(make_anyprec_linear(M, N, K), seed=seed)
+        linear_space_gpu(sch)
+        f = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        for b in (3, 8):
+            y = wgpu_device.run_prim_func(f, {"X": x, "PLANES": layer.planes, "LUTS": luts,
+                                              "NBITS": np.array([b], np.int32),
+                                              "Y": np.zeros((M, N), np.float32)}, ["Y"])["Y"]
+            ref = x.astype(np.float64) @ layer.dequantize(b).astype(np.float64).T
+            np.testing.assert_allclose(y, ref, rtol=RTOL, atol=RTOL * np.abs(ref).max())
