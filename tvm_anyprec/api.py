@@ -133,50 +133,107 @@ SOURCE_MARKER = "SOURCE"   # written by export next to the ONNX files: the model
 
 
 def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int = EXPORT_MAX_LEN,
-           verify_chunk: int = VERIFY_CHUNK, quiet: bool = False) -> Path:
+           verify_chunk: int = VERIFY_CHUNK, quiet: bool = False, prune_ratio: float = 0.0,
+           prune_layer: int | None = None) -> Path:
     """Export the model to ONNX: ``out/decode.onnx`` (1 token/step), ``out/prefill.onnx`` (chunk tokens) and
-    ``out/verify.onnx`` (verify_chunk tokens: the verifying pass of self-speculative decoding; 0 skips it)."""
-    from .frontend.export import export_onnx
+    ``out/verify.onnx`` (verify_chunk tokens: the verifying pass of self-speculative decoding; 0 skips it).
+    ``prune_ratio`` > 0: the prefill graph prunes that fraction of each chunk's tokens from ``prune_layer`` on
+    (default: the middle layer), Agile-Quant's token pruning (see frontend/export.py); decode and verify are
+    not pruned. The settings are recorded in the graph's spec (ONNX metadata, then the artifact manifest)."""
+    from .frontend.export import check_pruning, export_onnx
 
     out = Path(out)
     src = data.resolve_model(model)
     m, _tok = data.load_model(src)
+    prune_layer = check_pruning(prune_ratio, prune_layer, m.config.num_hidden_layers, chunk)  # before exporting
     t0 = time.time()
     graphs = [("decode", 1), ("prefill", chunk)] + ([("verify", verify_chunk)] if verify_chunk else [])
     if verify_chunk and not 1 < verify_chunk <= max_len:
         raise ValueError(f"verify chunk must be in 2..{max_len}, got {verify_chunk}")
     for name, s in graphs:
-        export_onnx(m, out / f"{name}.onnx", s, max_len)
-        log(f"exported {out / (name + '.onnx')} (chunk {s}, cache {max_len}) [{time.time() - t0:.0f}s]", quiet)
+        prune = (prune_ratio, prune_layer) if name == "prefill" else (0.0, None)
+        export_onnx(m, out / f"{name}.onnx", s, max_len, *prune)
+        log(f"exported {out / (name + '.onnx')} (chunk {s}, cache {max_len}"
+            + (f", pruning {prune_ratio:g} of the tokens from layer {prune_layer}" if prune[0] else "")
+            + f") [{time.time() - t0:.0f}s]", quiet)
     (out / SOURCE_MARKER).write_text(str(src) + "\n")
     return out
 
 
+def graph_pruning(source) -> dict:
+    """{graph file: (prune_ratio, prune_layer)} of the prefill graphs in an ONNX file or directory."""
+    from .frontend.export import read_spec
+    from .frontend.onnx_import import function_name, load_onnx, onnx_files
+
+    out = {}
+    for path in onnx_files(source):
+        if path.stem in ("decode", "verify"):
+            continue
+        spec = read_spec(load_onnx(path))
+        if spec is not None and function_name(path, spec) == "prefill":
+            out[path.name] = (spec.prune_ratio, spec.prune_layer)
+    return out
+
+
+def _check_graph_pruning(source, prune_ratio, prune_layer) -> None:
+    """--prune-ratio/--prune-layer given with ONNX graphs: the pruning is built into the graph at export, so
+    the flags must describe it."""
+    graphs = graph_pruning(source)
+    if not graphs:
+        raise ValueError(f"--prune-ratio: {source} has no prefill graph exported by tvm-anyprec; pruning is built "
+                         "into the graph at export (`tvm-anyprec export --prune-ratio R`)")
+    for name, (r, layer) in graphs.items():
+        if abs(r - float(prune_ratio)) > 1e-9 or (prune_layer is not None and r and layer != prune_layer):
+            have = f"prunes {r:g} of the tokens from layer {layer}" if r else "does not prune tokens"
+            raise ValueError(f"{name} {have}, but --prune-ratio {prune_ratio:g}"
+                             + (f" --prune-layer {prune_layer}" if prune_layer is not None else "")
+                             + " was asked; token pruning is built into the graph at export: re-export with "
+                             "`tvm-anyprec export --prune-ratio R [--prune-layer L]` (or compile the model by name)")
+
+
 def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",), force: bool = False,
             tuning_log=None, tokenizer=None, quiet: bool = False, act_bits: int | None = None,
-            act_outlier: str = "smooth", act_int4_all: bool = False) -> dict:
+            act_outlier: str = "smooth", act_int4_all: bool = False, prune_ratio: float | None = None,
+            prune_layer: int | None = None) -> dict:
     """ONNX file/dir -> artifact. ``source`` may also be a model ('smollm2', .gguf, HF dir): then the ONNX
     export (``<out>.onnx/``) and the quantized parent (``<out>.parent/``) are made first when missing.
     ``act_bits`` 8|4: low-bit activations (W4A8, or W4A4 after self-attention / everywhere with
     ``act_int4_all``) instead of the bitplane operator; no parent is needed, the outlier handling is calibrated
-    on the calibration text with the source model (see README "Low-bit activations")."""
+    on the calibration text with the source model (see README "Low-bit activations").
+    ``prune_ratio`` (and ``prune_layer``): token pruning in the prefill graph (see ``export``). With a model
+    source the export is made (again, if its pruning differs) with these settings; ONNX sources must already
+    have been exported with them (checked). None: whatever the graphs have (a model source: no pruning)."""
     from .compiler import compile_model
 
+    if prune_ratio is not None and not 0.0 <= float(prune_ratio) < 1.0:
+        raise ValueError(f"--prune-ratio must be in [0, 1), got {prune_ratio}")
     out = Path(out)
     src = Path(str(source))
     is_onnx = src.suffix == ".onnx" or (src.is_dir() and any(src.glob("*.onnx")))
     if not is_onnx:
         model = data.resolve_model(source)
         onnx_dir = out.with_name(out.name + ".onnx")
+        ratio = float(prune_ratio or 0.0)
         if not all((onnx_dir / f"{g}.onnx").exists() for g in ("decode", "prefill", "verify")):
-            export(onnx_dir, model, quiet=quiet)
+            export(onnx_dir, model, quiet=quiet, prune_ratio=ratio, prune_layer=prune_layer)
+        else:
+            try:
+                _check_graph_pruning(onnx_dir, ratio, prune_layer)
+            except ValueError:
+                log(f"{onnx_dir}: exported with other token-pruning settings; exporting again", quiet)
+                export(onnx_dir, model, quiet=quiet, prune_ratio=ratio, prune_layer=prune_layer)
         if parent is None and act_bits is None:
             parent = out.with_name(out.name + ".parent")
             if not (Path(parent) / MANIFEST).exists():
                 quantize(parent, model, exclude=exclude, force=True, quiet=quiet)
         tokenizer = tokenizer or str(model)
         src = onnx_dir
-    elif tokenizer is None:
+    else:
+        if prune_ratio is not None:
+            _check_graph_pruning(src, prune_ratio, prune_layer)
+        elif prune_layer is not None:
+            raise ValueError("--prune-layer needs --prune-ratio")
+    if is_onnx and tokenizer is None:
         marker = (src if src.is_dir() else src.parent) / SOURCE_MARKER
         if marker.exists():
             tokenizer = marker.read_text().strip()

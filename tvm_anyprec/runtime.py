@@ -117,12 +117,15 @@ class Session:
         cache = cache if cache is not None else self.empty_cache(fn)
         if pos + len(ids) > self.spec(fn)["max_len"]:
             raise ValueError(f"sequence of {pos + len(ids)} tokens exceeds the cache ({self.spec(fn)['max_len']})")
+        # a token-pruned prefill graph also takes the number of real tokens in the chunk (the rest is padding)
+        pruned = any(i[0] == "n_valid" for i in self.functions[fn]["inputs"])
         outs = []
         for start in range(0, len(ids), S):
             chunk = ids[start:start + S]
             buf = np.zeros((1, S), np.int64)
             buf[0, :len(chunk)] = chunk
-            lg, *cache = self.call(fn, [buf, np.array([pos + start], np.int64), *cache], bits)
+            valid = [np.array([len(chunk)], np.int64)] if pruned else []
+            lg, *cache = self.call(fn, [buf, np.array([pos + start], np.int64), *valid, *cache], bits)
             outs.append(lg.numpy()[0, :len(chunk)])
         return np.concatenate(outs, 0), cache
 

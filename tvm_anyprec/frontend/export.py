@@ -8,6 +8,16 @@ perplexity) at position ``pos`` against fixed-size caches of T positions:
 
 One tensor per layer and per K/V (not one stacked cache): stacking would copy the whole cache once more.
 
+Token pruning (Agile-Quant; ``prune_ratio`` R > 0, prefill graphs): the graph takes one more input, ``n_valid``
+int64 [1], the number of real tokens at the start of the chunk (the runtime pads the last chunk). Layer
+``prune_layer - 1``'s softmax gives each chunk token the attention it receives from the chunk's real query rows
+(summed over heads); from layer ``prune_layer`` on only the ``S - round(R*S)`` most attended tokens are
+processed (queries, attention output, MLP). The last real token is always kept (its logits predict the next
+token) and padding is never preferred over a real token. A pruned token keeps its hidden state from before
+``prune_layer``: its keys/values in later layers come from that frozen state (the cache stays complete for
+decoding, and kept tokens attend to it), and its logits are computed from it (final norm + lm_head). Static
+counts: top-k selection, gathers for the kept rows, a one-hot product to scatter them back.
+
 Static shapes throughout (TVM 0.27's VM shape lowering fails on the symbolic-shape KV-cache graph). The
 cache update is a one-hot product, so any pos works without ScatterND, and keys past the current position
 are masked, so padding a short chunk is harmless. Weights keep their transformers names as initializers
@@ -35,6 +45,13 @@ class ExportSpec:
     chunk: int
     rope_theta: float
     rms_eps: float
+    prune_ratio: float = 0.0   # token pruning in this graph (prefill): fraction of the chunk's tokens dropped
+    prune_layer: int = 0       # ... from this layer on (1..n_layers-1); 0 with prune_ratio 0: no pruning
+
+    @property
+    def n_pruned(self) -> int:
+        """Tokens of a chunk that skip the layers from prune_layer on (static)."""
+        return int(round(self.prune_ratio * self.chunk))
 
     def cache_shape(self) -> tuple[int, int, int]:
         """Shape of one layer's key (or value) cache."""
@@ -44,7 +61,27 @@ class ExportSpec:
         return asdict(self)
 
 
-def spec_from_hf(model, max_len: int, chunk: int) -> ExportSpec:
+def check_pruning(prune_ratio: float, prune_layer: int | None, n_layers: int, chunk: int) -> int:
+    """Validate token-pruning settings; returns the prune layer (None: the middle layer, n_layers // 2)."""
+    if not 0.0 <= float(prune_ratio) < 1.0:
+        raise ValueError(f"--prune-ratio must be in [0, 1), got {prune_ratio}")
+    if not prune_ratio:
+        if prune_layer not in (None, 0):
+            raise ValueError("--prune-layer needs a --prune-ratio above 0")
+        return 0
+    layer = n_layers // 2 if prune_layer is None else int(prune_layer)
+    if not 1 <= layer < n_layers:
+        raise ValueError(f"--prune-layer must be in 1..{n_layers - 1} (the first layer that processes fewer "
+                         f"tokens; the model has {n_layers} layers), got {prune_layer}")
+    n = int(round(float(prune_ratio) * chunk))
+    if not 0 < n < chunk:
+        raise ValueError(f"--prune-ratio {prune_ratio} drops {n} of the {chunk} tokens of a chunk: it must drop "
+                         f"at least one and keep at least one")
+    return layer
+
+
+def spec_from_hf(model, max_len: int, chunk: int, prune_ratio: float = 0.0,
+                 prune_layer: int | None = None) -> ExportSpec:
     c = model.config
     if c.model_type not in ("llama", "mistral", "qwen2") and "Llama" not in type(model).__name__:
         raise ValueError(f"unsupported architecture {c.model_type!r}: the exporter handles Llama-family models")
@@ -54,8 +91,9 @@ def spec_from_hf(model, max_len: int, chunk: int) -> ExportSpec:
     theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"rope type {rope.get('rope_type')!r} is not supported by the exporter")
+    layer = check_pruning(prune_ratio, prune_layer, c.num_hidden_layers, chunk)
     return ExportSpec(c.num_hidden_layers, heads, c.num_key_value_heads, head_dim, c.hidden_size, c.vocab_size,
-                      max_len, chunk, float(theta), float(c.rms_norm_eps))
+                      max_len, chunk, float(theta), float(c.rms_norm_eps), float(prune_ratio), layer)
 
 
 class _RMSNorm(nn.Module):
@@ -89,8 +127,12 @@ class StaticCacheLM(nn.Module):
         h = x.shape[-1] // 2
         return torch.cat([-x[..., h:], x[..., :h]], -1)
 
-    def forward(self, input_ids, pos, *cache):
+    def forward(self, input_ids, pos, *rest):
         sp = self.spec
+        if sp.n_pruned:                      # the pruned prefill graph takes the chunk's real token count too
+            n_valid, cache = rest[0], rest[1:]
+        else:
+            n_valid, cache = None, rest
         S, H, Hkv, D, G = sp.chunk, sp.n_heads, sp.n_kv_heads, sp.head_dim, sp.n_heads // sp.n_kv_heads
         positions = pos + self.chunk_offsets                                   # [S]
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]          # [S, D]
@@ -99,48 +141,85 @@ class StaticCacheLM(nn.Module):
         mask = torch.where(self.cache_positions[None, :] <= positions[:, None], 0.0, -1e9)  # [S, T]
         x = self.model.embed_tokens.weight[input_ids[0]]                     # [S, hidden]
         new_cache = []
+        importance = None    # set at layer prune_layer - 1
+        rows = None          # after pruning: indices (into the chunk) of the tokens that go on, [S - n_pruned]
         for i, layer in enumerate(self.model.layers):
             att = layer.self_attn
+            if rows is None and sp.n_pruned and i == sp.prune_layer:
+                rows = self._select(importance, n_valid)
+                self.kept_rows = rows          # for diagnostics in torch (which positions went on)
+                cos_r, sin_r, mask_r = cos[rows], sin[rows], mask[rows]
+                scatter = (self.chunk_offsets[:, None] == rows[None, :]).float()  # [S, Sk] one-hot
+                kept = scatter.sum(-1, keepdim=True) > 0.5                      # [S, 1]
+                Sk = S - sp.n_pruned
             h = _RMSNorm(layer.input_layernorm.weight, sp.rms_eps)(x)
-            q = att.q_proj(h).reshape(S, H, D).transpose(0, 1)               # [H, S, D]
+            # keys/values of every chunk token (pruned ones from their frozen state): the cache stays complete
             k = att.k_proj(h).reshape(S, Hkv, D).transpose(0, 1)             # [Hkv, S, D]
             v = att.v_proj(h).reshape(S, Hkv, D).transpose(0, 1)
-            q = q * cos + self._rotate_half(q) * sin
             k = k * cos + self._rotate_half(k) * sin
             kc = cache[2 * i] * keep + torch.matmul(onehot.t(), k)            # [Hkv, T, D]
             vc = cache[2 * i + 1] * keep + torch.matmul(onehot.t(), v)
             new_cache += [kc, vc]
-            qg = q.reshape(Hkv, G, S, D)
-            scores = torch.matmul(qg, kc.unsqueeze(1).transpose(-1, -2)) * (1.0 / math.sqrt(D)) + mask
-            p = torch.softmax(scores, -1)                                      # [Hkv, G, S, T]
-            o = torch.matmul(p, vc.unsqueeze(1)).reshape(H, S, D).transpose(0, 1).reshape(S, H * D)
-            x = x + att.o_proj(o)
-            h = _RMSNorm(layer.post_attention_layernorm.weight, sp.rms_eps)(x)
+            if rows is None:
+                hq, xq, cq, sq, mq, Sq = h, x, cos, sin, mask, S
+            else:            # queries, attention output and MLP for the kept tokens only
+                hq, xq, cq, sq, mq, Sq = h[rows], x[rows], cos_r, sin_r, mask_r, Sk
+            q = att.q_proj(hq).reshape(Sq, H, D).transpose(0, 1)             # [H, Sq, D]
+            q = q * cq + self._rotate_half(q) * sq
+            qg = q.reshape(Hkv, G, Sq, D)
+            scores = torch.matmul(qg, kc.unsqueeze(1).transpose(-1, -2)) * (1.0 / math.sqrt(D)) + mq
+            p = torch.softmax(scores, -1)                                      # [Hkv, G, Sq, T]
+            if rows is None and sp.n_pruned and i == sp.prune_layer - 1:
+                # attention each chunk token receives from the chunk's real query rows, summed over heads
+                recv = p.sum((0, 1)) * (self.chunk_offsets < n_valid).float()[:, None]   # [S, T]
+                importance = torch.matmul(onehot, recv.sum(0))                 # [S]
+            o = torch.matmul(p, vc.unsqueeze(1)).reshape(H, Sq, D).transpose(0, 1).reshape(Sq, H * D)
+            xq = xq + att.o_proj(o)
+            hm = _RMSNorm(layer.post_attention_layernorm.weight, sp.rms_eps)(xq)
             mlp = layer.mlp
-            x = x + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            xq = xq + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(hm)) * mlp.up_proj(hm))
+            if rows is None:
+                x = xq
+            else:            # scatter the kept tokens back; pruned ones keep their state from prune_layer
+                x = torch.where(kept, torch.matmul(scatter, xq), x)
         x = _RMSNorm(self.model.norm.weight, sp.rms_eps)(x)
         logits = self.lm_head(x)
         return (logits[None], *new_cache)
 
+    def _select(self, importance, n_valid):
+        """Indices of the S - n_pruned tokens that go on: the most attended real tokens; the last real token
+        (whose logits predict the next token) always; padding (positions >= n_valid) only if nothing else is
+        left (never, unless the chunk has fewer real tokens than are kept)."""
+        off = self.chunk_offsets
+        score = torch.where(off < n_valid, importance, -1.0 - off.float())     # padding: below any real token
+        score = torch.where(off == n_valid - 1, torch.full_like(score, 1e9), score)
+        return torch.topk(score, self.spec.chunk - self.spec.n_pruned).indices
+
 
 def example_inputs(spec: ExportSpec, pos: int = 0):
-    return (torch.zeros((1, spec.chunk), dtype=torch.int64), torch.tensor([pos], dtype=torch.int64),
+    valid = (torch.tensor([spec.chunk], dtype=torch.int64),) if spec.n_pruned else ()
+    return (torch.zeros((1, spec.chunk), dtype=torch.int64), torch.tensor([pos], dtype=torch.int64), *valid,
             *[torch.zeros(spec.cache_shape()) for _ in range(2 * spec.n_layers)])
 
 
 def io_names(spec: ExportSpec) -> tuple[list[str], list[str]]:
+    """Graph inputs and outputs; a pruned prefill graph takes ``n_valid`` (int64 [1], the number of real tokens
+    at the start of the chunk: the rest is padding) after ``pos``."""
     cache = [f"{kv}_{i}" for i in range(spec.n_layers) for kv in ("key", "value")]
-    return ["input_ids", "pos"] + cache, ["logits"] + [f"{c}_out" for c in cache]
+    valid = ["n_valid"] if spec.n_pruned else []
+    return ["input_ids", "pos"] + valid + cache, ["logits"] + [f"{c}_out" for c in cache]
 
 
-def export_onnx(hf, path, chunk: int, max_len: int = 512) -> ExportSpec:
+def export_onnx(hf, path, chunk: int, max_len: int = 512, prune_ratio: float = 0.0,
+                prune_layer: int | None = None) -> ExportSpec:
     """Export one static-shape graph (chunk tokens per call) to ``path``; returns its spec.
-    The spec is also stored in the ONNX metadata (key 'tvm_anyprec.spec')."""
+    The spec is also stored in the ONNX metadata (key 'tvm_anyprec.spec'). ``prune_ratio`` > 0: token pruning
+    (see the module docstring) from ``prune_layer`` on (default: the middle layer)."""
     import json
 
     import onnx
 
-    spec = spec_from_hf(hf, max_len, chunk)
+    spec = spec_from_hf(hf, max_len, chunk, prune_ratio, prune_layer)
     lm = StaticCacheLM(hf, spec).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
