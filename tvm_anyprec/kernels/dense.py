@@ -29,3 +29,27 @@ def make_dense_nt(M: int, N: int, K: int):
 
 def kernel_name(M: int, N: int, K: int) -> str:
     return f"dense_nt_m{M}_n{N}_k{K}"
+
+
+def make_dense_nt_staged(M: int, N: int, K: int):
+    """make_dense_nt with the zero padding of K moved into a "decode" block that copies W into
+    a [N, KP] buffer (the same two-block form as the bitplane kernel). Staging a W tile in shared memory needs
+    it: a cache_read of W[n, min(k, K-1)] has a non-constant region, so the buffer would not shrink to a tile."""
+    KP = num_words(K) * WORD
+
+    @T.prim_func(s_tir=True)
+    def dense_nt(X: T.Buffer((M, K), "float32"), W: T.Buffer((N, K), "float32"), Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        WP = T.sblock_alloc_buffer((N, KP), "float32")
+        for n, k in T.grid(N, KP):
+            with T.sblock("decode"):
+                vn, vk = T.axis.remap("SS", [n, k])
+                WP[vn, vk] = T.if_then_else(vk < K, W[vn, T.min(vk, K - 1)], T.float32(0))
+        for m, n, k in T.grid(M, N, KP):
+            with T.sblock("matmul"):
+                vm, vn, vk = T.axis.remap("SSR", [m, n, k])
+                with T.init():
+                    Y[vm, vn] = T.float32(0)
+                Y[vm, vn] = Y[vm, vn] + T.if_then_else(vk < K, X[vm, T.min(vk, K - 1)], T.float32(0)) * WP[vn, vk]
+
+    return dense_nt.without_attr("global_symbol")

@@ -19,9 +19,9 @@ Results are marked ``tirx.is_scheduled`` (dlight's GPU rules assert on the LUT g
 from __future__ import annotations
 
 import tvm
-from tvm.script import tirx as T
 
-from ..quant.bitplanes import WORD, num_words
+from ..quant.bitplanes import WORD
+from ..kernels import dense
 from .cpu import _has_block
 
 MAX_THREADS = 256          # WebGPU's default limit (maxComputeInvocationsPerWorkgroup); CUDA allows 1024
@@ -82,7 +82,7 @@ def _schedule_tiled(sch, tm, tn, tk=WORD, unroll=None) -> None:
     sch.bind(nx, "threadIdx.x")
     acc = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(acc, nx, preserve_unit_loops=True)
-    if _has_block(sch, "decode"):   # the weight tile, decoded (or copied: dense_staged) into shared memory
+    if _has_block(sch, "decode"):   # the weight tile, decoded (or copied: make_dense_nt_staged) into shared memory
         tile = sch.get_sblock("decode")
         sch.set_scope(tile, 0, "shared")
         sch.compute_at(tile, ko, preserve_unit_loops=True)
@@ -93,37 +93,13 @@ def _schedule_tiled(sch, tm, tn, tk=WORD, unroll=None) -> None:
         sch.annotate(blk, "pragma_unroll_explicit", 1)
 
 
-def dense_staged(M: int, N: int, K: int):
-    """kernels.dense.make_dense_nt with the zero padding of K moved into a "decode" block that copies W into
-    a [N, KP] buffer (the same two-block form as the bitplane kernel). Staging a W tile in shared memory needs
-    it: a cache_read of W[n, min(k, K-1)] has a non-constant region, so the buffer would not shrink to a tile."""
-    KP = num_words(K) * WORD
-
-    @T.prim_func(s_tir=True)
-    def dense_nt(X: T.Buffer((M, K), "float32"), W: T.Buffer((N, K), "float32"), Y: T.Buffer((M, N), "float32")):
-        T.func_attr({"tirx.noalias": True})
-        WP = T.sblock_alloc_buffer((N, KP), "float32")
-        for n, k in T.grid(N, KP):
-            with T.sblock("decode"):
-                vn, vk = T.axis.remap("SS", [n, k])
-                WP[vn, vk] = T.if_then_else(vk < K, W[vn, T.min(vk, K - 1)], T.float32(0))
-        for m, n, k in T.grid(M, N, KP):
-            with T.sblock("matmul"):
-                vm, vn, vk = T.axis.remap("SSR", [m, n, k])
-                with T.init():
-                    Y[vm, vn] = T.float32(0)
-                Y[vm, vn] = Y[vm, vn] + T.if_then_else(vk < K, X[vm, T.min(vk, K - 1)], T.float32(0)) * WP[vn, vk]
-
-    return dense_nt.without_attr("global_symbol")
-
-
 def _as_two_blocks(func):
     """The dense kernel (one "matmul" block) in its two-block form; the bitplane kernel as it is."""
     sch = tvm.s_tir.Schedule(func)
     if _has_block(sch, "decode"):
         return func
     (M, K), (N, _) = ([int(d) for d in p.shape] for p in func.params[:2])
-    return dense_staged(M, N, K)
+    return dense.make_dense_nt_staged(M, N, K)
 
 
 def _mnk(sch):
