@@ -141,18 +141,7 @@ def _progress_callback(on_batch):
 def _measure(mod: tvm.IRModule, target, rpc: RPC | None = None):
     """Build ``mod`` (one scheduled "main") with the tuner's builder and time it with its runner (the same
     inputs and repeats as tuning trials). -> (mean seconds or None on failure, run_secs, args_info)."""
-    from tvm.s_tir import meta_schedule as ms
-
-    (built,) = _builder(target).build([ms.builder.BuilderInput(mod, target)])
-    if built.error_msg is not None:
-        return None, None, None
-    args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
-    dev_type = "cpu" if target.kind.name == "llvm" else target.kind.name
-    (fut,) = _runner(rpc).run([ms.runner.RunnerInput(built.artifact_path, dev_type, args_info)])
-    res = fut.result()
-    if res.error_msg is not None or not res.run_secs:
-        return None, None, None
-    return float(sum(float(x) for x in res.run_secs) / len(res.run_secs)), res.run_secs, args_info
+    return _measure_many([mod], target, rpc)[0]
 
 
 def commit_hand_baseline(db, func: tvm.tirx.PrimFunc, target, rpc: RPC | None = None) -> float | None:
@@ -199,20 +188,20 @@ def int_gemm_kernels(manifest: dict) -> dict[str, set]:
 
 
 def _measure_many(mods: list, target, rpc: RPC | None = None) -> list:
-    """Mean seconds of each module (None where building or running failed), built in one builder batch and
-    measured in one runner batch."""
+    """Each module built in one builder batch and measured in one runner batch -> per module (mean seconds,
+    run_secs, args_info), or (None, None, None) where building or running failed."""
     from tvm.s_tir import meta_schedule as ms
 
     built = _builder(target).build([ms.builder.BuilderInput(m, target) for m in mods])
     dev_type = "cpu" if target.kind.name == "llvm" else target.kind.name
     idx = [i for i, b in enumerate(built) if b.error_msg is None]
-    futs = _runner(rpc).run([ms.runner.RunnerInput(built[i].artifact_path, dev_type,
-                                                   ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"])) for i in idx])
-    out = [None] * len(mods)
+    infos = {i: ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"]) for i in idx}
+    futs = _runner(rpc).run([ms.runner.RunnerInput(built[i].artifact_path, dev_type, infos[i]) for i in idx])
+    out = [(None, None, None)] * len(mods)
     for i, fut in zip(idx, futs):
         res = fut.result()
         if res.error_msg is None and res.run_secs:
-            out[i] = float(sum(float(x) for x in res.run_secs) / len(res.run_secs))
+            out[i] = (float(sum(float(x) for x in res.run_secs) / len(res.run_secs)), res.run_secs, infos[i])
     return out
 
 
@@ -264,7 +253,7 @@ def tune_int_gemm_variants(artifact, target: str, log_dir=None, rpc: RPC | None 
         if progress:
             print(f"int_gemm variants for {target}: building {len(cases)} kernels, measuring on "
                   f"{where}", file=sys.stderr)
-        secs = _measure_many([m for *_, m in cases], tgt, rpc)
+        secs = [r[0] for r in _measure_many([m for *_, m in cases], tgt, rpc)]
         for name, f, ab, cands in plan:
             ms_by = {v: t * 1e3 for (n, v, _), t in zip(cases, secs) if n == name and t is not None}
             if not ms_by:
