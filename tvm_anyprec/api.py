@@ -282,8 +282,8 @@ def load(artifact, remote=None):
     from .runtime import Session
     from .targets import TargetError, host_arch
 
+    tp = read_manifest(artifact, kind="compiled", verify=False)["target"]
     if remote is None:
-        tp = read_manifest(artifact, kind="compiled", verify=False)["target"]
         if tp["arch"] == "aarch64" and host_arch() != "aarch64":
             from .targets.arm import missing
             why = missing()
@@ -297,8 +297,7 @@ def load(artifact, remote=None):
         return Session(artifact, remote=remote)
     if remote == "qemu" or remote.startswith("qemu:"):
         from .targets.arm import qemu_session
-        cpu = remote.partition(":")[2] or \
-            read_manifest(artifact, kind="compiled", verify=False)["target"].get("qemu_cpu", "max")
+        cpu = remote.partition(":")[2] or tp.get("qemu_cpu", "max")
         log(f"running on the emulated aarch64 board: qemu-aarch64 -cpu {cpu} (emulated, slow; not performance)",
             False)
         sess = Session(artifact, remote=qemu_session(cpu), remote_files=True)

@@ -53,14 +53,10 @@ def _cross_export(mod) -> str:
 def _builder(target):
     from tvm.s_tir import meta_schedule as ms
 
-    cross = "aarch64" in str(target.attrs.get("mtriple", "")) and "aarch64" not in _host_machine()
+    from .targets import host_arch
+
+    cross = "aarch64" in str(target.attrs.get("mtriple", "")) and host_arch() != "aarch64"
     return ms.builder.LocalBuilder(f_build=_lean_build, f_export=_cross_export if cross else None, timeout_sec=60)
-
-
-def _host_machine() -> str:
-    import platform
-
-    return platform.machine().lower()
 
 
 def workload(func: tvm.tirx.PrimFunc) -> tvm.IRModule:
@@ -218,7 +214,7 @@ def tune_int_gemm_variants(artifact, target: str, log_dir=None, rpc: RPC | None 
     from .artifact import read_manifest
     from .kernels.intgemm_arm import unsupported
     from .schedules.intgemm_arm import VARIANTS, gemm_shape, schedule_int_gemm_arm, target_features
-    from .targets import preset
+    from .targets import host_arch, preset
 
     tp = preset(target)
     if tp["arch"] != "aarch64":
@@ -236,7 +232,7 @@ def tune_int_gemm_variants(artifact, target: str, log_dir=None, rpc: RPC | None 
     rows = []
     with ExitStack() as stack:
         where = "the RPC devices"
-        if rpc is None and "aarch64" not in _host_machine():
+        if rpc is None and host_arch() != "aarch64":
             rpc, where = stack.enter_context(emulated_board(tp)), "the emulated board"
         plan = []
         for name, bits in sorted(kernels.items()):
@@ -439,13 +435,13 @@ def tune_model(source, target: str = "x86", trials: int = 32, log_dir=None, rpc:
     added now, records in all, best ms, reused (nothing to do)."""
     from contextlib import ExitStack
 
-    from .targets import preset
+    from .targets import host_arch, preset
 
     if trials < 1:
         raise TuningError(f"--trials must be >= 1, got {trials}")
     tp = preset(target)
     with ExitStack() as stack:
-        if rpc is None and tp["arch"] == "aarch64" and "aarch64" not in _host_machine():
+        if rpc is None and tp["arch"] == "aarch64" and host_arch() != "aarch64":
             rpc = stack.enter_context(emulated_board(tp))
         return _tune_model(source, target, tp, trials, log_dir, rpc, only, space, progress, seed)
 
