@@ -56,11 +56,38 @@ def real_kernels(real_onnx):
     return model_kernels(real_onnx)
 
 
+def _act_kernels(real_kernels) -> dict:
+    """The low-bit-activation kernels (word form, GPU schedules) of the real model's linear shapes: W4A8 and
+    W4A4 act_quant, and the INT4 GEMM (what `compile --act-bits` emits for a GPU target)."""
+    import re
+
+    from tvm_anyprec.kernels.intgemm import act_quant_name, int_gemm_name, make_act_quant, make_int_gemm
+    from tvm_anyprec.quant.activations import ActQuantConfig
+    from tvm_anyprec.schedules.intgemm_gpu import schedule_act_quant_gpu, schedule_int_gemm_gpu
+
+    gs = ActQuantConfig(8).group_size
+    out = {}
+    for name in real_kernels:
+        m = re.match(r"anyprec_linear_m(\d+)_n(\d+)_k(\d+)_", name)
+        if m is None:
+            continue
+        M, N, K = map(int, m.groups())
+        for bits in (8, 4):
+            out[act_quant_name(M, K, bits, gs)] = schedule_act_quant_gpu(make_act_quant(M, K, bits, gs, words=True))
+        out[int_gemm_name(M, N, K, gs)] = schedule_int_gemm_gpu(make_int_gemm(M, N, K, gs, words=True))
+    return out
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_real_model_kernels_build_to_cubin(arch, real_kernels, cuda_build, tmp_path):
+    """Every distinct kernel of the real model, bitplane and fp32 dense as compiled, plus the integer kernels
+    of the same shapes (low-bit activations), in one CUDA library with a fatbin for ``arch``."""
     kernels = {name: schedule_linear_gpu(f).with_attr("global_symbol", name) for name, f in real_kernels.items()}
     assert any(n.startswith("anyprec_linear_m1_") for n in kernels), "no decode-step (GEMV) kernel"
     assert any(not n.startswith("anyprec_linear_m1_") and n.startswith("anyprec") for n in kernels)
+    act = _act_kernels(real_kernels)
+    assert any(n.startswith("int_gemm_w4_m1_") for n in act) and any("_a4_" in n for n in act)
+    kernels.update({name: f.with_attr("global_symbol", name) for name, f in act.items()})
     target = tvm.target.Target({**preset("cuda-" + arch.replace("_", ""))["target"]})
     assert target.attrs["arch"] == arch
     with target:
@@ -215,3 +242,110 @@ def test_wgsl_tuning_space_samples_match_numpy(M, N, K, wgpu_device):
                                               "Y": np.zeros((M, N), np.float32)}, ["Y"])["Y"]
             ref = x.astype(np.float64) @ layer.dequantize(b).astype(np.float64).T
             np.testing.assert_allclose(y, ref, rtol=RTOL, atol=RTOL * np.abs(ref).max())
+
+
+# ---------------------------------------------------------------- integer kernels (low-bit activations), word form
+
+def _act_ref(x, inv, bits, gs):
+    """numpy: per-token codes (int8), scales and group sums of kernels.intgemm's act_quant."""
+    qm = 2 ** (bits - 1) - 1
+    xf = x * inv
+    amax = np.abs(xf).max(1)
+    xs = np.where(amax > 0, amax / np.float32(qm), np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(xf / xs[:, None]), -qm, qm).astype(np.int8)
+    return q, xs, q.astype(np.int32).reshape(len(x), -1, gs).sum(-1).astype(np.int32)
+
+
+INT_SHAPES = [(1, 64, 576, 64, 8), (1, 40, 200, 40, 4), (1, 24, 1536, 64, 8), (5, 96, 256, 64, 4),
+              (32, 48, 128, 32, 8)]
+
+
+@pytest.mark.parametrize("M,N,K,gs,bits", INT_SHAPES)
+def test_wgsl_int_kernels_match_numpy(M, N, K, gs, bits, wgpu_device):
+    """act_quant and int_gemm (word form, GPU hand schedules) on lavapipe: the packed codes, scales and group
+    sums equal numpy exactly, and the output equals numpy's dequantized exact int32 accumulation."""
+    from tvm_anyprec.kernels.intgemm import make_act_quant, make_int_gemm
+    from tvm_anyprec.schedules.intgemm_gpu import schedule_act_quant_gpu, schedule_int_gemm_gpu
+
+    rng = np.random.default_rng(M + N + K + bits)
+    G = K // gs
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x[:, 3] *= 20                                            # an outlier channel, smoothed by INV
+    inv = np.ones(K, np.float32)
+    inv[3] = 1 / 8
+    if M > 1:
+        x[-1] = 0                                            # an all-zero token: its scale is 1
+    f = schedule_act_quant_gpu(make_act_quant(M, K, bits, gs, words=True))
+    o = wgpu_device.run_prim_func(f, {"X": x, "INV": inv, "XQ": np.zeros((M, K // 4), np.uint32),
+                                      "XS": np.zeros(M, np.float32), "XSUM": np.zeros((M, G), np.int32)},
+                                  ["XQ", "XS", "XSUM"])
+    q, xs, xsum = _act_ref(x, inv, bits, gs)
+    np.testing.assert_array_equal(o["XQ"].view(np.int8).reshape(M, K), q)
+    np.testing.assert_allclose(o["XS"], xs, rtol=1e-6)
+    np.testing.assert_array_equal(o["XSUM"], xsum)
+
+    codes = rng.integers(0, 16, (N, K)).astype(np.uint8)
+    wp = np.ascontiguousarray(codes[:, 0::2] | (codes[:, 1::2] << 4)).view(np.uint32)    # [N, K/8]
+    ws = (rng.random((N, G)) * 0.1).astype(np.float32)
+    wz = (rng.random((N, G)) * 15).astype(np.float32)
+    g = schedule_int_gemm_gpu(make_int_gemm(M, N, K, gs, words=True))
+    y = wgpu_device.run_prim_func(g, {"XQ": q.view(np.uint32).reshape(M, K // 4), "XS": xs, "XSUM": xsum,
+                                      "WP": wp, "WS": ws, "WZ": wz, "Y": np.zeros((M, N), np.float32)}, ["Y"])["Y"]
+    acc = np.einsum("mgk,ngk->mng", q.astype(np.int64).reshape(M, G, gs), codes.astype(np.int64).reshape(N, G, gs))
+    ref = (xs[:, None, None].astype(np.float64) * ws[None] * (acc - wz[None] * xsum[:, None, :])).sum(-1)
+    np.testing.assert_allclose(y, ref, rtol=RTOL, atol=RTOL * np.abs(ref).max())
+    assert np.abs(y[0]).max() > 0 and (M == 1 or np.all(y[-1] == 0))
+
+
+@pytest.mark.parametrize("M,N,K,gs", [(1, 48, 256, 64), (8, 32, 128, 32)])
+def test_wgsl_int_gemm_tuning_space_samples_match_numpy(M, N, K, gs, wgpu_device):
+    """Random points of int_gemm_space_gpu (the MetaSchedule space) are correct schedules too."""
+    from tvm_anyprec.kernels.intgemm import make_int_gemm
+    from tvm_anyprec.schedules.intgemm_gpu import int_gemm_space_gpu
+
+    rng = np.random.default_rng(11)
+    G = K // gs
+    q = rng.integers(-127, 128, (M, K)).astype(np.int8)
+    xs = (rng.random(M) * 0.05).astype(np.float32)
+    xsum = q.astype(np.int32).reshape(M, G, gs).sum(-1).astype(np.int32)
+    codes = rng.integers(0, 16, (N, K)).astype(np.uint8)
+    wp = np.ascontiguousarray(codes[:, 0::2] | (codes[:, 1::2] << 4)).view(np.uint32)
+    ws = (rng.random((N, G)) * 0.1).astype(np.float32)
+    wz = (rng.random((N, G)) * 15).astype(np.float32)
+    acc = np.einsum("mgk,ngk->mng", q.astype(np.int64).reshape(M, G, gs), codes.astype(np.int64).reshape(N, G, gs))
+    ref = (xs[:, None, None].astype(np.float64) * ws[None] * (acc - wz[None] * xsum[:, None, :])).sum(-1)
+    for seed in (1, 2, 3):
+        sch = tvm.s_tir.Schedule(make_int_gemm(M, N, K, gs, words=True), seed=seed)
+        int_gemm_space_gpu(sch)
+        f = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        y = wgpu_device.run_prim_func(f, {"XQ": q.view(np.uint32).reshape(M, K // 4), "XS": xs, "XSUM": xsum,
+                                          "WP": wp, "WS": ws, "WZ": wz, "Y": np.zeros((M, N), np.float32)},
+                                      ["Y"])["Y"]
+        np.testing.assert_allclose(y, ref, rtol=RTOL, atol=RTOL * np.abs(ref).max())
+
+
+def test_cli_compile_act_bits_for_gpu_targets(cuda_build, tmp_path):
+    """--act-bits with a GPU target: the word-form kernels with the GPU schedules; the CUDA library embeds a
+    fatbin, the weights hold the INT4 codes as uint32 words (the same bytes as the CPU artifact's uint8)."""
+    import sys
+    from pathlib import Path
+
+    from tvm_anyprec import cli
+    from tvm_anyprec.artifact import load_tensors
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_act_compile import _two_layer_onnx
+
+    _two_layer_onnx(tmp_path / "mlp.onnx")
+    arts = {}
+    for target in ("cuda-sm80", "webgpu", "x86"):
+        out = tmp_path / target
+        assert cli.main(["compile", str(tmp_path / "mlp.onnx"), "--out", str(out), "--target", target,
+                         "--act-bits", "8", "--act-outlier", "none"]) in (0, None)
+        arts[target] = load_tensors(out / "weights.safetensors")
+    blob = (tmp_path / "cuda-sm80" / "lib.so").read_bytes()
+    assert FATBIN_MAGIC in blob and b"int_gemm_w4_m6_n192_k128_g64_kernel" in blob
+    for name, w in arts["x86"].items():
+        if name.endswith(".w4"):
+            assert w.dtype == np.uint8 and arts["cuda-sm80"][name].dtype == np.uint32
+            assert arts["cuda-sm80"][name].tobytes() == w.tobytes() == arts["webgpu"][name].tobytes()

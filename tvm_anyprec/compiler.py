@@ -113,8 +113,6 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     out = Path(out)
     refuse_overwrite(out, force)
     tp = preset(target)
-    if tp.get("device") and act_quant is not None:
-        raise CompileError(f"low-bit activations have CPU schedules only; {target} is a GPU target")
     par = None
     if act_quant is not None:
         seed_bits = max_bits = 4
@@ -133,7 +131,7 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
          quiet)
     if act_quant is not None:
         from .passes.act_quant import ActQuantRewrite
-        rw = ActQuantRewrite(act_quant, exclude)
+        rw = ActQuantRewrite(act_quant, exclude, words=bool(tp.get("device")))   # GPU: the word form
     else:
         rw = AnyPrecRewrite(seed_bits, max_bits, exclude)
     mod = rw(imp.mod)
@@ -151,7 +149,8 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
             from .passes.act_quant import layer_tensors
             w = imp.weights[site.name]
             stats = (act_stats or {}).get(site.name.removesuffix(".weight"))
-            tensors.update(layer_tensors(site, w if site.layout == "nk" else w.T, act_quant, stats))
+            tensors.update(layer_tensors(site, w if site.layout == "nk" else w.T, act_quant, stats,
+                                         words=rw.words))
             layers[site.name] = {"N": site.N, "K": site.K, "layout": site.layout, "rows": site.M,
                                  "act_bits": rw.act_bits[site.name]}
             continue

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import tvm
 
+from . import kernels as _fast_tvmscript  # noqa: F401  (fast TVMScript parsing; MetaSchedule parses ~250 intrinsics)
+
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
 
 

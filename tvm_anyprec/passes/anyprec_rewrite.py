@@ -44,9 +44,10 @@ class RewriteReport:
     rewritten: dict = field(default_factory=dict)   # name -> LinearSite
     skipped: dict = field(default_factory=dict)     # name -> reason
     functions: dict = field(default_factory=dict)   # function -> ordered param names (after inputs)
+    operator: str = "the bitplane operator"
 
     def summary(self) -> str:
-        lines = [f"rewrote {len(self.rewritten)} linear layers to the bitplane operator"]
+        lines = [f"rewrote {len(self.rewritten)} linear layers to {self.operator}"]
         shapes = {}
         for s in self.rewritten.values():
             shapes.setdefault((s.N, s.K), 0)
