@@ -349,3 +349,47 @@ def test_cli_compile_act_bits_for_gpu_targets(cuda_build, tmp_path):
         if name.endswith(".w4"):
             assert w.dtype == np.uint8 and arts["cuda-sm80"][name].dtype == np.uint32
             assert arts["cuda-sm80"][name].tobytes() == w.tobytes() == arts["webgpu"][name].tobytes()
+
+
+# ---------------------------------------------------------------- GPU tuning (MetaSchedule) on the WebGPU adapter
+
+def test_webgpu_tuning_records_are_applied_and_correct(small_onnx, wgpu_device, tmp_path):
+    """`tune --target webgpu` measures the GPU design space through wgpu (here lavapipe: a ranking on the
+    CPU's software Vulkan, not a GPU's) with the hand schedule as record 1; compile applies the records, and
+    the best record's kernel still matches numpy."""
+    from tvm_anyprec import cli
+    from tvm_anyprec.compiler import compile_model
+    from tvm_anyprec.tuning import count_records, open_database, query_database
+
+    log = tmp_path / "log"
+    assert cli.main(["tune", str(small_onnx), "--target", "webgpu", "--trials", "4", "--only", "m3_n96",
+                     "--log-dir", str(log)]) in (0, None)
+    target = tvm.target.Target(preset("webgpu")["target"])
+    f = make_anyprec_linear(3, 96, 77)
+    assert count_records(open_database(log), f, target) == 4
+    m = compile_model(small_onnx, tmp_path / "art", target="webgpu", tuning_log=log, quiet=True)
+    assert m["kernels"]["anyprec_linear_m3_n96_k77_b3to8"] == "tuned"
+    assert {v for k, v in m["kernels"].items() if "m3_n96" not in k} == {"default"}
+    best = query_database(open_database(log), f, target)
+    rng = np.random.default_rng(5)
+    layer = quantize_nonuniform(rng.standard_normal((96, 77)).astype(np.float32), None, 3, 8)
+    luts = np.concatenate([layer.luts[b] for b in range(3, 9)], 1).astype(np.float16)
+    x = rng.standard_normal((3, 77)).astype(np.float32)
+    for b in (3, 8):
+        y = wgpu_device.run_prim_func(best, {"X": x, "PLANES": layer.planes, "LUTS": luts,
+                                             "NBITS": np.array([b], np.int32), "Y": np.zeros((3, 96), np.float32)},
+                                      ["Y"])["Y"]
+        ref = x.astype(np.float64) @ layer.dequantize(b).astype(np.float64).T
+        np.testing.assert_allclose(y, ref, rtol=RTOL, atol=RTOL * np.abs(ref).max())
+
+
+def test_cuda_tuning_without_a_gpu_says_what_is_missing(small_onnx, tmp_path, capsys):
+    from tvm_anyprec import cli
+    from tvm_anyprec.targets.cuda import has_gpu
+
+    if has_gpu():
+        pytest.skip("this machine has an NVIDIA GPU: CUDA tuning runs here")
+    assert cli.main(["tune", str(small_onnx), "--target", "cuda-sm80", "--trials", "2",
+                     "--log-dir", str(tmp_path / "log")]) == 2
+    assert "needs an NVIDIA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "log" / "database_tuning_record.json").exists()

@@ -19,12 +19,15 @@ through TVM's RPC tracker (``rpc=RPC(host, port, key, workers)``), with the kern
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tvm
 
 from . import kernels as _fast_tvmscript  # noqa: F401  (fast TVMScript parsing; MetaSchedule parses ~250 intrinsics)
@@ -56,6 +59,9 @@ def _builder(target):
     from tvm.s_tir import meta_schedule as ms
 
     from .targets import host_arch
+
+    if _is_webgpu(target):
+        return _wgsl_builder()
 
     cross = "aarch64" in str(target.attrs.get("mtriple", "")) and host_arch() != "aarch64"
     return ms.builder.LocalBuilder(f_build=_lean_build, f_export=_cross_export if cross else None, timeout_sec=60)
@@ -111,9 +117,11 @@ class TuningError(ValueError):
     pass
 
 
-def _runner(rpc: RPC | None):
+def _runner(rpc: RPC | None, target=None):
     from tvm.s_tir import meta_schedule as ms
 
+    if rpc is None and target is not None and _is_webgpu(target):
+        return _wgsl_runner()
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)
     if rpc is None:
         return ms.runner.LocalRunner(evaluator_config=evaluator)
@@ -147,15 +155,139 @@ def commit_hand_baseline(db, func: tvm.tirx.PrimFunc, target, rpc: RPC | None = 
     database's best is never worse than the schedule compile uses without a log. Returns its seconds."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .schedules.cpu import hand_schedule
-
-    sch = hand_schedule(workload(func))
+    sch = _hand_schedule(func, target)
+    if sch is None:
+        return None
     secs, run_secs, args_info = _measure(sch.mod, target, rpc)
     if secs is None:
         return None
     db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(workload(func)),
                                                      run_secs, target, args_info))
     return secs
+
+
+def _is_gpu(target) -> bool:
+    return "gpu" in [str(k) for k in target.keys]
+
+
+def _is_webgpu(target) -> bool:
+    return str(target.kind.name) == "webgpu"
+
+
+def _hand_schedule(func: tvm.tirx.PrimFunc, target):
+    """The schedule compile uses without a log, as a Schedule of the workload (with its trace); None when it
+    cannot be a record of this workload (the GPU prefill dense kernel is rebuilt in a two-block form)."""
+    if not _is_gpu(target):
+        from .schedules.cpu import hand_schedule
+        return hand_schedule(workload(func))
+    from .schedules import gpu, intgemm_gpu
+
+    mod = workload(func)
+    threads = gpu.max_threads_of(target)
+    sch = (intgemm_gpu.hand_schedule if _has_dequant(func) else gpu.hand_schedule)(mod, threads)
+    try:                                   # a record must replay on the workload itself
+        sch.trace.apply_to_schedule(tvm.s_tir.Schedule(mod), remove_postproc=False)
+    except Exception:  # the trace names blocks the workload lacks
+        return None
+    return sch
+
+
+def _has_dequant(func) -> bool:
+    from .schedules.cpu import _has_block
+    return _has_block(tvm.s_tir.Schedule(func), "dequant")
+
+
+def _project_space(func, target):
+    """The project's design space for ``func`` on ``target`` (a ScheduleFn)."""
+    from functools import partial
+
+    from tvm.s_tir import meta_schedule as ms
+
+    if not _is_gpu(target):
+        from .schedules.cpu import linear_space_cpu
+        return ms.space_generator.ScheduleFn(linear_space_cpu)
+    from .schedules import gpu, intgemm_gpu
+
+    fn = partial(intgemm_gpu.int_gemm_space_gpu if _has_dequant(func) else gpu.linear_space_gpu,
+                 max_threads=gpu.max_threads_of(target))
+    if _is_webgpu(target):     # MetaSchedule has no webgpu defaults: the space is complete as it is
+        return ms.space_generator.ScheduleFn(fn, sch_rules=[], postprocs=[], mutator_probs={})
+    return ms.space_generator.ScheduleFn(fn)
+
+
+def _wgsl_builder():
+    """MetaSchedule builder for the webgpu target, in this process (WGSL codegen, nothing to link): each
+    artifact is a JSON file with the kernel's WGSL, launch grid and parameter names."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+
+    @derived_object
+    class _WGSLBuilder(PyBuilder):
+        def build(self, build_inputs):
+            import json
+            import os
+            import tempfile
+
+            from .targets.webgpu import launch_grid, webgpu_source
+
+            out = []
+            for bi in build_inputs:
+                try:
+                    f = bi.mod["main"]
+                    lib = tvm.compile(bi.mod, target=bi.target)
+                    art = {"wgsl": webgpu_source(lib), "grid": list(launch_grid(f)),
+                           "params": [str(v.name) for v in f.params]}
+                    # a directory of its own: MetaSchedule removes the artifact's whole parent directory
+                    path = os.path.join(tempfile.mkdtemp(prefix="anyprec-wgsl-"), "kernel.json")
+                    with open(path, "w") as fh:
+                        json.dump(art, fh)
+                    out.append(BuilderResult(path, None))
+                except Exception as e:  # a schedule the codegen rejects: a failed trial, not a failed run
+                    out.append(BuilderResult(None, f"{type(e).__name__}: {str(e)[-500:]}"))
+            return out
+
+    return _WGSLBuilder()
+
+
+def _random_array(rng, dtype: str, shape) -> np.ndarray:
+    dt = np.dtype(dtype)
+    if dt.kind == "f":
+        return rng.standard_normal(shape).astype(dt)
+    if dt.kind == "u":
+        return rng.integers(0, np.iinfo(dt).max, shape, dtype=dt, endpoint=True)
+    return rng.integers(0, 9, shape).astype(dt)    # small ints (the bit-width input is clamped by the kernel)
+
+
+def _wgsl_runner(number: int = 3, repeat: int = 1):
+    """MetaSchedule runner for WebGPU builds: each kernel on random inputs through wgpu (targets.webgpu) on
+    whatever adapter this machine has (lavapipe without a GPU: its times rank schedules on the CPU's
+    software Vulkan, not on a GPU)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner
+    from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
+
+    @derived_object
+    class _WGSLRunner(PyRunner):
+        def run(self, runner_inputs):
+            import json
+
+            from .targets.webgpu import Prepared
+
+            rng = np.random.default_rng(0)
+            out = []
+            for ri in runner_inputs:
+                try:
+                    with open(ri.artifact_path) as fh:
+                        art = json.load(fh)
+                    arrays = {name: _random_array(rng, str(info.dtype), [int(d) for d in info.shape])
+                              for name, info in zip(art["params"], ri.args_info)}
+                    secs = Prepared(art["wgsl"], arrays, art["grid"]).seconds(number, repeat)
+                    out.append(LocalRunnerFuture(res=secs))
+                except Exception as e:  # a kernel the adapter rejects: a failed trial
+                    out.append(LocalRunnerFuture(error_message=f"{type(e).__name__}: {str(e)[-500:]}"))
+            return out          # (the artifacts' directories are removed by MetaSchedule / _measure_many)
+
+    return _WGSLRunner()
 
 
 # ----------------------------------------------------------------------------- integer GEMM variants (ARM)
@@ -194,12 +326,14 @@ def _measure_many(mods: list, target, rpc: RPC | None = None) -> list:
     dev_type = "cpu" if target.kind.name == "llvm" else target.kind.name
     idx = [i for i, b in enumerate(built) if b.error_msg is None]
     infos = {i: ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"]) for i in idx}
-    futs = _runner(rpc).run([ms.runner.RunnerInput(built[i].artifact_path, dev_type, infos[i]) for i in idx])
+    futs = _runner(rpc, target).run([ms.runner.RunnerInput(built[i].artifact_path, dev_type, infos[i]) for i in idx])
     out = [(None, None, None)] * len(mods)
     for i, fut in zip(idx, futs):
         res = fut.result()
         if res.error_msg is None and res.run_secs:
             out[i] = (float(sum(float(x) for x in res.run_secs) / len(res.run_secs)), res.run_secs, infos[i])
+    for i in idx:              # each artifact lives in a temporary directory of its own
+        shutil.rmtree(os.path.dirname(built[i].artifact_path), ignore_errors=True)
     return out
 
 
@@ -288,21 +422,19 @@ def tune_kernel(func: tvm.tirx.PrimFunc, target, work_dir, trials: int, seed: in
 
     from tvm.s_tir import meta_schedule as ms
 
-    from .schedules.cpu import linear_space_cpu
-
     t0 = time.time()
     cores = int(target.attrs.get("num-cores", 1)) if hasattr(target, "attrs") else 1
     callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
     if on_batch is not None:
         callbacks.append(_progress_callback(on_batch))
-    gen = ms.space_generator.ScheduleFn(linear_space_cpu) if space == "project" else "post-order-apply"
+    gen = _project_space(func, target) if space == "project" else "post-order-apply"
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     with _quiet_logs(work_dir):
         ms.tune_tir(workload(func), target, work_dir=str(Path(work_dir) / "logs"), max_trials_global=trials,
                     num_trials_per_iter=min(8, trials), cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
                     database=open_database(work_dir),
                     builder=_builder(target),
-                    runner=_runner(rpc), measure_callbacks=callbacks, space=gen,
+                    runner=_runner(rpc, target), measure_callbacks=callbacks, space=gen,
                     num_tuning_cores=cores, seed=seed)
     return time.time() - t0
 
@@ -442,6 +574,11 @@ def tune_model(source, target: str = "x86", trials: int = 32, log_dir=None, rpc:
     if trials < 1:
         raise TuningError(f"--trials must be >= 1, got {trials}")
     tp = preset(target)
+    if rpc is None and tp.get("device") == "cuda":
+        from .targets.cuda import has_gpu
+        if not has_gpu():
+            raise TuningError(f"measuring {target} kernels needs an NVIDIA GPU: run tune on a machine with one, "
+                              "or give --rpc-tracker/--rpc-key of one (webgpu tunes here, on any WebGPU adapter)")
     with ExitStack() as stack:
         if rpc is None and tp["arch"] == "aarch64" and host_arch() != "aarch64":
             rpc = stack.enter_context(emulated_board(tp))

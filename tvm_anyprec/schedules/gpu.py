@@ -49,6 +49,21 @@ def _bind_coop(sch, block, threads) -> None:
         sch.bind(lp, axis)
 
 
+def stage_tile(sch, block, loop, tm: int, tn: int) -> None:
+    """Compute ``block`` (a weight tile: decoded, unpacked or copied) into shared memory at ``loop``, spread
+    over the block's tm x tn threads. Shared scope first: compute_at then sizes the tile for the whole thread
+    block, not for one thread."""
+    sch.set_scope(block, 0, "shared")
+    sch.compute_at(block, loop, preserve_unit_loops=True)
+    _bind_coop(sch, block, [("threadIdx.y", tm), ("threadIdx.x", tn)])
+
+
+def annotate_unroll(sch, block, unroll) -> None:
+    if unroll is not None:
+        sch.annotate(block, "pragma_auto_unroll_max_step", unroll)
+        sch.annotate(block, "pragma_unroll_explicit", 1)
+
+
 def _schedule_gemv(sch, rows, lanes, lut_shared=False, unroll=None) -> None:
     if _has_block(sch, "decode"):
         sch.compute_inline(sch.get_sblock("decode"))
@@ -64,9 +79,7 @@ def _schedule_gemv(sch, rows, lanes, lut_shared=False, unroll=None) -> None:
         lut = sch.cache_read(blk, _read_index(sch, blk, "LUTS"), "shared")
         sch.compute_at(lut, no, preserve_unit_loops=True)
         _bind_coop(sch, lut, [("threadIdx.y", rows), ("threadIdx.x", lanes)])
-    if unroll is not None:
-        sch.annotate(blk, "pragma_auto_unroll_max_step", unroll)
-        sch.annotate(blk, "pragma_unroll_explicit", 1)
+    annotate_unroll(sch, blk, unroll)
 
 
 def _schedule_tiled(sch, tm, tn, tk=WORD, unroll=None) -> None:
@@ -83,14 +96,9 @@ def _schedule_tiled(sch, tm, tn, tk=WORD, unroll=None) -> None:
     acc = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(acc, nx, preserve_unit_loops=True)
     if _has_block(sch, "decode"):   # the weight tile, decoded (or copied: make_dense_nt_staged) into shared memory
-        tile = sch.get_sblock("decode")
-        sch.set_scope(tile, 0, "shared")
-        sch.compute_at(tile, ko, preserve_unit_loops=True)
-        _bind_coop(sch, tile, [("threadIdx.y", tm), ("threadIdx.x", tn)])
+        stage_tile(sch, sch.get_sblock("decode"), ko, tm, tn)
     # else: the one-block dense kernel (a tuning space on it): W is read from global memory
-    if unroll is not None:
-        sch.annotate(blk, "pragma_auto_unroll_max_step", unroll)
-        sch.annotate(blk, "pragma_unroll_explicit", 1)
+    annotate_unroll(sch, blk, unroll)
 
 
 def _as_two_blocks(func):
@@ -159,22 +167,32 @@ def max_threads_of(target) -> int:
 UNROLL = (0, 16, 64)
 
 
+def _uniform(sch, choices):
+    return sch.sample_categorical(list(choices), [1.0 / len(choices)] * len(choices))
+
+
+def sample_knobs(sch, M: int, N: int, max_threads: int, lanes=(8, 16, 32, 64)):
+    """The sampled knobs shared by the GPU design spaces: (unroll, rows, lanes) for a GEMV (M = 1), else
+    (unroll, tm, tn) for the thread tile."""
+    unroll = _uniform(sch, UNROLL)
+    if M == 1:
+        lanes_c = [t for t in lanes if t <= max_threads]
+        rows_c = [r for r in (1, 2, 4, 8) if N % r == 0 and r * max(lanes_c) <= max_threads] or [1]
+        return unroll, _uniform(sch, rows_c), _uniform(sch, lanes_c)
+    tn_c = [t for t in (8, 16, 32) if N % t == 0] or [1]
+    tm_c = [t for t in (1, 2, 4, 8) if M % t == 0 and t * max(tn_c) <= max_threads] or [1]
+    tn = _uniform(sch, tn_c)
+    return unroll, _uniform(sch, tm_c), tn
+
+
 def linear_space_gpu(sch, max_threads: int = MAX_THREADS) -> None:
     """MetaSchedule design space (a ScheduleFn) of the linear kernels on GPU: the hand schedule's structure
     with sampled rows/lanes (GEMV) or thread tile (tiled), and unrolling. Tuning needs a runner
     on the GPU (an RPC tracker with the device)."""
     M, N, KP = _mnk(sch)
-    unroll = sch.sample_categorical(list(UNROLL), [1.0 / len(UNROLL)] * len(UNROLL))
+    unroll, a, b = sample_knobs(sch, M, N, max_threads)
     if M == 1:
-        lanes_c = [t for t in (8, 16, 32, 64) if t <= max_threads]
-        lanes = sch.sample_categorical(lanes_c, [1.0 / len(lanes_c)] * len(lanes_c))
-        rows_c = [r for r in (1, 2, 4, 8) if N % r == 0 and r * max(lanes_c) <= max_threads] or [1]
-        rows = sch.sample_categorical(rows_c, [1.0 / len(rows_c)] * len(rows_c))
         L = _lut_width(sch)     # a structural choice, not sampled (a trace replays one structure)
-        _schedule_gemv(sch, rows, lanes, L is not None and KP >= 2 * L, unroll)
+        _schedule_gemv(sch, a, b, L is not None and KP >= 2 * L, unroll)
     else:
-        tn_c = [t for t in (8, 16, 32) if N % t == 0] or [1]
-        tm_c = [t for t in (1, 2, 4, 8) if M % t == 0 and t * max(tn_c) <= max_threads] or [1]
-        tn = sch.sample_categorical(tn_c, [1.0 / len(tn_c)] * len(tn_c))
-        tm = sch.sample_categorical(tm_c, [1.0 / len(tm_c)] * len(tm_c))
-        _schedule_tiled(sch, tm, tn, WORD, unroll)
+        _schedule_tiled(sch, a, b, WORD, unroll)

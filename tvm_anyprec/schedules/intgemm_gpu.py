@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import tvm
 
-from .gpu import MAX_THREADS, _bind_coop, _largest_divisor
+from .gpu import MAX_THREADS, _largest_divisor, annotate_unroll, sample_knobs, stage_tile
 
 
 def _lanes_for(extent: int, cap: int) -> int:
@@ -80,9 +80,7 @@ def _gemv(sch, rows: int, lanes: int, unroll=None) -> None:
     sch.reorder(sy, rtx)
     sch.bind(sy, "threadIdx.y")
     sch.bind(rtx, "threadIdx.x")
-    if unroll is not None:
-        sch.annotate(acc, "pragma_auto_unroll_max_step", unroll)
-        sch.annotate(acc, "pragma_unroll_explicit", 1)
+    annotate_unroll(sch, acc, unroll)
 
 
 def _tiled(sch, tm: int, tn: int, unroll=None) -> None:
@@ -99,22 +97,17 @@ def _tiled(sch, tm: int, tn: int, unroll=None) -> None:
     sch.set_scope(acc, 0, "local")
     out = sch.cache_write(deq, 0, "local")                # the float accumulator stays in a register
     sch.reverse_compute_at(out, nx, preserve_unit_loops=True)
-    # the weight tile of this group, unpacked once per block into shared memory (shared scope first: then
-    # compute_at sizes the tile for the whole block, not for one thread)
-    sch.set_scope(unpack, 0, "shared")
-    sch.compute_at(unpack, g, preserve_unit_loops=True)
-    _bind_coop(sch, unpack, [("threadIdx.y", tm), ("threadIdx.x", tn)])
-    if unroll is not None:
-        sch.annotate(acc, "pragma_auto_unroll_max_step", unroll)
-        sch.annotate(acc, "pragma_unroll_explicit", 1)
+    stage_tile(sch, unpack, g, tm, tn)        # the group's weight tile, unpacked once per block
+    annotate_unroll(sch, acc, unroll)
 
 
 def _mng(sch):
     return [int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock("dequant"))]
 
 
-def schedule_int_gemm_gpu(func: tvm.tirx.PrimFunc, max_threads: int = MAX_THREADS) -> tvm.tirx.PrimFunc:
-    sch = tvm.s_tir.Schedule(func)
+def hand_schedule(func_or_mod, max_threads: int = MAX_THREADS):
+    """The int_gemm GPU hand schedule as a Schedule (its trace is a tuning record)."""
+    sch = tvm.s_tir.Schedule(func_or_mod)
     M, N, G = _mng(sch)
     if M == 1:
         lanes = _lanes_for(G, max_threads)
@@ -124,25 +117,16 @@ def schedule_int_gemm_gpu(func: tvm.tirx.PrimFunc, max_threads: int = MAX_THREAD
         tn = _largest_divisor(N, (32, 16, 8, 4, 2, 1))
         tm = _largest_divisor(M, [t for t in (8, 4, 2, 1) if t * tn <= max_threads])
         _tiled(sch, tm, tn)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch
+
+
+def schedule_int_gemm_gpu(func: tvm.tirx.PrimFunc, max_threads: int = MAX_THREADS) -> tvm.tirx.PrimFunc:
+    return hand_schedule(func, max_threads).mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 def int_gemm_space_gpu(sch, max_threads: int = MAX_THREADS) -> None:
     """MetaSchedule design space of int_gemm (word form) on GPU: the hand schedule's structure with sampled
     rows/lanes (GEMV) or thread tile (tiled), and unrolling."""
-    from .gpu import UNROLL
-
-    M, N, G = _mng(sch)
-    unroll = sch.sample_categorical(list(UNROLL), [1.0 / len(UNROLL)] * len(UNROLL))
-    if M == 1:
-        lanes_c = [t for t in (4, 8, 16, 32) if t <= max_threads]
-        lanes = sch.sample_categorical(lanes_c, [1.0 / len(lanes_c)] * len(lanes_c))
-        rows_c = [r for r in (1, 2, 4, 8) if N % r == 0 and r * max(lanes_c) <= max_threads] or [1]
-        rows = sch.sample_categorical(rows_c, [1.0 / len(rows_c)] * len(rows_c))
-        _gemv(sch, rows, lanes, unroll)
-    else:
-        tn_c = [t for t in (8, 16, 32) if N % t == 0] or [1]
-        tm_c = [t for t in (1, 2, 4, 8) if M % t == 0 and t * max(tn_c) <= max_threads] or [1]
-        tn = sch.sample_categorical(tn_c, [1.0 / len(tn_c)] * len(tn_c))
-        tm = sch.sample_categorical(tm_c, [1.0 / len(tm_c)] * len(tm_c))
-        _tiled(sch, tm, tn, unroll)
+    M, N, _G = _mng(sch)
+    unroll, a, b = sample_knobs(sch, M, N, max_threads, lanes=(4, 8, 16, 32))
+    (_gemv if M == 1 else _tiled)(sch, a, b, unroll)

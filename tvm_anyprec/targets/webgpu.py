@@ -104,58 +104,88 @@ def _pad4(b: bytes) -> bytes:
     return b + b"\0" * (-len(b) % 4) if b else b"\0\0\0\0"
 
 
+class Prepared:
+    """One kernel ready to dispatch: its pipeline compiled and its buffers bound (``run_wgsl``'s arguments)."""
+
+    def __init__(self, wgsl: str, arrays: dict[str, np.ndarray], grid, entry: str | None = None, scalars=()):
+        import wgpu
+
+        kernels = split_kernels(wgsl)
+        if entry is None:
+            if len(kernels) != 1:
+                raise ValueError(f"the WGSL has {len(kernels)} kernels ({', '.join(kernels)}): name the entry point")
+            entry = next(iter(kernels))
+        src = kernels[entry]
+        self.dev = dev = device()
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.arrays = arrays
+        U = wgpu.BufferUsage
+        bufs, self.storage = {}, {}
+        for m in _BINDING.finditer(src):
+            idx, kind, name = int(m.group(1)), m.group(2), m.group(3)
+            if kind == "uniform":
+                fields = re.findall(r"(\w+)\s*:\s*(\w+)", _POD.search(src).group(1))
+                if len(fields) != len(scalars) + 1 or fields[-1][0] != "packGridDimX":
+                    raise ValueError(f"PODArgs {fields} does not match {len(scalars)} scalar(s) + packGridDimX")
+                words = [np.array([v], {"i32": np.int32, "u32": np.uint32, "f32": np.float32}[t]).tobytes()
+                         for (_, t), v in zip(fields[:-1], scalars)]
+                pod = b"".join(words) + np.array([self.grid[0]], np.uint32).tobytes()
+                pod += b"\0" * (-len(pod) % 16)
+                bufs[idx] = dev.create_buffer_with_data(data=pod, usage=U.UNIFORM)
+                continue
+            pname = name[:-4] if name.endswith("_ptr") else name
+            if pname not in arrays:
+                raise KeyError(f"kernel {entry} binds {pname!r}; given: {', '.join(arrays)}")
+            data = _pad4(np.ascontiguousarray(arrays[pname]).tobytes())
+            bufs[idx] = dev.create_buffer_with_data(data=data, usage=U.STORAGE | U.COPY_SRC)
+            self.storage[pname] = bufs[idx]
+        shader = dev.create_shader_module(code=src)
+        self.pipe = dev.create_compute_pipeline(layout="auto", compute={"module": shader, "entry_point": entry})
+        self.group = dev.create_bind_group(layout=self.pipe.get_bind_group_layout(0), entries=[
+            {"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}} for i, b in sorted(bufs.items())])
+
+    def dispatch(self, times: int = 1) -> None:
+        enc = self.dev.create_command_encoder()
+        for _ in range(times):
+            cpass = enc.begin_compute_pass()
+            cpass.set_pipeline(self.pipe)
+            cpass.set_bind_group(0, self.group)
+            cpass.dispatch_workgroups(*self.grid)
+            cpass.end()
+        self.dev.queue.submit([enc.finish()])
+
+    def read(self, name: str) -> np.ndarray:
+        ref = np.asarray(self.arrays[name])
+        raw = self.dev.queue.read_buffer(self.storage[name])
+        return np.frombuffer(raw, dtype=ref.dtype, count=ref.size).reshape(ref.shape).copy()
+
+    def seconds(self, number: int = 3, repeat: int = 1) -> list[float]:
+        """Mean seconds per dispatch, ``repeat`` times (each over ``number`` dispatches, after a warm-up),
+        waiting for the queue to finish: wall-clock time of the adapter (lavapipe: CPU time)."""
+        import time
+
+        # reading a buffer back waits for the queue (wgpu-py 0.32's on_submitted_work_done_sync is broken);
+        # the smallest one, so the copy costs next to nothing
+        sync = min(self.storage, key=lambda n: self.storage[n].size)
+        self.dispatch()
+        self.read(sync)
+        out = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            self.dispatch(number)
+            self.read(sync)
+            out.append((time.perf_counter() - t0) / number)
+        return out
+
+
 def run_wgsl(wgsl: str, arrays: dict[str, np.ndarray], outputs, grid, entry: str | None = None,
              scalars=()) -> dict[str, np.ndarray]:
     """Run one kernel: ``arrays`` by parameter name (inputs and output buffers with their shape and dtype),
     ``outputs`` the names to read back, ``grid`` (x[, y[, z]]) blocks, ``scalars`` the PODArgs values before
     packGridDimX (as int32/uint32/float32 in the WGSL order). Returns {output name: array}."""
-    import wgpu
-
-    kernels = split_kernels(wgsl)
-    if entry is None:
-        if len(kernels) != 1:
-            raise ValueError(f"the WGSL has {len(kernels)} kernels ({', '.join(kernels)}): name the entry point")
-        entry = next(iter(kernels))
-    src = kernels[entry]
-    dev = device()
-    grid = tuple(grid) + (1,) * (3 - len(grid))
-    U = wgpu.BufferUsage
-    bufs, storage = {}, {}
-    for m in _BINDING.finditer(src):
-        idx, kind, name = int(m.group(1)), m.group(2), m.group(3)
-        if kind == "uniform":
-            fields = re.findall(r"(\w+)\s*:\s*(\w+)", _POD.search(src).group(1))
-            if len(fields) != len(scalars) + 1 or fields[-1][0] != "packGridDimX":
-                raise ValueError(f"PODArgs {fields} does not match {len(scalars)} scalar(s) + packGridDimX")
-            words = [np.array([v], {"i32": np.int32, "u32": np.uint32, "f32": np.float32}[t]).tobytes()
-                     for (_, t), v in zip(fields[:-1], scalars)]
-            pod = b"".join(words) + np.array([grid[0]], np.uint32).tobytes()
-            pod += b"\0" * (-len(pod) % 16)
-            bufs[idx] = dev.create_buffer_with_data(data=pod, usage=U.UNIFORM)
-            continue
-        pname = name[:-4] if name.endswith("_ptr") else name
-        if pname not in arrays:
-            raise KeyError(f"kernel {entry} binds {pname!r}; given: {', '.join(arrays)}")
-        data = _pad4(np.ascontiguousarray(arrays[pname]).tobytes())
-        bufs[idx] = dev.create_buffer_with_data(data=data, usage=U.STORAGE | U.COPY_SRC)
-        storage[pname] = bufs[idx]
-    shader = dev.create_shader_module(code=src)
-    pipe = dev.create_compute_pipeline(layout="auto", compute={"module": shader, "entry_point": entry})
-    group = dev.create_bind_group(layout=pipe.get_bind_group_layout(0), entries=[
-        {"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}} for i, b in sorted(bufs.items())])
-    enc = dev.create_command_encoder()
-    cpass = enc.begin_compute_pass()
-    cpass.set_pipeline(pipe)
-    cpass.set_bind_group(0, group)
-    cpass.dispatch_workgroups(*grid)
-    cpass.end()
-    dev.queue.submit([enc.finish()])
-    out = {}
-    for name in outputs:
-        ref = np.asarray(arrays[name])
-        raw = dev.queue.read_buffer(storage[name])
-        out[name] = np.frombuffer(raw, dtype=ref.dtype, count=ref.size).reshape(ref.shape).copy()
-    return out
+    k = Prepared(wgsl, arrays, grid, entry, scalars)
+    k.dispatch()
+    return {name: k.read(name) for name in outputs}
 
 
 def run_prim_func(func, arrays: dict[str, np.ndarray], outputs) -> dict[str, np.ndarray]:
