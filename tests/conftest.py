@@ -102,3 +102,17 @@ def session(real_artifact):
     from tvm_anyprec.runtime import Session
 
     return Session(real_artifact)
+
+
+FILE_ORDER = ["test_real_model.py",      # worker 1: builds the parent (then its own torch checks)
+              "test_gpu.py",             # worker 2: builds the ONNX export (cubin check), then WGSL kernels
+              "test_tuning.py",          # worker 2: independent, while the parent is still being built
+              "test_e2e_real.py",        # builds the x86 artifact (parent + export)
+              "test_arm.py", "test_runtime_features.py", "test_act_compile.py", "test_act_quant.py",
+              "test_prune.py", "test_arm_kernels.py", "test_parent.py", "test_quant.py", "test_compile.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Order the collected tests by file (``FILE_ORDER``, then the rest by name); within a file, as written."""
+    rank = {name: i for i, name in enumerate(FILE_ORDER)}
+    items.sort(key=lambda it: (rank.get(it.path.name, len(rank)), it.path.name))

@@ -1,5 +1,5 @@
 """The real model end to end in torch: quantize SmolLM2-135M into a 3..8-bit parent, then perplexity of
-every child on a fixed slice of Hamlet (8 windows x 128 tokens) against fp32 and RTN 4-bit g128."""
+every child on a fixed slice of Hamlet (4 windows x 128 tokens) against fp32 and RTN 4-bit g128."""
 from __future__ import annotations
 
 
@@ -20,7 +20,7 @@ def parent(real_parent):
 
 @pytest.fixture(scope="module")
 def ppl(real_parent):
-    rows = api.eval_torch(real_parent, windows=8, seqlen=128, quiet=True)
+    rows = api.eval_torch(real_parent, windows=4, seqlen=128, quiet=True)
     print("\n" + api.format_table(rows))
     return {r["config"]: r["ppl"] for r in rows}
 
@@ -59,7 +59,7 @@ def test_perplexity_per_bit_width(ppl, capsys):
     fp32, rtn4 = ppl["fp32"], ppl["RTN 4-bit g128"]
     child = {b: ppl[f"nonuniform {b}-bit"] for b in range(3, 9)}
     with capsys.disabled():
-        print("\nreal model ppl (Hamlet, 8x128): fp32 %.3f, RTN4 g128 %.3f, " % (fp32, rtn4)
+        print("\nreal model ppl (Hamlet, 4x128): fp32 %.3f, RTN4 g128 %.3f, " % (fp32, rtn4)
               + ", ".join(f"{b}-bit {p:.3f}" for b, p in child.items()))
     assert 1 < fp32 < 200
     assert abs(child[8] / fp32 - 1) < 0.01, (child[8], fp32)
