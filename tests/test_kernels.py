@@ -100,3 +100,46 @@ def test_fallback_schedule_keeps_results(b_shape):
             out = tvm.runtime.empty((3, 3, 8, b_shape[-1]), "float32", dev)
             fn(tvm.runtime.tensor(av, dev), tvm.runtime.tensor(bv, dev), out)
             np.testing.assert_allclose(out.numpy(), av @ bv, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_tvmscript_stack_keeps_the_parser_behaviour():
+    """kernels/__init__.py gives TVMScript's prim_func a stack without source lookups past the third frame:
+    prim_funcs inside an @I.ir_module class (detected from frame 2's source line), closures over local
+    variables, and prim_funcs in a plain class still parse as before."""
+    import tvm.tirx.script.parser.entry as entry
+    from tvm.script import ir as I
+    from tvm.script import tirx as T
+
+    import tvm_anyprec.kernels  # noqa: F401
+
+    assert getattr(entry.inspect, "_anyprec_fast", False)
+
+    @I.ir_module
+    class Mod:
+        @T.prim_func
+        def main(A: T.Buffer((4,), "float32"), B: T.Buffer((4,), "float32")):
+            for i in range(4):
+                B[i] = A[i] * T.float32(2)
+
+    n = 8
+
+    @T.prim_func
+    def closure(A: T.Buffer((n,), "float32")):
+        for i in range(n):
+            A[i] = T.float32(1)
+
+    class Plain:
+        @T.prim_func
+        def g(A: T.Buffer((2,), "float32")):
+            A[0] = T.float32(0)
+
+    assert isinstance(Mod, tvm.IRModule) and [gv.name_hint for gv in Mod.functions] == ["main"]
+    assert int(closure.params[0].shape[0]) == 8          # (0.27: buffer params are buffer-typed Vars)
+    assert isinstance(Plain.g, tvm.tirx.PrimFunc)
+    a = np.arange(4, dtype=np.float32)
+    b = np.zeros(4, np.float32)
+    f = tvm.compile(Mod, target="llvm")
+    dev = tvm.cpu()
+    ta, tb = tvm.runtime.tensor(a, dev), tvm.runtime.tensor(b, dev)
+    f["main"](ta, tb)
+    np.testing.assert_array_equal(tb.numpy(), 2 * a)
