@@ -166,10 +166,6 @@ def commit_hand_baseline(db, func: tvm.tirx.PrimFunc, target, rpc: RPC | None = 
     return secs
 
 
-def _is_gpu(target) -> bool:
-    return "gpu" in [str(k) for k in target.keys]
-
-
 def _is_webgpu(target) -> bool:
     return str(target.kind.name) == "webgpu"
 
@@ -177,7 +173,9 @@ def _is_webgpu(target) -> bool:
 def _hand_schedule(func: tvm.tirx.PrimFunc, target):
     """The schedule compile uses without a log, as a Schedule of the workload (with its trace); None when it
     cannot be a record of this workload (the GPU prefill dense kernel is rebuilt in a two-block form)."""
-    if not _is_gpu(target):
+    from .compiler import is_gpu
+
+    if not is_gpu(target):
         from .schedules.cpu import hand_schedule
         return hand_schedule(workload(func))
     from .schedules import gpu, intgemm_gpu
@@ -203,7 +201,9 @@ def _project_space(func, target):
 
     from tvm.s_tir import meta_schedule as ms
 
-    if not _is_gpu(target):
+    from .compiler import is_gpu
+
+    if not is_gpu(target):
         from .schedules.cpu import linear_space_cpu
         return ms.space_generator.ScheduleFn(linear_space_cpu)
     from .schedules import gpu, intgemm_gpu
@@ -225,7 +225,6 @@ def _wgsl_builder():
     class _WGSLBuilder(PyBuilder):
         def build(self, build_inputs):
             import json
-            import os
             import tempfile
 
             from .targets.webgpu import launch_grid, webgpu_source

@@ -126,9 +126,10 @@ def _lut_width(sch) -> int | None:
     return None
 
 
-def gemv_lanes(kw: int) -> int:
-    """Threads along K for a row of kw plane words: the width among 32/16/8 wasting the fewest idle lanes."""
-    return min((32, 16, 8), key=lambda t: (-(-kw // t) * t - kw, -t))
+def gemv_lanes(extent: int, choices=(32, 16, 8)) -> int:
+    """Threads along a reduction of ``extent`` units (plane words, weight groups): the width among
+    ``choices`` wasting the fewest idle lanes (the widest on a tie)."""
+    return min(choices, key=lambda t: (-(-extent // t) * t - extent, -t))
 
 
 def hand_schedule(func_or_mod, max_threads: int = MAX_THREADS, lut_shared: bool | None = None):

@@ -22,14 +22,7 @@ from __future__ import annotations
 
 import tvm
 
-from .gpu import MAX_THREADS, _largest_divisor, annotate_unroll, sample_knobs, stage_tile
-
-
-def _lanes_for(extent: int, cap: int) -> int:
-    """Threads over a loop of ``extent``: the width among 32/16/8/4 (at most ``cap``) wasting the fewest
-    idle lanes."""
-    choices = [t for t in (32, 16, 8, 4) if t <= cap] or [1]
-    return min(choices, key=lambda t: (-(-extent // t) * t - extent, -t))
+from .gpu import MAX_THREADS, _largest_divisor, annotate_unroll, gemv_lanes, sample_knobs, stage_tile
 
 
 def _spread(sch, loop, threads: int, axis: str = "threadIdx.x") -> None:
@@ -110,7 +103,7 @@ def hand_schedule(func_or_mod, max_threads: int = MAX_THREADS):
     sch = tvm.s_tir.Schedule(func_or_mod)
     M, N, G = _mng(sch)
     if M == 1:
-        lanes = _lanes_for(G, max_threads)
+        lanes = gemv_lanes(G, [t for t in (32, 16, 8, 4) if t <= max_threads] or [1])
         rows = _largest_divisor(N, [r for r in (8, 4, 2, 1) if r * lanes <= max_threads])
         _gemv(sch, rows, lanes)
     else:
