@@ -33,17 +33,16 @@ def ensure_artifacts(wd: Path, log=print) -> dict:
     onnx_dir, parent, art, fp32_art = wd / "onnx", wd / "parent", wd / "anyprec-x86", wd / "fp32-x86"
     if not all((onnx_dir / f"{g}.onnx").exists() for g in ("decode", "prefill")):
         log("  exporting ONNX ...")
-        api.export(onnx_dir, quiet=True)
+        api.export(onnx_dir)
     if not (parent / "manifest.json").exists():
         log("  quantizing the parent ...")
-        api.quantize(parent, force=True, progress=False, quiet=True)
+        api.quantize(parent, force=True, progress=False)
     if not (art / "manifest.json").exists():
         log("  compiling the bitplane artifact ...")
-        api.compile(onnx_dir, art, parent=parent, force=True, quiet=True)
+        api.compile(onnx_dir, art, parent=parent, force=True)
     if not (fp32_art / "manifest.json").exists():
         log("  compiling the fp32 artifact ...")
-        compile_model(onnx_dir, fp32_art, exclude=(".*",), force=True, require_rewrite=False, tokenizer="smollm2",
-                      quiet=True)
+        compile_model(onnx_dir, fp32_art, exclude=(".*",), force=True, require_rewrite=False, tokenizer="smollm2")
     return {"onnx": onnx_dir, "parent": parent, "anyprec": art, "fp32": fp32_art}
 
 

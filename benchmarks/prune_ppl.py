@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     m, tok = data.load_model()
     ids = data.token_windows(tok, data.EVAL_TEXT, api.EVAL_WINDOWS, api.EVAL_SEQLEN)
-    stats = api.calibrate_activations(None, quiet=True)
+    stats = api.calibrate_activations(None)
     cfgs = {"fp32": None, "w4a16": (A.ActQuantConfig(8, a16_layers=(".*",), outlier="none"), None),
             "w4a8-none": (A.preset(8, "none"), None), "w4a8": (A.preset(8), stats),
             "w4a4-none": (A.preset(4, "none"), None), "w4a4": (A.preset(4), stats)}

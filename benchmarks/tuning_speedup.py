@@ -71,7 +71,8 @@ def main(argv=None):
     from tvm_anyprec import api
     from tvm_anyprec.schedules.cpu import schedule_linear_cpu
     from tvm_anyprec.targets import preset
-    from tvm_anyprec.tuning import default_log_dir, load_database, model_kernels, query_database
+    from tvm_anyprec.api import model_kernels
+    from tvm_anyprec.tune import default_log_dir, load_database, query_database
 
     art = Path(args.artifact)
     if not (art / "manifest.json").exists():

@@ -59,7 +59,7 @@ def real_parent(tmp_path_factory) -> Path:
     from tvm_anyprec.quant.model import Parent
 
     def build(d):
-        api.quantize(d, calib_windows=REAL_CALIB_WINDOWS, force=True, progress=False, quiet=True)
+        api.quantize(d, calib_windows=REAL_CALIB_WINDOWS, force=True, progress=False)
 
     keep = os.environ.get("TVM_ANYPREC_TEST_PARENT")
     if not keep:
@@ -85,7 +85,7 @@ def real_onnx(tmp_path_factory):
     """The real model exported to ONNX (decode, prefill and verify graphs)."""
     from tvm_anyprec import api
 
-    return _shared(tmp_path_factory, "smollm2", lambda d: api.export(d, quiet=True))
+    return _shared(tmp_path_factory, "smollm2", lambda d: api.export(d))
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +94,7 @@ def real_artifact(real_onnx, real_parent, tmp_path_factory):
     from tvm_anyprec import api
 
     return _shared(tmp_path_factory, "smollm2-x86",
-                   lambda d: api.compile(real_onnx, d, "x86", parent=real_parent, quiet=True))
+                   lambda d: api.compile(real_onnx, d, "x86", parent=real_parent))
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ def test_small_graph_matches_numpy_reference(tmp_path, bits, outlier):
     x[:, 9] *= 25                                       # an outlier channel
     stats = {"W1": np.abs(x).max(0), "W2t": np.maximum(np.abs(x @ W1).max(0), 1e-3)}
     cfg = A.ActQuantConfig(bits, outlier=outlier, group_size=64)
-    man = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", act_quant=cfg, act_stats=stats, quiet=True)
+    man = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", act_quant=cfg, act_stats=stats)
     assert set(man["layers"]) == {"W1", "W2t"} and man["bit_widths"] == [4]
     assert all(v["act_bits"] == bits for v in man["layers"].values())
     assert any(k.startswith("int_gemm_w4") for k in man["kernels"])
@@ -66,11 +66,11 @@ def test_real_model_w4a8_compiled_matches_torch_fake_quant(real_model, real_onnx
     src.mkdir()
     for name in ("decode.onnx", "prefill.onnx", "SOURCE"):    # SOURCE: the model, for the calibration
         (src / name).symlink_to(Path(real_onnx) / name)
-    man = api.compile(src, out, "x86", act_bits=8, quiet=True)
+    man = api.compile(src, out, "x86", act_bits=8)
     assert man["act_quant"]["calibrated"] and man["bit_widths"] == [4]
     assert len(man["layers"]) == 210 and all(v["act_bits"] == 8 for v in man["layers"].values())
     sess = Session(out)
-    stats = api.calibrate_activations(None, quiet=True)      # the same statistics (memoized in-process)
+    stats = api.calibrate_activations(None)      # the same statistics (memoized in-process)
     layers = A.prepare_model(m, A.preset(8), stats)
     spec = spec_from_hf(m, 512, 32)
     lm = StaticCacheLM(m, spec).eval()

@@ -48,8 +48,8 @@ def test_every_preset_runs_under_qemu_and_matches_x86(tmp_path, name):
     from tvm_anyprec.runtime import Session
 
     _mlp(tmp_path / "mlp.onnx")
-    compile_model(tmp_path / "mlp.onnx", tmp_path / "x86", "x86", quiet=True)
-    man = compile_model(tmp_path / "mlp.onnx", tmp_path / name, name, quiet=True)
+    compile_model(tmp_path / "mlp.onnx", tmp_path / "x86", "x86")
+    man = compile_model(tmp_path / "mlp.onnx", tmp_path / name, name)
     head = (tmp_path / name / "lib.so").read_bytes()[:20]
     assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183     # EM_AARCH64
     assert man["target"]["arch"] == "aarch64"
@@ -69,7 +69,7 @@ def arm_artifact(real_onnx, real_parent, tmp_path_factory):
     from tvm_anyprec import api
 
     out = tmp_path_factory.mktemp("arm") / "smollm2-arm"
-    api.compile(Path(real_onnx) / "decode.onnx", out, "arm-dotprod", parent=real_parent, quiet=True)
+    api.compile(Path(real_onnx) / "decode.onnx", out, "arm-dotprod", parent=real_parent)
     return out
 
 
@@ -131,21 +131,22 @@ def test_integer_gemm_variants_tuned_on_the_board_and_applied(tmp_path):
     from tvm_anyprec.compiler import compile_model
     from tvm_anyprec.quant import activations as A
     from tvm_anyprec.runtime import Session
-    from tvm_anyprec.tuning import VARIANTS_FILE, tune_int_gemm_variants
+    from tvm_anyprec.api import tune_variants
+    from tvm_anyprec.tune import VARIANTS_FILE
 
     _two_layer_onnx(tmp_path / "mlp.onnx")
     cfg = A.ActQuantConfig(4, outlier="none", group_size=64)
-    compile_model(tmp_path / "mlp.onnx", tmp_path / "art0", "arm-dotprod", act_quant=cfg, quiet=True,
+    compile_model(tmp_path / "mlp.onnx", tmp_path / "art0", "arm-dotprod", act_quant=cfg,
                   tuning_log=tmp_path / "none")
-    rows = tune_int_gemm_variants(tmp_path / "art0", "arm-dotprod", tmp_path / "log", progress=False)
+    rows = tune_variants(tmp_path / "art0", "arm-dotprod", tmp_path / "log", progress=False)
     assert len(rows) == 2 and all(set(r["ms"]) == {"neon", "sdot", "packed"} for r in rows), rows
     table = json.loads((tmp_path / "log" / VARIANTS_FILE).read_text())
-    man = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", "arm-dotprod", act_quant=cfg, quiet=True,
+    man = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", "arm-dotprod", act_quant=cfg,
                         tuning_log=tmp_path / "log")
     gemms = {k: v for k, v in man["kernels"].items() if k.startswith("int_gemm")}
     assert gemms == {k: f"tuned:{table[k]['variant']}" for k in gemms}, (gemms, table)
     x = np.random.default_rng(3).standard_normal((6, 128)).astype(np.float32)
-    compile_model(tmp_path / "mlp.onnx", tmp_path / "x86", "x86", act_quant=cfg, quiet=True)
+    compile_model(tmp_path / "mlp.onnx", tmp_path / "x86", "x86", act_quant=cfg)
     want = Session(tmp_path / "x86").call("mlp", [x], 4).numpy()
     board = Session(tmp_path / "art", remote=arm.qemu_session("cortex-a76"), remote_files=True)
     np.testing.assert_allclose(board.call("mlp", [x], 4).numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -1,7 +1,7 @@
 """aarch64 variants of the integer GEMM (neon / sdot / smmla / packed) cross-compiled and run under
 qemu-aarch64 on a CPU model that has their feature: ACC bit-exact vs numpy int64, Y vs the numpy float
 reference and the x86 build; the instructions in the assembly; SIGILL on a CPU model without the feature;
-the variant choice of passes.act_quant.schedule_kernels on a small graph, and a W4A4 graph with the packed
+the variant choice of schedules.rules.schedule_kernels on a small graph, and a W4A4 graph with the packed
 kernel run end to end (Relax VM over RPC)."""
 from __future__ import annotations
 
@@ -246,7 +246,8 @@ def test_variant_choice_and_guards():
 
 
 def test_schedule_kernels_picks_the_variant(tmp_path):
-    from tvm_anyprec.passes.act_quant import int_gemm_act_bits, schedule_kernels
+    from tvm_anyprec.passes.act_quant import int_gemm_act_bits
+    from tvm_anyprec.schedules.rules import schedule_kernels
 
     mods = {bits: _graph(tmp_path, bits)[0] for bits in (8, 4)}
 
@@ -274,7 +275,8 @@ def test_w4a4_graph_with_packed_kernel_runs(tmp_path, remote):
     from tvm import relax
 
     from tvm_anyprec.compiler import relax_pipeline
-    from tvm_anyprec.passes.act_quant import layer_tensors, schedule_kernels
+    from tvm_anyprec.schedules.rules import schedule_kernels
+    from tvm_anyprec.schemes.lowbit_act import layer_tensors
     from tvm_anyprec.quant import activations as A
 
     mod, rw, cfg, (W1, W2t), x = _graph(tmp_path, 4)

@@ -67,7 +67,7 @@ def _mlp_onnx(path, batch=3, seq=None):
 def mlp(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlp")
     weights, xshape = _mlp_onnx(d / "mlp.onnx")
-    manifest = compile_model(d / "mlp.onnx", d / "art", quiet=True)
+    manifest = compile_model(d / "mlp.onnx", d / "art")
     return d, weights, xshape, manifest
 
 
@@ -105,7 +105,7 @@ def test_matches_onnxruntime_every_bit_width(mlp):
 
 def test_3d_input_and_transposed_matmul(tmp_path):
     weights, xshape = _mlp_onnx(tmp_path / "m3.onnx", seq=5)
-    manifest = compile_model(tmp_path / "m3.onnx", tmp_path / "art", quiet=True)
+    manifest = compile_model(tmp_path / "m3.onnx", tmp_path / "art")
     assert set(manifest["layers"]) == {"W1", "W2t", "W3"}
     assert manifest["layers"]["W1"]["rows"]["m3"] == 5
     layers = _quantized_layers(weights, manifest)
@@ -134,7 +134,7 @@ def test_bad_onnx_file(tmp_path):
     p = tmp_path / "junk.onnx"
     p.write_bytes(b"this is not a protobuf" * 10)
     with pytest.raises(ImportError_, match="not a valid ONNX file"):
-        compile_model(p, tmp_path / "out", quiet=True)
+        compile_model(p, tmp_path / "out")
     r = _cli("compile", p, "-o", tmp_path / "out")
     assert r.returncode != 0 and "not a valid ONNX file" in r.stderr
     assert not (tmp_path / "out").exists()
@@ -146,7 +146,7 @@ def test_graph_without_linear_layer(tmp_path):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "relu.onnx"))
     with pytest.raises(CompileError, match="no linear layer"):
-        compile_model(tmp_path / "relu.onnx", tmp_path / "out", quiet=True)
+        compile_model(tmp_path / "relu.onnx", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -199,7 +199,7 @@ def test_unsupported_bits(mlp):
 
 def test_vulkan_target_says_what_is_missing(mlp, tmp_path):
     with pytest.raises(TargetError, match="SPIR-V"):
-        compile_model(mlp[0] / "mlp.onnx", tmp_path / "v", target="vulkan", quiet=True)
+        compile_model(mlp[0] / "mlp.onnx", tmp_path / "v", target="vulkan")
 
 
 def test_generate_without_tokenizer_says_so(mlp):

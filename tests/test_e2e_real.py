@@ -41,7 +41,7 @@ def test_perplexity_matches_torch(session, real_parent):
     """Same windows of the corpus: compiled model vs torch with the dequantized weights, within 1% (the
     lowest and highest bit-width; the others are checked against onnxruntime above)."""
     bits = [3, 8]
-    torch_rows = api.eval_torch(real_parent, bits, windows=2, seqlen=128, baselines=False, quiet=True)
+    torch_rows = api.eval_torch(real_parent, bits, windows=2, seqlen=128, baselines=False)
     ids = data.token_windows(session.tokenizer, data.EVAL_TEXT, 2, 128)
     for row in torch_rows:
         if row["bits"] == 32:

@@ -51,7 +51,7 @@ def _so_bytes(lib, path) -> bytes:
 
 @pytest.fixture(scope="module")
 def real_kernels(real_onnx):
-    from tvm_anyprec.tuning import model_kernels
+    from tvm_anyprec.api import model_kernels
 
     return model_kernels(real_onnx)
 
@@ -154,7 +154,7 @@ def test_webgpu_artifact_compiles_and_says_where_it_runs(small_onnx, tmp_path):
     from tvm_anyprec.compiler import compile_model
     from tvm_anyprec.runtime import Session
 
-    m = compile_model(small_onnx, tmp_path / "wg", target="webgpu", quiet=True)
+    m = compile_model(small_onnx, tmp_path / "wg", target="webgpu")
     assert m["target"]["device"] == "webgpu"
     with pytest.raises(TargetError, match="browser"):
         Session(tmp_path / "wg")
@@ -359,7 +359,7 @@ def test_webgpu_tuning_records_are_applied_and_correct(small_onnx, wgpu_device, 
     the best record's kernel still matches numpy."""
     from tvm_anyprec import cli
     from tvm_anyprec.compiler import compile_model
-    from tvm_anyprec.tuning import count_records, open_database, query_database
+    from tvm_anyprec.tune import count_records, open_database, query_database
 
     log = tmp_path / "log"
     assert cli.main(["tune", str(small_onnx), "--target", "webgpu", "--trials", "4", "--only", "m3_n96",
@@ -367,7 +367,7 @@ def test_webgpu_tuning_records_are_applied_and_correct(small_onnx, wgpu_device, 
     target = tvm.target.Target(preset("webgpu")["target"])
     f = make_anyprec_linear(3, 96, 77)
     assert count_records(open_database(log), f, target) == 4
-    m = compile_model(small_onnx, tmp_path / "art", target="webgpu", tuning_log=log, quiet=True)
+    m = compile_model(small_onnx, tmp_path / "art", target="webgpu", tuning_log=log)
     assert m["kernels"]["anyprec_linear_m3_n96_k77_b3to8"] == "tuned"
     assert {v for k, v in m["kernels"].items() if "m3_n96" not in k} == {"default"}
     best = query_database(open_database(log), f, target)

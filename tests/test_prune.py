@@ -127,8 +127,8 @@ def tiny_compiled(tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("prune")
     export_onnx(tiny, d / "onnx" / "prefill.onnx", S, T, RATIO, LAYER)
     export_onnx(tiny, d / "onnx" / "decode.onnx", 1, T)
-    compile_model(d / "onnx", d / "fp32", exclude=(".*",), require_rewrite=False, quiet=True)
-    compile_model(d / "onnx", d / "w4a8", act_quant=A.preset(8, "none"), quiet=True)
+    compile_model(d / "onnx", d / "fp32", exclude=(".*",), require_rewrite=False)
+    compile_model(d / "onnx", d / "w4a8", act_quant=A.preset(8, "none"))
     return d
 
 

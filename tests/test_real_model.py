@@ -20,7 +20,7 @@ def parent(real_parent):
 
 @pytest.fixture(scope="module")
 def ppl(real_parent):
-    rows = api.eval_torch(real_parent, windows=4, seqlen=128, quiet=True)
+    rows = api.eval_torch(real_parent, windows=4, seqlen=128)
     print("\n" + api.format_table(rows))
     return {r["config"]: r["ppl"] for r in rows}
 

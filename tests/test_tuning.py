@@ -10,7 +10,7 @@ from tvm_anyprec.kernels.anyprec import make_anyprec_linear  # noqa: E402
 from tvm_anyprec.quant import quantize_nonuniform  # noqa: E402
 from tvm_anyprec.runtime import Session  # noqa: E402
 from tvm_anyprec.targets import preset  # noqa: E402
-from tvm_anyprec.tuning import DB_FILES, count_records, open_database, query_database, tune_kernel  # noqa: E402
+from tvm_anyprec.tune import DB_FILES, count_records, open_database, query_database, tune_kernel  # noqa: E402
 
 from test_compile import H, K, _mlp_onnx  # noqa: E402  (same small graph: W1 is a [K=77, H=96] MatMul)
 
@@ -30,7 +30,7 @@ def tuned(tmp_path_factory):
     import sys
     import time
 
-    from tvm_anyprec.tuning import repair_log
+    from tvm_anyprec.tune import repair_log
 
     d = tmp_path_factory.mktemp("tune")
     _mlp_onnx(d / "mlp.onnx")
@@ -78,12 +78,12 @@ def test_records_written_and_found(tuned):
 def test_compile_applies_log_and_says_which(tuned, tmp_path):
     d, _f, _t, _ = tuned
     _mlp_onnx(tmp_path / "mlp.onnx")
-    m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", tuning_log=d / "log", quiet=True)
+    m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", tuning_log=d / "log")
     assert m["kernels"] == {"anyprec_linear_m3_n96_k77_b3to8": "tuned",
                             "anyprec_linear_m3_n50_k96_b3to8": "default",
                             "anyprec_linear_m3_n33_k50_b3to8": "default",
                             "dense_nt_m3_n33_k33": "default"}
-    plain = compile_model(tmp_path / "mlp.onnx", tmp_path / "art0", tuning_log=tmp_path / "none", quiet=True)
+    plain = compile_model(tmp_path / "mlp.onnx", tmp_path / "art0", tuning_log=tmp_path / "none")
     assert set(plain["kernels"].values()) == {"default"}
     x = np.random.default_rng(1).standard_normal((3, K)).astype(np.float32)
     a, b = Session(tmp_path / "art"), Session(tmp_path / "art0")
@@ -98,7 +98,7 @@ def test_corrupt_log_is_ignored_with_warning(tmp_path, capsys):
     log.mkdir()
     for name in DB_FILES:
         (log / name).write_text("{this is not json\n")
-    m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", tuning_log=log, quiet=True)
+    m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", tuning_log=log)
     assert set(m["kernels"].values()) == {"default"} and m["tuning_log"] is None
     assert "warning: ignoring tuning log" in capsys.readouterr().err
 
@@ -126,7 +126,7 @@ def test_tuning_through_rpc_tracker_with_two_servers(tmp_path):
     """TVM's RPC tracker and two RPC servers on loopback: the trials are measured on both servers, and the
     records are then applied by compile (and give the same numbers as the hand schedule)."""
     from tvm_anyprec.targets.remote import local_rpc_cluster
-    from tvm_anyprec.tuning import RPC
+    from tvm_anyprec.tune import RPC
 
     _mlp_onnx(tmp_path / "mlp.onnx")
     target = tvm.target.Target(preset("x86")["target"])
@@ -135,9 +135,9 @@ def test_tuning_through_rpc_tracker_with_two_servers(tmp_path):
         tune_kernel(f, target, tmp_path / "log", trials=2, rpc=RPC(host, port, key, workers=2))
         loads = [lg.read_text().count("load_module") for lg in logs]
     assert all(n >= 1 for n in loads) and sum(loads) >= 2, loads       # both servers measured trials
-    m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", tuning_log=tmp_path / "log", quiet=True)
+    m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", tuning_log=tmp_path / "log")
     assert m["kernels"]["anyprec_linear_m3_n96_k77_b3to8"] == "tuned"
-    plain = compile_model(tmp_path / "mlp.onnx", tmp_path / "art0", tuning_log=tmp_path / "none", quiet=True)
+    plain = compile_model(tmp_path / "mlp.onnx", tmp_path / "art0", tuning_log=tmp_path / "none")
     x = np.random.default_rng(2).standard_normal((3, K)).astype(np.float32)
     assert set(plain["kernels"].values()) == {"default"}
     a, b = Session(tmp_path / "art"), Session(tmp_path / "art0")
@@ -157,7 +157,7 @@ def test_hand_schedule_is_the_first_record(tmp_path):
     """The tuner measures the hand schedule first and stores it as a record: the database's best is never a
     regression against compiling without a log."""
     from tvm_anyprec.schedules.cpu import schedule_linear_cpu
-    from tvm_anyprec.tuning import commit_hand_baseline, workload
+    from tvm_anyprec.tune import commit_hand_baseline, workload
 
     target = tvm.target.Target(preset("x86")["target"])
     f = make_anyprec_linear(2, 48, 64)

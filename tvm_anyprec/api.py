@@ -1,21 +1,23 @@
 """Python API with the same verbs as the command line: quantize, compile, run, eval, inspect."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
-
 from . import data
-from .artifact import MANIFEST, ArtifactError, log, read_manifest, refuse_overwrite
+from .artifact import MANIFEST, ArtifactError, read_manifest, refuse_overwrite
 
 EVAL_WINDOWS, EVAL_SEQLEN = 16, 128
 CALIB_WINDOWS = 8
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- quantize
 def quantize(out, model=None, scheme: str = "nonuniform", seed_bits: int = 3, max_bits: int = 8,
              group_size: int = 128, calib_windows: int = CALIB_WINDOWS, seqlen: int = EVAL_SEQLEN,
-             exclude=("lm_head",), force: bool = False, progress: bool = True, quiet: bool = False):
+             exclude=("lm_head",), force: bool = False, progress: bool = True):
     """Quantize a model into an any-precision parent directory. Returns (Parent, manifest)."""
     from .quant.anyprec import check_bits
     from .quant.model import fisher_information, find_linears, quantize_model
@@ -27,8 +29,8 @@ def quantize(out, model=None, scheme: str = "nonuniform", seed_bits: int = 3, ma
     src = data.resolve_model(model)
     t0 = time.time()
     m, tok = data.load_model(src)
-    log(f"loaded {src.name} ({sum(p.numel() for p in m.parameters()) / 1e6:.1f}M parameters) "
-         f"in {time.time() - t0:.1f}s", quiet)
+    logger.info(f"loaded {src.name} ({sum(p.numel() for p in m.parameters()) / 1e6:.1f}M parameters) "
+         f"in {time.time() - t0:.1f}s")
     fisher = None
     calib = {"windows": 0}
     if scheme == "nonuniform" and calib_windows > 0:
@@ -39,8 +41,8 @@ def quantize(out, model=None, scheme: str = "nonuniform", seed_bits: int = 3, ma
     parent.info.update({"source": {"model": str(src), "name": src.name, "sha256": data.file_sha256(src)},
                         "calibration": calib, "exclude": list(exclude)})
     manifest = parent.save(out)
-    log(f"wrote {out} ({manifest['files']['weights.safetensors']['bytes'] / 2**20:.1f} MiB) "
-         f"in {time.time() - t0:.1f}s", quiet)
+    logger.info(f"wrote {out} ({manifest['files']['weights.safetensors']['bytes'] / 2**20:.1f} MiB) "
+         f"in {time.time() - t0:.1f}s")
     return parent, manifest
 
 
@@ -74,7 +76,7 @@ def _summarize_names(names) -> list[str]:
 
 # ----------------------------------------------------------------------------- eval
 def eval_torch(parent_dir, bits=None, windows: int = EVAL_WINDOWS, seqlen: int = EVAL_SEQLEN,
-               baselines: bool = True, quiet: bool = False) -> list[dict]:
+               baselines: bool = True) -> list[dict]:
     """Perplexity per bit-width, dequantizing the parent into the torch model (the reference numbers)."""
     from .quant.model import Parent, perplexity, rtn_weights, swapped_weights
 
@@ -88,9 +90,9 @@ def eval_torch(parent_dir, bits=None, windows: int = EVAL_WINDOWS, seqlen: int =
 
     def add(label, b, ppl):
         rows.append({"config": label, "bits": b, "ppl": ppl})
-        log(f"  {label:<28} ppl {ppl:9.3f}", quiet)
+        logger.info(f"  {label:<28} ppl {ppl:9.3f}")
 
-    log(f"perplexity on {data.EVAL_TEXT}: {windows} windows x {seqlen} tokens (torch, dequantized weights)", quiet)
+    logger.info(f"perplexity on {data.EVAL_TEXT}: {windows} windows x {seqlen} tokens (torch, dequantized weights)")
     add("fp32", 32, perplexity(m, ids))
     if baselines:
         with swapped_weights(m, rtn_weights(m, 4, 128, parent.info.get("exclude", ("lm_head",)))):
@@ -114,15 +116,14 @@ def inspect(path) -> dict:
     return read_manifest(path, verify=True)
 
 
-def evaluate(path, bits=None, windows: int = EVAL_WINDOWS, seqlen: int = EVAL_SEQLEN, baselines: bool = True,
-             quiet: bool = False) -> list[dict]:
+def evaluate(path, bits=None, windows: int = EVAL_WINDOWS, seqlen: int = EVAL_SEQLEN, baselines: bool = True) -> list[dict]:
     """``eval`` verb: a parent directory is evaluated with torch, a compiled artifact with TVM."""
     kind = read_manifest(path, verify=False).get("kind")
     if kind == "parent":
-        return eval_torch(path, bits, windows, seqlen, baselines, quiet)
+        return eval_torch(path, bits, windows, seqlen, baselines)
     if kind == "compiled":
         from .runtime import eval_artifact
-        return eval_artifact(path, bits, windows, seqlen, quiet)
+        return eval_artifact(path, bits, windows, seqlen)
     raise ArtifactError(f"{path}: unknown artifact kind {kind!r}")
 
 
@@ -133,7 +134,7 @@ SOURCE_MARKER = "SOURCE"   # written by export next to the ONNX files: the model
 
 
 def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int = EXPORT_MAX_LEN,
-           verify_chunk: int = VERIFY_CHUNK, quiet: bool = False, prune_ratio: float = 0.0,
+           verify_chunk: int = VERIFY_CHUNK, prune_ratio: float = 0.0,
            prune_layer: int | None = None) -> Path:
     """Export the model to ONNX: ``out/decode.onnx`` (1 token/step), ``out/prefill.onnx`` (chunk tokens) and
     ``out/verify.onnx`` (verify_chunk tokens: the verifying pass of self-speculative decoding; 0 skips it).
@@ -153,9 +154,9 @@ def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int = EXPORT_MAX
     for name, s in graphs:
         prune = (prune_ratio, prune_layer) if name == "prefill" else (0.0, None)
         export_onnx(m, out / f"{name}.onnx", s, max_len, *prune)
-        log(f"exported {out / (name + '.onnx')} (chunk {s}, cache {max_len}"
+        logger.info(f"exported {out / (name + '.onnx')} (chunk {s}, cache {max_len}"
             + (f", pruning {prune_ratio:g} of the tokens from layer {prune_layer}" if prune[0] else "")
-            + f") [{time.time() - t0:.0f}s]", quiet)
+            + f") [{time.time() - t0:.0f}s]")
     (out / SOURCE_MARKER).write_text(str(src) + "\n")
     return out
 
@@ -192,7 +193,7 @@ def _check_graph_pruning(source, prune_ratio, prune_layer) -> None:
 
 
 def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",), force: bool = False,
-            tuning_log=None, tokenizer=None, quiet: bool = False, act_bits: int | None = None,
+            tuning_log=None, tokenizer=None, act_bits: int | None = None,
             act_outlier: str = "smooth", act_int4_all: bool = False, prune_ratio: float | None = None,
             prune_layer: int | None = None) -> dict:
     """ONNX file/dir -> artifact. ``source`` may also be a model ('smollm2', .gguf, HF dir): then the ONNX
@@ -209,23 +210,23 @@ def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",),
         raise ValueError(f"--prune-ratio must be in [0, 1), got {prune_ratio}")
     out = Path(out)
     src = Path(str(source))
-    is_onnx = src.suffix == ".onnx" or (src.is_dir() and any(src.glob("*.onnx")))
+    is_onnx = _is_onnx(src)
     if not is_onnx:
         model = data.resolve_model(source)
         onnx_dir = out.with_name(out.name + ".onnx")
         ratio = float(prune_ratio or 0.0)
         if not all((onnx_dir / f"{g}.onnx").exists() for g in ("decode", "prefill", "verify")):
-            export(onnx_dir, model, quiet=quiet, prune_ratio=ratio, prune_layer=prune_layer)
+            export(onnx_dir, model, prune_ratio=ratio, prune_layer=prune_layer)
         else:
             try:
                 _check_graph_pruning(onnx_dir, ratio, prune_layer)
             except ValueError:
-                log(f"{onnx_dir}: exported with other token-pruning settings; exporting again", quiet)
-                export(onnx_dir, model, quiet=quiet, prune_ratio=ratio, prune_layer=prune_layer)
+                logger.info(f"{onnx_dir}: exported with other token-pruning settings; exporting again")
+                export(onnx_dir, model, prune_ratio=ratio, prune_layer=prune_layer)
         if parent is None and act_bits is None:
             parent = out.with_name(out.name + ".parent")
             if not (Path(parent) / MANIFEST).exists():
-                quantize(parent, model, exclude=exclude, force=True, quiet=quiet)
+                quantize(parent, model, exclude=exclude, force=True)
         tokenizer = tokenizer or str(model)
         src = onnx_dir
     else:
@@ -245,16 +246,16 @@ def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",),
             if tokenizer is None:
                 raise ValueError("outlier calibration needs the source model: compile a model, or ONNX from "
                                  "`export` (its SOURCE marker), or pass act_outlier='none'")
-            stats = calibrate_activations(tokenizer, exclude, quiet=quiet)
-    return compile_model(src, out, target, parent, exclude, force=force, tuning_log=tuning_log,
-                         tokenizer=tokenizer, quiet=quiet, act_quant=act, act_stats=stats)
+            stats = calibrate_activations(tokenizer, exclude)
+    return compile_model(src, out, target=target, parent=parent, exclude=exclude, force=force,
+                         tuning_log=tuning_log, tokenizer=tokenizer, act_quant=act, act_stats=stats)
 
 
 _CALIB_MEMO: dict = {}
 
 
 def calibrate_activations(model=None, exclude=("lm_head",), windows: int = CALIB_WINDOWS,
-                          seqlen: int = EVAL_SEQLEN, quiet: bool = False) -> dict:
+                          seqlen: int = EVAL_SEQLEN) -> dict:
     """Per-channel max |x| of every linear input on the calibration text (for low-bit activations).
     Memoized per process (same model, exclusions, windows and length): compiling several activation
     variants of one model calibrates once."""
@@ -267,7 +268,7 @@ def calibrate_activations(model=None, exclude=("lm_head",), windows: int = CALIB
     m, tok = data.load_model(model)
     t0 = time.time()
     stats = calibrate_absmax(m, data.token_windows(tok, data.CALIB_TEXT, windows, seqlen), find_linears(m, exclude))
-    log(f"activation statistics from {windows} windows of {data.CALIB_TEXT} in {time.time() - t0:.1f}s", quiet)
+    logger.info(f"activation statistics from {windows} windows of {data.CALIB_TEXT} in {time.time() - t0:.1f}s")
     _CALIB_MEMO[key] = stats
     return stats
 
@@ -298,11 +299,9 @@ def load(artifact, remote=None):
     if remote == "qemu" or remote.startswith("qemu:"):
         from .targets.arm import qemu_session
         cpu = remote.partition(":")[2] or tp.get("qemu_cpu", "max")
-        log(f"running on the emulated aarch64 board: qemu-aarch64 -cpu {cpu} (emulated, slow; not performance)",
-            False)
-        sess = Session(artifact, remote=qemu_session(cpu), remote_files=True)
-        sess.prompt_fn = "decode"
-        return sess
+        logger.info(f"running on the emulated aarch64 board: qemu-aarch64 -cpu {cpu} (emulated, slow; not performance)")
+        # under emulation a wide GEMM costs ~100x a decode step: prompts are fed token by token
+        return Session(artifact, remote=qemu_session(cpu), remote_files=True, prompt_fn="decode")
     host, _, port = remote.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"remote must be 'qemu', 'qemu:<cpu>' or HOST:PORT of a TVM RPC server, got {remote!r}")
@@ -316,3 +315,62 @@ def load(artifact, remote=None):
 
 def run(artifact, prompt: str, bits: int = 8, max_new_tokens: int = 32) -> str:
     return load(artifact).generate(prompt, max_new_tokens, bits)
+
+
+# ----------------------------------------------------------------------------- tune
+def _is_onnx(src: Path) -> bool:
+    return src.suffix == ".onnx" or (src.is_dir() and any(src.glob("*.onnx")))
+
+
+def kernel_specs_of(source, exclude=("lm_head",)) -> dict:
+    """{kernel name: KernelSpec} of a model: from a compiled artifact's manifest, or by importing ONNX graphs
+    (a file or directory) and running the rewrite pass (its linear kernels), or, for a model name
+    ('smollm2', a .gguf, an HF directory), by exporting it first (into the cache directory, once)."""
+    from .errors import TuningError
+    from .frontend.onnx_import import import_onnx
+    from .passes.anyprec_rewrite import AnyPrecRewrite
+    from .tune.driver import specs_of_manifest, tunable_specs
+
+    src = Path(str(source))
+    if (src / MANIFEST).exists():
+        m = read_manifest(src, verify=False)
+        if m.get("kind") != "compiled":
+            raise TuningError(f"{src} is a {m.get('kind')!r} directory: give a compiled artifact, ONNX or a model")
+        return specs_of_manifest(m, str(src))
+    if not _is_onnx(src):
+        model = data.resolve_model(source)
+        src = data.cache_dir() / "onnx" / model.stem
+        if not all((src / f"{g}.onnx").exists() for g in ("decode", "prefill", "verify")):
+            export(src, model)
+    return tunable_specs(AnyPrecRewrite(3, 8, exclude)(import_onnx(src).mod))
+
+
+def model_kernels(source, exclude=("lm_head",)) -> dict:
+    """{kernel name: PrimFunc} of ``kernel_specs_of``."""
+    return {name: spec.build() for name, spec in kernel_specs_of(source, exclude).items()}
+
+
+def is_act_artifact(source) -> bool:
+    """A compiled artifact with low-bit activations (``compile --act-bits``)?"""
+    p = Path(str(source))
+    return (p / MANIFEST).exists() and "act_quant" in read_manifest(p, verify=False)
+
+
+def tune(source, target: str = "x86", trials: int = 32, log_dir=None, rpc=None, only=None, space: str = "project",
+         progress: bool = True, seed: int = 0) -> list[dict]:
+    """Tune every distinct kernel of ``source`` (see ``kernel_specs_of``) for the ``target`` preset into
+    ``log_dir`` (default ``env.default_log_dir(target)``); resumable (``tune.driver``). ``rpc``: a
+    ``tune.RPC`` of remote devices. Returns one row per kernel."""
+    from .tune.driver import TuneConfig, tune_kernels
+
+    return tune_kernels(kernel_specs_of(source), TuneConfig(target, trials, log_dir, rpc, only, space, progress,
+                                                             seed))
+
+
+def tune_variants(artifact, target: str, log_dir=None, rpc=None, progress: bool = True) -> list[dict]:
+    """Measure the ARM integer-GEMM variants of a ``compile --act-bits`` artifact on the target's board and
+    keep the fastest per kernel (``tune.variants``); ``compile`` then applies them."""
+    from .tune.variants import tune_int_gemm_variants
+
+    man = read_manifest(artifact, kind="compiled", verify=False)
+    return tune_int_gemm_variants(man, target, log_dir, rpc, progress, where=str(artifact))

@@ -15,27 +15,20 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .data import file_sha256
+from .errors import ArtifactError  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+LIB = "lib.so"   # a compiled artifact's Relax VM executable
 
 
-class ArtifactError(RuntimeError):
-    """A missing, corrupt, foreign or incompatible artifact."""
-
-
-def log(msg: str, quiet: bool = False) -> None:
-    """Progress messages go to stderr (stdout carries results)."""
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def refuse_overwrite(out: Path, force: bool) -> None:

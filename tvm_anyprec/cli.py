@@ -16,6 +16,15 @@ def _bits_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"bits must be a comma-separated list of integers, got {s!r}")
 
 
+def _target_help() -> str:
+    """The presets and what each is, from the preset tables (no TVM import: --help stays fast)."""
+    from .targets import GPU_PRESETS, PRESETS
+
+    return ("; ".join(f"{n} ({desc})" for n, (_arch, desc, _mk) in {**PRESETS, **GPU_PRESETS}.items())
+            + ". aarch64 presets cross-compile with aarch64-linux-gnu-g++; cuda-* need nvcc and run on an NVIDIA "
+            "GPU; vulkan needs a TVM built with Vulkan")
+
+
 def _add_quantize(sub):
     p = sub.add_parser("quantize", help="quantize a model into an any-precision parent (bitplanes + LUTs)")
     p.add_argument("--model", default="smollm2", help="'smollm2' (the packaged SmolLM2-135M), a .gguf file or "
@@ -65,10 +74,7 @@ def _add_compile(sub):
     p.add_argument("source", help="an .onnx file, a directory of .onnx files (from export), or a model "
                    "('smollm2', .gguf): then export and quantize run first when their outputs are missing")
     p.add_argument("--out", "-o", required=True)
-    p.add_argument("--target", default="x86", help="target preset: x86 (this CPU), x86-avx2, x86-avx512, "
-                   "arm-neon (Cortex-A72), arm-dotprod (Cortex-A76), arm-i8mm (Neoverse V1); aarch64 presets "
-                   "cross-compile with aarch64-linux-gnu-g++; GPU: cuda-sm80, cuda-sm89, cuda-sm90 (needs nvcc; "
-                   "runs on an NVIDIA GPU), webgpu (WGSL), vulkan (only with a TVM built with Vulkan)")
+    p.add_argument("--target", default="x86", help="target preset: " + _target_help())
     p.add_argument("--parent", help="any-precision parent from `quantize` (default: quantize the graph's "
                    "weights with plain k-means, or make one when compiling a model)")
     p.add_argument("--exclude", action="append", default=None, help="weight name pattern kept in fp32 "
@@ -121,22 +127,23 @@ def _add_run(sub):
 
 
 def _tune(args) -> None:
-    from . import tuning
+    from . import api
+    from .env import default_log_dir
+    from .tune import RPC, VARIANTS_FILE
 
-    rpc = tuning.RPC.parse(args.rpc_tracker, args.rpc_key, args.rpc_workers) if args.rpc_tracker else None
-    log_dir = args.log_dir or tuning.default_log_dir(args.target)
+    rpc = RPC.parse(args.rpc_tracker, args.rpc_key, args.rpc_workers) if args.rpc_tracker else None
+    log_dir = args.log_dir or default_log_dir(args.target)
     t0 = time.time()
-    if tuning.is_act_artifact(args.source):       # low-bit activations: choose among the integer GEMM variants
-        rows = tuning.tune_int_gemm_variants(args.source, args.target, log_dir, rpc=rpc)
+    if api.is_act_artifact(args.source):       # low-bit activations: choose among the integer GEMM variants
+        rows = api.tune_variants(args.source, args.target, log_dir, rpc=rpc)
         print(f"{'kernel':<40}{'variant':>8}  measured ms per variant")
         for r in rows:
             print(f"{r['kernel']:<40}{r['variant']:>8}  " + ", ".join(f"{v} {t:.3f}" for v, t in r["ms"].items()))
         print(f"chose variants for {len(rows)} kernels in {time.time() - t0:.0f}s; in {log_dir}/"
-              f"{tuning.VARIANTS_FILE} (compile --target {args.target} applies them)", file=sys.stderr)
+              f"{VARIANTS_FILE} (compile --target {args.target} applies them)", file=sys.stderr)
         return
     try:
-        rows = tuning.tune_model(args.source, args.target, args.trials, log_dir, rpc=rpc, only=args.only,
-                                 space=args.space)
+        rows = api.tune(args.source, args.target, args.trials, log_dir, rpc=rpc, only=args.only, space=args.space)
     except KeyboardInterrupt:
         print(f"tvm-anyprec tune: interrupted; finished records are kept in {log_dir}: run the same command "
               "again to resume", file=sys.stderr)
@@ -166,14 +173,15 @@ def _bench(rest: list[str]) -> int:
     """`bench`: the benchmarks entry point of the source checkout (python -m benchmarks), run as a child so
     that its thread settings take effect before numpy loads."""
     import subprocess
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "__main__.py").exists():
-        print("tvm-anyprec bench: error: the benchmarks live in the source checkout (benchmarks/), "
-              f"not found next to {root / 'tvm_anyprec'}", file=sys.stderr)
+    from .env import benchmarks_dir
+
+    bench = benchmarks_dir()
+    if bench is None:
+        print("tvm-anyprec bench: error: the benchmarks live in the source checkout (benchmarks/), which this "
+              "installation does not have: run it from a clone of the repository", file=sys.stderr)
         return 2
-    return subprocess.call([sys.executable, "-m", "benchmarks", *rest], cwd=root)
+    return subprocess.call([sys.executable, "-m", "benchmarks", *rest], cwd=bench.parent)
 
 
 def main(argv=None) -> int:
@@ -193,26 +201,22 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from . import api
-    from .artifact import ArtifactError
-    from .data import DataError
-    from .compiler import CompileError
-    from .frontend.onnx_import import ImportError_
-    from .quant.anyprec import QuantizationError
-    from .targets import TargetError
-    from .tuning import TuningError
+    from .errors import AnyPrecError
 
     try:
         if args.cmd == "quantize":
-            parent, _ = api.quantize(args.out, args.model, args.scheme, args.seed_bits, args.max_bits,
-                                     args.group_size, args.calib_windows,
-                                     exclude=tuple(args.exclude or ("lm_head",)), force=args.force)
+            parent, _ = api.quantize(args.out, model=args.model, scheme=args.scheme, seed_bits=args.seed_bits,
+                                     max_bits=args.max_bits, group_size=args.group_size,
+                                     calib_windows=args.calib_windows, exclude=tuple(args.exclude or ("lm_head",)),
+                                     force=args.force)
             print(api.format_memory_report(parent))
         elif args.cmd == "export":
-            api.export(args.out, args.model, args.chunk, args.max_len, args.verify_chunk,
-                       prune_ratio=args.prune_ratio or 0.0, prune_layer=args.prune_layer)
+            api.export(args.out, model=args.model, chunk=args.chunk, max_len=args.max_len,
+                       verify_chunk=args.verify_chunk, prune_ratio=args.prune_ratio or 0.0,
+                       prune_layer=args.prune_layer)
         elif args.cmd == "compile":
-            api.compile(args.source, args.out, args.target, args.parent, tuple(args.exclude or ("lm_head",)),
-                        args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer,
+            api.compile(args.source, args.out, target=args.target, parent=args.parent,
+                        exclude=tuple(args.exclude or ("lm_head",)), force=args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer,
                         act_bits=args.act_bits, act_outlier=args.act_outlier, act_int4_all=args.act_int4_all,
                         prune_ratio=args.prune_ratio, prune_layer=args.prune_layer)
         elif args.cmd == "tune":
@@ -235,8 +239,7 @@ def main(argv=None) -> int:
                     json.dump(rows, f, indent=1)
         elif args.cmd == "inspect":
             print(json.dumps(api.inspect(args.path), indent=1))
-    except (ArtifactError, DataError, QuantizationError, CompileError, ImportError_, TargetError,
-            TuningError, FileNotFoundError, ValueError) as e:
+    except (AnyPrecError, FileNotFoundError, ValueError) as e:
         print(f"tvm-anyprec {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

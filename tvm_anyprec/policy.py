@@ -16,14 +16,12 @@ No TVM import: the policy is plain Python and is tested with synthetic latencies
 """
 from __future__ import annotations
 
+from .errors import BudgetError  # noqa: F401  (re-exported)
+
 import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
-
-
-class BudgetError(ValueError):
-    pass
 
 
 @dataclass

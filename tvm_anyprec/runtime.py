@@ -1,13 +1,15 @@
 """Load a compiled artifact once, pick the bit-width per call, generate text, evaluate perplexity."""
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .artifact import WEIGHTS, ArtifactError, load_tensors, read_manifest
+from .artifact import LIB, WEIGHTS, ArtifactError, load_tensors, read_manifest
+
+logger = logging.getLogger(__name__)
 
 
 def _prompt(prompt_ids) -> np.ndarray:
@@ -20,15 +22,16 @@ def _prompt(prompt_ids) -> np.ndarray:
 class Session:
     """One loaded artifact: the library and one set of weight buffers serve every bit-width."""
 
-    def __init__(self, artifact, verify: bool = True, remote=None, remote_files: bool = False):
+    def __init__(self, artifact, verify: bool = True, remote=None, remote_files: bool = False,
+                 prompt_fn: str | None = None):
         """``remote``: a ``tvm.rpc.RPCSession`` to run on (an aarch64 board, or qemu: targets.arm.qemu_session);
         the library is uploaded and loaded there, the weights live in its memory. ``remote_files``: the
         device reads this artifact's files at the same path (qemu-user does), so the weights are loaded
-        there instead of being sent through RPC."""
+        there instead of being sent through RPC. ``prompt_fn``: the function that feeds a prompt (None:
+        prefill in chunks; "decode": token by token, what an emulated board wants; the results are the same)."""
         import tvm
         from tvm import relax
 
-        from .compiler import LIB
         from .targets import local_device
 
         self.path = Path(artifact)
@@ -49,9 +52,7 @@ class Session:
                                 + f": {e}") from e
         self.vm = relax.VirtualMachine(lib, self.dev)
         self.weights = self._load_weights(remote_files)
-        # the function that feeds a prompt (None: prefill in chunks). Under emulation a wide GEMM costs ~100x
-        # a decode step, so a qemu session feeds prompts token by token ("decode"); results are the same.
-        self.prompt_fn: str | None = None
+        self.prompt_fn = prompt_fn
         self.functions = self.manifest["functions"]
         self._params = {f: [self.weights[n] for n in info["params"]] for f, info in self.functions.items()}
         self._nbits = {b: tvm.runtime.tensor(np.array([b], np.int32), self.dev) for b in self.bit_widths}
@@ -146,8 +147,8 @@ class Session:
             policy = self.policy(measure=max_ms_per_token is not None)
             choice = policy.choose(max_ms_per_token, max_bytes_per_token)
             if not choice.met:
-                print(f"tvm-anyprec: no bit-width meets the budget (max_ms_per_token={max_ms_per_token}, "
-                      f"max_bytes_per_token={max_bytes_per_token}); using {choice.bits} bits", file=sys.stderr)
+                logger.warning(f"tvm-anyprec: no bit-width meets the budget (max_ms_per_token={max_ms_per_token}, "
+                      f"max_bytes_per_token={max_bytes_per_token}); using {choice.bits} bits")
             bits = choice.bits
         self.check_bits(bits)
         logits, cache = self.forward_tokens(prompt_ids, bits, fn=self.prompt_fn)
@@ -180,20 +181,12 @@ class Session:
     def weight_bytes_per_token(self, bits: int) -> int:
         """Weight bytes one decode step reads at ``bits``: b bitplanes + the b-bit LUT of every rewritten layer,
         plus every fp32 tensor the decode function takes (the tied embedding/lm_head is read whole)."""
-        from .kernels.anyprec import lut_offset
+        from .schemes import from_manifest
 
         self.check_bits(bits)
-        lo = self.manifest["seed_bits"]
-        total = 0
-        for name in self.functions["decode"]["params"]:
-            a = self.weights[name]
-            if name.endswith(".planes"):
-                total += bits * int(np.prod(a.shape[1:])) * 4               # uint32 words, b of B planes
-            elif name.endswith(".luts"):
-                total += a.shape[0] * (lut_offset(bits + 1, lo) - lut_offset(bits, lo)) * 2
-            else:
-                total += int(np.prod(a.shape)) * np.dtype(str(a.dtype)).itemsize
-        return total
+        params = {n: ([int(d) for d in self.weights[n].shape], str(self.weights[n].dtype))
+                  for n in self.functions["decode"]["params"]}
+        return from_manifest(self.manifest).bytes_per_token(bits, params)
 
     def measure_latencies(self, bits=None, steps: int = 4) -> dict[int, float]:
         """Median ms of one decode step per bit-width (cached on the session)."""
@@ -331,7 +324,7 @@ class Session:
         return float(np.exp(nll / count))
 
 
-def eval_artifact(path, bits=None, windows: int = 16, seqlen: int = 128, quiet: bool = False) -> list[dict]:
+def eval_artifact(path, bits=None, windows: int = 16, seqlen: int = 128) -> list[dict]:
     from . import data
 
     s = Session(path)
@@ -340,13 +333,11 @@ def eval_artifact(path, bits=None, windows: int = 16, seqlen: int = 128, quiet: 
         s.check_bits(b)
     ids = data.token_windows(s.tokenizer, data.EVAL_TEXT, windows, seqlen)
     rows = []
-    if not quiet:
-        print(f"perplexity on {data.EVAL_TEXT}: {windows} windows x {seqlen} tokens (compiled artifact "
-              f"{s.manifest['target']['name']})", file=sys.stderr)
+    logger.info(f"perplexity on {data.EVAL_TEXT}: {windows} windows x {seqlen} tokens (compiled artifact "
+                f"{s.manifest['target']['name']})")
     for b in bits:
         t0 = time.time()
         ppl = s.perplexity(ids, b)
         rows.append({"config": f"tvm {b}-bit", "bits": b, "ppl": ppl, "seconds": time.time() - t0})
-        if not quiet:
-            print(f"  {b}-bit ppl {ppl:9.3f} ({time.time() - t0:.1f}s)", file=sys.stderr)
+        logger.info(f"  {b}-bit ppl {ppl:9.3f} ({time.time() - t0:.1f}s)")
     return rows

@@ -1,14 +1,12 @@
 """ONNX -> Relax: one Relax function per ONNX graph, weights kept as named function parameters."""
 from __future__ import annotations
 
+from ..errors import ImportError_  # noqa: F401  (re-exported)
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-
-class ImportError_(RuntimeError):
-    """The ONNX file cannot be read or imported (name avoids shadowing the builtin)."""
 
 
 @dataclass

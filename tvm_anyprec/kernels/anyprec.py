@@ -15,7 +15,12 @@ Two blocks: "decode" (W[n, k] = LUT value, fp32) and "matmul". The schedules in
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from tvm.script import tirx as T
+
+from .spec import KernelSpec, register
 
 from ..quant.bitplanes import WORD, num_words
 
@@ -75,3 +80,21 @@ def make_anyprec_linear(M: int, N: int, K: int, max_bits: int = 8, min_bits: int
 
 def kernel_name(M: int, N: int, K: int, max_bits: int, min_bits: int) -> str:
     return f"anyprec_linear_m{M}_n{N}_k{K}_b{min_bits}to{max_bits}"
+
+
+@register
+@dataclass(frozen=True)
+class AnyPrecLinear(KernelSpec):
+    """The bitplane operator for static M, N, K serving bit-widths ``min_bits``..``max_bits``."""
+    family: ClassVar[str] = "anyprec_linear"
+    M: int
+    N: int
+    K: int
+    max_bits: int = 8
+    min_bits: int = 3
+
+    def name(self) -> str:
+        return kernel_name(self.M, self.N, self.K, self.max_bits, self.min_bits)
+
+    def make(self):
+        return make_anyprec_linear(self.M, self.N, self.K, self.max_bits, self.min_bits)

@@ -5,7 +5,12 @@ materializing permute_dims(W) on every call, which is what the default lowering 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from tvm.script import tirx as T
+
+from .spec import KernelSpec, register
 
 from ..quant.bitplanes import WORD, num_words
 
@@ -53,3 +58,19 @@ def make_dense_nt_staged(M: int, N: int, K: int):
                 Y[vm, vn] = Y[vm, vn] + T.if_then_else(vk < K, X[vm, T.min(vk, K - 1)], T.float32(0)) * WP[vn, vk]
 
     return dense_nt.without_attr("global_symbol")
+
+
+@register
+@dataclass(frozen=True)
+class DenseNT(KernelSpec):
+    """fp32 Y = X W^T with W in torch layout (layers kept in full precision)."""
+    family: ClassVar[str] = "dense_nt"
+    M: int
+    N: int
+    K: int
+
+    def name(self) -> str:
+        return kernel_name(self.M, self.N, self.K)
+
+    def make(self):
+        return make_dense_nt(self.M, self.N, self.K)

@@ -28,7 +28,12 @@ same bytes as the uint8 [N, K/2] form). Unpacked values live in int32.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from tvm.script import tirx as T
+
+from .spec import KernelSpec, register
 
 
 def _qmax(bits: int) -> int:
@@ -199,3 +204,40 @@ def act_quant_name(M: int, K: int, bits: int, group_size: int) -> str:
 
 def int_gemm_name(M: int, N: int, K: int, group_size: int) -> str:
     return f"int_gemm_w4_m{M}_n{N}_k{K}_g{group_size}"
+
+
+@register
+@dataclass(frozen=True)
+class ActQuant(KernelSpec):
+    """Per-token activation quantization to ``bits`` (8 or 4) with group sums of ``group_size``."""
+    family: ClassVar[str] = "act_quant"
+    M: int
+    K: int
+    bits: int
+    group_size: int
+    words: bool = False
+
+    def name(self) -> str:
+        return act_quant_name(self.M, self.K, self.bits, self.group_size)
+
+    def make(self):
+        return make_act_quant(self.M, self.K, self.bits, self.group_size, words=self.words)
+
+
+@register
+@dataclass(frozen=True)
+class IntGemm(KernelSpec):
+    """INT4 weights x quantized activations, exact int32 per weight group; ``out``: "float" or "acc"."""
+    family: ClassVar[str] = "int_gemm"
+    M: int
+    N: int
+    K: int
+    group_size: int
+    out: str = "float"
+    words: bool = False
+
+    def name(self) -> str:
+        return int_gemm_name(self.M, self.N, self.K, self.group_size)
+
+    def make(self):
+        return make_int_gemm(self.M, self.N, self.K, self.group_size, self.out, words=self.words)

@@ -21,13 +21,12 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..kernels import dense
-from ..kernels.anyprec import kernel_name, lut_width, make_anyprec_linear
+from ..kernels.anyprec import AnyPrecLinear, lut_width
+from ..kernels.dense import DenseNT
 from ..quant.bitplanes import num_words
 from ..quant.patterns import matches_any
 
 NBITS_NAME = "nbits"
-KERNEL_PREFIXES = ("anyprec_linear", "dense_nt")
 
 
 @dataclass
@@ -160,21 +159,21 @@ class _Rewriter(relax.PyExprMutator):
             return self._fallback(call, x, xs, wvar, layout, M, N, K)
         o = self.owner
         self._site(name, N, K, layout, M)
-        gv = self._kernel(kernel_name(M, N, K, o.max_bits, o.min_bits),
-                          lambda: make_anyprec_linear(M, N, K, o.max_bits, o.min_bits))
+        gv = self._kernel(AnyPrecLinear(M, N, K, o.max_bits, o.min_bits))
         planes = self._param(f"{name}.planes", [o.max_bits, N, num_words(K)], "uint32")
         luts = self._param(f"{name}.luts", [N, lut_width(o.max_bits, o.min_bits)], "float16")
         return self._emit(gv, x, xs, [planes, luts, self.nbits], M, N, K)
 
-    def _kernel(self, kname, make):
-        """One PrimFunc per kernel name, shared by every call site and function."""
+    def _kernel(self, spec):
+        """One PrimFunc per kernel spec (``kernels.spec``), shared by every call site and function."""
+        kname = spec.name()
         gv = self.owner.kernels.get(kname)
         if gv is None:
-            gv = self.owner.kernels[kname] = self.builder_.add_func(make(), kname)
+            gv = self.owner.kernels[kname] = self.builder_.add_func(spec.build(), kname)
         return gv
 
     def _dense(self, x, xs, wvar, M, N, K):
-        gv = self._kernel(dense.kernel_name(M, N, K), lambda: dense.make_dense_nt(M, N, K))
+        gv = self._kernel(DenseNT(M, N, K))
         return self._emit(gv, x, xs, [wvar], M, N, K)
 
     def _emit(self, gv, x, xs, args, M, N, K):

@@ -17,6 +17,8 @@ the 8-bit code, dequantized at the centre of its bucket (the +2^(7-b) offset) so
 """
 from __future__ import annotations
 
+from ..errors import QuantizationError  # noqa: F401  (re-exported)
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,10 +27,6 @@ import torch
 from .bitplanes import num_words, pack_bitplanes, unpack_bitplanes
 
 MIN_SEED_BITS, MAX_SEED_BITS, MAX_PARENT_BITS = 2, 4, 8
-
-
-class QuantizationError(ValueError):
-    """Bad input to a quantizer (shape, values, bit-widths)."""
 
 
 def check_weight(w: np.ndarray, name: str = "weight") -> np.ndarray:

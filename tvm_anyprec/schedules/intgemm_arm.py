@@ -13,6 +13,8 @@ A kernel with sdot/smmla built for an LLVM target without the feature aborts the
 """
 from __future__ import annotations
 
+from ..errors import ArmVariantError  # noqa: F401  (re-exported)
+
 import tvm
 
 from ..kernels.intgemm_arm import make_int_gemm_arm, unsupported
@@ -25,10 +27,6 @@ VARIANTS = {
     "smmla": ("i8mm", "smmla: (2 tokens x 8) . (8 x 2 rows) -> 2x2 int32 per instruction"),
     "packed": ("neon", "W4A4 only: two rows' 4-bit products in one 16-bit multiply (Agile-Quant)"),
 }
-
-
-class ArmVariantError(ValueError):
-    pass
 
 
 def variant_for(features, M: int, act_bits: int = 8) -> str:

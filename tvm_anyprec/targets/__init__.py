@@ -5,8 +5,7 @@ import os
 import platform
 
 
-class TargetError(ValueError):
-    pass
+from ..errors import TargetError  # noqa: F401  (re-exported)
 
 
 def _host_x86_mcpu() -> str:
@@ -156,3 +155,12 @@ def local_device(tp: dict):
         return tvm.vulkan(0)
     raise TargetError(f"artifact was compiled for {tp['name']}: its WGSL kernels run in a browser through TVM's "
                       "web runtime (tvm.js), not in this Python runtime")
+
+
+def is_gpu(target) -> bool:
+    """A ``tvm.target.Target`` whose kernels run on a GPU (CUDA, WebGPU, Vulkan)."""
+    return "gpu" in [str(k) for k in target.keys]
+
+
+def is_webgpu(target) -> bool:
+    return str(target.kind.name) == "webgpu"

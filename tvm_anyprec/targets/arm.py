@@ -13,19 +13,11 @@ import os
 import shutil
 from pathlib import Path
 
-from . import TargetError
+from ..env import arm_root
+from ..errors import ArmUnavailable, TargetError  # noqa: F401  (re-exported)
 
 CROSS_CXX = "aarch64-linux-gnu-g++"
 PY = "python3.11"
-REPO = Path(__file__).resolve().parents[2]
-
-
-class ArmUnavailable(TargetError):
-    pass
-
-
-def arm_root() -> Path:
-    return Path(os.environ.get("TVM_ANYPREC_ARM_ROOT") or REPO / ".arm")
 
 
 def missing() -> str | None:

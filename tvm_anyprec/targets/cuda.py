@@ -20,7 +20,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from . import TargetError
+from ..env import cuda_stub_dir
+from ..errors import TargetError
 
 FATBIN_MAGIC = b"\x50\xed\x55\xba"   # fatbin header, what nvcc embeds for -fatbin
 STUB_SRC = Path(__file__).with_name("cuda_stub.c")
@@ -28,8 +29,7 @@ _stub_handle = None
 
 
 def stub_dir() -> Path:
-    env = os.environ.get("TVM_ANYPREC_CUDA_STUB_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "tvm-anyprec" / "cuda_stub"
+    return cuda_stub_dir()
 
 
 def find_nvcc() -> str | None:

@@ -16,6 +16,8 @@ runtime (tvm's web/ package) launches it. This is the small host side of that fo
 """
 from __future__ import annotations
 
+from ..errors import WebGPUUnavailable  # noqa: F401  (re-exported)
+
 import os
 import re
 
@@ -26,10 +28,6 @@ WEBGPU_TARGET = {"kind": "webgpu", "host": {"kind": "llvm"}}
 _BINDING = re.compile(r"@binding\((\d+)\)\s+var<(storage|uniform)[^>]*>\s+(\w+)\s*:\s*([^;]+);")
 _ENTRY = re.compile(r"@compute\s+@workgroup_size\(([^)]*)\)\s*fn\s+(\w+)\s*\(")
 _POD = re.compile(r"struct\s+PODArgs\s*\{([^}]*)\}")
-
-
-class WebGPUUnavailable(RuntimeError):
-    """No wgpu-py, or no WebGPU adapter (install Mesa's lavapipe: Debian package mesa-vulkan-drivers)."""
 
 
 def webgpu_source(lib) -> str:

@@ -1,0 +1,65 @@
+"""Every environment variable tvm-anyprec reads and every directory it uses, in one place.
+
+No path here is relative to a source checkout unless one is found: an installed wheel keeps its tuning logs
+and the emulated ARM board under the cache directory instead.
+
+  TVM_ANYPREC_CACHE          cache directory (default ~/.cache/tvm-anyprec): text corpus, exported graphs
+  TVM_ANYPREC_TUNING_LOGS    root of the tuning-record directories, one per target preset
+                             (default: tuning_logs/ of the source checkout, else <cache>/tuning_logs)
+  TVM_ANYPREC_ARM_ROOT       the emulated aarch64 board built by scripts/setup_arm.sh
+                             (default: .arm/ of the source checkout, else <cache>/arm)
+  TVM_ANYPREC_CUDA_STUB_DIR  where the stub libcuda.so.1 is built (default ~/.cache/tvm-anyprec/cuda_stub)
+  TVM_ANYPREC_NO_ARM / TVM_ANYPREC_NO_GPU   read by scripts/setup.sh only
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import AnyPrecError  # noqa: F401  (the leaf below every other module; see tests/test_structure.py)
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def source_checkout() -> Path | None:
+    """The source checkout this package runs from (an editable install or a clone), or None (a wheel)."""
+    root = _PACKAGE.parent
+    return root if (root / "pyproject.toml").exists() and (root / "tvm_anyprec").is_dir() else None
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("TVM_ANYPREC_CACHE") or Path.home() / ".cache" / "tvm-anyprec")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def tuning_logs_root() -> Path:
+    env = os.environ.get("TVM_ANYPREC_TUNING_LOGS")
+    if env:
+        return Path(env)
+    src = source_checkout()
+    return src / "tuning_logs" if src is not None else cache_dir() / "tuning_logs"
+
+
+def default_log_dir(preset_name: str) -> Path:
+    """The tuning-record directory of a target preset (committed records in a checkout)."""
+    return tuning_logs_root() / preset_name
+
+
+def arm_root() -> Path:
+    env = os.environ.get("TVM_ANYPREC_ARM_ROOT")
+    if env:
+        return Path(env)
+    src = source_checkout()
+    return src / ".arm" if src is not None else cache_dir() / "arm"
+
+
+def cuda_stub_dir() -> Path:
+    env = os.environ.get("TVM_ANYPREC_CUDA_STUB_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "tvm-anyprec" / "cuda_stub"
+
+
+def benchmarks_dir() -> Path | None:
+    """benchmarks/ of the source checkout (not installed with a wheel), or None."""
+    src = source_checkout()
+    return src / "benchmarks" if src is not None and (src / "benchmarks" / "__main__.py").exists() else None
