@@ -112,7 +112,23 @@ FILE_ORDER = ["test_real_model.py",      # worker 1: builds the parent (then its
               "test_prune.py", "test_arm_kernels.py", "test_parent.py", "test_quant.py", "test_compile.py"]
 
 
+# the kind of each file's tests (pyproject markers); a test using a real-model fixture is "model" wherever it is
+FILE_KIND = {"test_policy.py": "unit", "test_quant.py": "unit", "test_structure.py": "unit",
+             "test_passes.py": "unit", "test_specs.py": "unit",
+             "test_arm.py": "device", "test_arm_kernels.py": "device", "test_gpu.py": "device"}
+REAL_FIXTURES = {"real_model", "real_parent", "real_onnx", "real_artifact", "session"}
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Order the collected tests by file (``FILE_ORDER``, then the rest by name); within a file, as written."""
+    """Mark every test with its kind (``FILE_KIND``, "model" for real-model fixtures, else "kernel"), then
+    order the collected tests by file (``FILE_ORDER``, then the rest by name); within a file, as written."""
+    for it in items:
+        kinds = {m.name for m in it.iter_markers()} & {"unit", "kernel", "model", "device"}
+        if REAL_FIXTURES & set(getattr(it, "fixturenames", ())):
+            kinds = {"model"}
+        if not kinds:
+            kinds = {FILE_KIND.get(it.path.name, "kernel")}
+        for k in kinds:
+            it.add_marker(k)
     rank = {name: i for i, name in enumerate(FILE_ORDER)}
     items.sort(key=lambda it: (rank.get(it.path.name, len(rank)), it.path.name))

@@ -11,21 +11,9 @@ from tvm_anyprec.compiler import compile_model
 from tvm_anyprec.quant import activations as A
 from tvm_anyprec.runtime import Session
 
-M, K, H, N = 6, 128, 192, 64
+from tvm_anyprec.testing import TWO_LAYER_DIMS, two_layer_onnx as _two_layer_onnx  # noqa: E402
 
-
-def _two_layer_onnx(path):
-    """x [M, K] -> MatMul(W1 [K, H]) -> Relu -> Gemm(W2t [N, H], transB=1) -> y [M, N]."""
-    rng = np.random.default_rng(0)
-    W1 = (rng.standard_normal((K, H)) / np.sqrt(K)).astype(np.float32)
-    W2t = (rng.standard_normal((N, H)) / np.sqrt(H)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["hr"]),
-             helper.make_node("Gemm", ["hr", "W2t"], ["y"], transB=1)]
-    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [M, K])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [M, N])],
-                          [numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2t, "W2t")])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return W1, W2t
+M, K, H, N = TWO_LAYER_DIMS
 
 
 @pytest.mark.parametrize("bits,outlier", [(8, "smooth"), (4, "none")])

@@ -126,7 +126,7 @@ def test_integer_gemm_variants_tuned_on_the_board_and_applied(tmp_path):
     ("tuned:<variant>"), and the result on the board equals the x86 build."""
     import json
 
-    from test_act_compile import _two_layer_onnx
+    from tvm_anyprec.testing import two_layer_onnx as _two_layer_onnx
 
     from tvm_anyprec.compiler import compile_model
     from tvm_anyprec.quant import activations as A

@@ -314,7 +314,9 @@ def _graph(tmp_path, bits):
     """The two-layer ONNX graph of test_act_compile (M=6, K=128, H=192, N=64) rewritten with `bits`-bit
     activations (no outlier handling) -> (mod, rewriter, cfg, weights, x)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_act_compile import K, M, _two_layer_onnx
+    from tvm_anyprec.testing import TWO_LAYER_DIMS, two_layer_onnx as _two_layer_onnx
+
+    M, K = TWO_LAYER_DIMS[:2]
 
     from tvm_anyprec.frontend.onnx_import import import_onnx
     from tvm_anyprec.passes.act_quant import ActQuantRewrite

@@ -17,50 +17,9 @@ from tvm_anyprec.quant import quantize_nonuniform
 from tvm_anyprec.runtime import Session
 from tvm_anyprec.targets import TargetError
 
-K, H, H2, N = 77, 96, 50, 33   # odd sizes on purpose: K and N are not multiples of 32
+from tvm_anyprec.testing import MLP_DIMS, mlp_onnx as _mlp_onnx  # noqa: E402
 
-
-def _mlp_onnx(path, batch=3, seq=None):
-    """x -> MatMul(W1 [K,H]) + B1 -> Relu -> Gemm(W2t [H2,H], B2, transB=1) -> Relu -> MatMul(W3 [H2,N])
-    -> MatMul(lm_head [N, N]^T via Transpose) ; optional 3-D input [1, seq, K]."""
-    rng = np.random.default_rng(0)
-    W1 = (rng.standard_normal((K, H)) / np.sqrt(K)).astype(np.float32)
-    B1 = rng.standard_normal(H).astype(np.float32)
-    W2t = (rng.standard_normal((H2, H)) / np.sqrt(H)).astype(np.float32)
-    B2 = rng.standard_normal(H2).astype(np.float32)
-    W3 = (rng.standard_normal((H2, N)) / np.sqrt(H2)).astype(np.float32)
-    LM = (rng.standard_normal((N, N)) / np.sqrt(N)).astype(np.float32)
-    xshape = [batch, K] if seq is None else [1, seq, K]
-    yshape = [batch, N] if seq is None else [1, seq, N]
-    x_in = "x"
-    nodes = []
-    if seq is not None:
-        nodes.append(helper.make_node("Identity", ["x"], ["x2"]))
-        x_in = "x2"
-    nodes += [
-        helper.make_node("MatMul", [x_in, "W1"], ["h1"]),
-        helper.make_node("Add", ["h1", "B1"], ["h1b"]),
-        helper.make_node("Relu", ["h1b"], ["h1r"]),
-    ]
-    if seq is None:
-        nodes.append(helper.make_node("Gemm", ["h1r", "W2t", "B2"], ["h2"], transB=1))
-    else:
-        nodes += [helper.make_node("Transpose", ["W2t"], ["W2"], perm=[1, 0]),
-                  helper.make_node("MatMul", ["h1r", "W2"], ["h2m"]),
-                  helper.make_node("Add", ["h2m", "B2"], ["h2"])]
-    nodes += [
-        helper.make_node("Relu", ["h2"], ["h2r"]),
-        helper.make_node("MatMul", ["h2r", "W3"], ["h3"]),
-        helper.make_node("Transpose", ["lm_head.weight"], ["lmT"], perm=[1, 0]),
-        helper.make_node("MatMul", ["h3", "lmT"], ["y"]),
-    ]
-    inits = [numpy_helper.from_array(a, n) for a, n in
-             ((W1, "W1"), (B1, "B1"), (W2t, "W2t"), (B2, "B2"), (W3, "W3"), (LM, "lm_head.weight"))]
-    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, xshape)],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, yshape)], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(m, str(path))
-    return {"W1": W1, "W2t": W2t, "W3": W3}, xshape
+K, H, H2, N = MLP_DIMS   # odd sizes on purpose: K and N are not multiples of 32
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ tvm = pytest.importorskip("tvm")
 from tvm_anyprec.kernels.anyprec import make_anyprec_linear  # noqa: E402
 from tvm_anyprec.kernels.dense import make_dense_nt  # noqa: E402
 from tvm_anyprec.quant import quantize_nonuniform  # noqa: E402
+from tvm_anyprec.testing import concat_luts  # noqa: E402
 from tvm_anyprec.schedules.gpu import schedule_linear_gpu  # noqa: E402
 from tvm_anyprec.targets import TargetError, preset  # noqa: E402
 from tvm_anyprec.targets.cuda import FATBIN_MAGIC  # noqa: E402
@@ -110,7 +111,7 @@ def _small_onnx(path):
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_compile import _mlp_onnx
+    from tvm_anyprec.testing import mlp_onnx as _mlp_onnx
 
     return _mlp_onnx(path)
 
@@ -196,7 +197,7 @@ def test_wgsl_bitplane_kernel_matches_numpy_every_bit_width(M, N, K, lut_shared,
     rng = np.random.default_rng(M * 1000 + N + K)
     w = rng.standard_normal((N, K)).astype(np.float32)
     layer = quantize_nonuniform(w, None, 3, 8)
-    luts = np.concatenate([layer.luts[b] for b in range(3, 9)], 1).astype(np.float16)
+    luts = concat_luts(layer, dtype=np.float16)
     x = rng.standard_normal((M, K)).astype(np.float32)
     f = schedule_linear_gpu(make_anyprec_linear(M, N, K), lut_shared=lut_shared)
     if lut_shared:
@@ -230,7 +231,7 @@ def test_wgsl_tuning_space_samples_match_numpy(M, N, K, wgpu_device):
 
     rng = np.random.default_rng(7)
     layer = quantize_nonuniform(rng.standard_normal((N, K)).astype(np.float32), None, 3, 8)
-    luts = np.concatenate([layer.luts[b] for b in range(3, 9)], 1).astype(np.float16)
+    luts = concat_luts(layer, dtype=np.float16)
     x = rng.standard_normal((M, K)).astype(np.float32)
     for seed in (1, 2):
         sch = tvm.s_tir.Schedule(make_anyprec_linear(M, N, K), seed=seed)
@@ -334,7 +335,7 @@ def test_cli_compile_act_bits_for_gpu_targets(cuda_build, tmp_path):
     from tvm_anyprec.artifact import load_tensors
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_act_compile import _two_layer_onnx
+    from tvm_anyprec.testing import two_layer_onnx as _two_layer_onnx
 
     _two_layer_onnx(tmp_path / "mlp.onnx")
     arts = {}
@@ -373,7 +374,7 @@ def test_webgpu_tuning_records_are_applied_and_correct(small_onnx, wgpu_device, 
     best = query_database(open_database(log), f, target)
     rng = np.random.default_rng(5)
     layer = quantize_nonuniform(rng.standard_normal((96, 77)).astype(np.float32), None, 3, 8)
-    luts = np.concatenate([layer.luts[b] for b in range(3, 9)], 1).astype(np.float16)
+    luts = concat_luts(layer, dtype=np.float16)
     x = rng.standard_normal((3, 77)).astype(np.float32)
     for b in (3, 8):
         y = wgpu_device.run_prim_func(best, {"X": x, "PLANES": layer.planes, "LUTS": luts,

@@ -7,6 +7,7 @@ tvm = pytest.importorskip("tvm")
 from tvm_anyprec.kernels.anyprec import lut_width, make_anyprec_linear  # noqa: E402
 from tvm_anyprec.kernels.dense import make_dense_nt  # noqa: E402
 from tvm_anyprec.quant import quantize_nonuniform  # noqa: E402
+from tvm_anyprec.testing import concat_luts  # noqa: E402
 from tvm_anyprec.schedules.cpu import schedule_linear_cpu  # noqa: E402
 
 TARGET = {"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2}
@@ -25,7 +26,7 @@ def test_anyprec_kernel_matches_numpy_all_bits(M, N, K, scheduled):
     rng = np.random.default_rng(M * 1000 + N + K)
     w = rng.standard_normal((N, K)).astype(np.float32)
     layer = quantize_nonuniform(w, None, 3, 8)
-    luts = np.concatenate([layer.luts[b] for b in range(3, 9)], 1)
+    luts = concat_luts(layer)
     assert luts.shape == (N, lut_width(8, 3))
     x = rng.standard_normal((M, K)).astype(np.float32)
     f = make_anyprec_linear(M, N, K)
@@ -46,7 +47,7 @@ def test_anyprec_kernel_clamps_out_of_range_bits():
     rng = np.random.default_rng(1)
     N, K = 32, 64
     layer = quantize_nonuniform(rng.standard_normal((N, K)).astype(np.float32), None, 3, 8)
-    luts = np.concatenate([layer.luts[b] for b in range(3, 9)], 1)
+    luts = concat_luts(layer)
     x = rng.standard_normal((1, K)).astype(np.float32)
     fn = _build(schedule_linear_cpu(make_anyprec_linear(1, N, K)))
     dev = tvm.cpu()

@@ -12,7 +12,9 @@ from tvm_anyprec.runtime import Session  # noqa: E402
 from tvm_anyprec.targets import preset  # noqa: E402
 from tvm_anyprec.tune import DB_FILES, count_records, open_database, query_database, tune_kernel  # noqa: E402
 
-from test_compile import H, K, _mlp_onnx  # noqa: E402  (same small graph: W1 is a [K=77, H=96] MatMul)
+from tvm_anyprec.testing import MLP_DIMS, concat_luts, mlp_onnx as _mlp_onnx  # noqa: E402  (W1 is a [K=77, H=96] MatMul)
+
+K, H = MLP_DIMS[:2]
 
 
 def _records(log_dir) -> int:
@@ -64,7 +66,7 @@ def test_records_written_and_found(tuned):
     assert sched is not None
     rng = np.random.default_rng(0)
     layer = quantize_nonuniform(rng.standard_normal((H, K)).astype(np.float32), None, 3, 8)
-    luts = np.concatenate([layer.luts[b] for b in range(3, 9)], 1)
+    luts = concat_luts(layer)
     x = rng.standard_normal((3, K)).astype(np.float32)
     fn = tvm.compile(tvm.IRModule({"main": sched.with_attr("global_symbol", "main")}), target=target).jit()["main"]
     dev = tvm.cpu()

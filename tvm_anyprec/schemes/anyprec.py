@@ -8,7 +8,7 @@ import numpy as np
 from ..errors import CompileError
 from ..kernels.anyprec import lut_offset, lut_width
 from ..quant.anyprec import check_bits, quantize_nonuniform
-from . import tensor_bytes
+from .base import tensor_bytes
 
 
 def layer_tensors(site, layer, min_bits: int, max_bits: int) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..quant.activations import ActQuantConfig, prepare_layer
-from . import tensor_bytes
+from .base import tensor_bytes
 
 
 def layer_tensors(site, w: np.ndarray, cfg: ActQuantConfig, act_absmax=None, words: bool = False) -> dict:

@@ -162,6 +162,9 @@ def tune_kernels(specs: dict, cfg: TuneConfig) -> list[dict]:
         specs = {k: s for k, s in specs.items() if cfg.only in k}
         if not specs:
             raise TuningError(f"no kernel name contains {cfg.only!r}")
+    if cfg.space == "project":        # kernels whose rule has no design space keep their hand schedule
+        tgt = tvm.target.Target(tp["target"])
+        specs = {k: s for k, s in specs.items() if rule_for(s, tgt).space(tgt) is not None}
     with ExitStack() as stack:
         if rpc is None and tp["arch"] == "aarch64" and host_arch() != "aarch64":
             rpc = stack.enter_context(emulated_board(tp))
