@@ -16,8 +16,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import AnyPrecError  # noqa: F401  (the leaf below every other module; see tests/test_structure.py)
-
 _PACKAGE = Path(__file__).resolve().parent
 
 
@@ -33,12 +31,17 @@ def cache_dir() -> Path:
     return d
 
 
-def tuning_logs_root() -> Path:
-    env = os.environ.get("TVM_ANYPREC_TUNING_LOGS")
+def _data_dir(variable: str, in_checkout: str, in_cache: str) -> Path:
+    """$variable when set, else <checkout>/in_checkout in a source checkout, else <cache>/in_cache."""
+    env = os.environ.get(variable)
     if env:
         return Path(env)
     src = source_checkout()
-    return src / "tuning_logs" if src is not None else cache_dir() / "tuning_logs"
+    return src / in_checkout if src is not None else cache_dir() / in_cache
+
+
+def tuning_logs_root() -> Path:
+    return _data_dir("TVM_ANYPREC_TUNING_LOGS", "tuning_logs", "tuning_logs")
 
 
 def default_log_dir(preset_name: str) -> Path:
@@ -47,11 +50,7 @@ def default_log_dir(preset_name: str) -> Path:
 
 
 def arm_root() -> Path:
-    env = os.environ.get("TVM_ANYPREC_ARM_ROOT")
-    if env:
-        return Path(env)
-    src = source_checkout()
-    return src / ".arm" if src is not None else cache_dir() / "arm"
+    return _data_dir("TVM_ANYPREC_ARM_ROOT", ".arm", "arm")
 
 
 def cuda_stub_dir() -> Path:

@@ -19,7 +19,6 @@ is ignored here (the weights are INT4, the artifact's only bit-width is 4).
 """
 from __future__ import annotations
 
-import tvm
 from tvm import relax
 
 from ..kernels.intgemm import ActQuant, IntGemm, check_shape, check_words

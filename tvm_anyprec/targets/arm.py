@@ -9,7 +9,6 @@ Timings under emulation are not performance.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
