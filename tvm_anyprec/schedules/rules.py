@@ -153,12 +153,29 @@ class IntGemmGPU(ScheduleRule):
 RULES = (LinearCPU(), LinearGPU(), ActQuantCPU(), ActQuantGPU(), IntGemmX86(), IntGemmARM(), IntGemmGPU())
 
 
-def rule_for(spec, target) -> ScheduleRule:
-    """The rule that schedules kernels of ``spec``'s family on ``target`` (a tvm Target)."""
+_FAMILY_BLOCKS = (("acc", "int_gemm"), ("absmax", "act_quant"), ("matmul", "anyprec_linear"))
+
+
+def family_of(func) -> str:
+    """The kernel family of a PrimFunc: its spec's, or (a kernel built without a spec, e.g. by a test or a
+    benchmark from ``make_*``) the one its blocks say, as dlight's rules read a function's structure."""
+    spec = spec_of(func)
+    if spec is not None:
+        return spec.family
+    sch = tvm.s_tir.Schedule(func)
+    for block, family in _FAMILY_BLOCKS:
+        if cpu._has_block(sch, block):
+            return family
+    raise ValueError("not one of the project's kernels (no spec, and no matmul/acc/absmax block)")
+
+
+def rule_for(spec_or_family, target) -> ScheduleRule:
+    """The rule that schedules kernels of a family (a spec, or its family name) on ``target`` (a tvm Target)."""
+    family = getattr(spec_or_family, "family", spec_or_family)
     for rule in RULES:
-        if spec.family in rule.families and rule.is_target_available(target):
+        if family in rule.families and rule.is_target_available(target):
             return rule
-    raise ValueError(f"no schedule rule for {spec.family} kernels on {target.kind.name}")
+    raise ValueError(f"no schedule rule for {family} kernels on {target.kind.name}")
 
 
 def schedule_kernels(mod, tp: dict | None = None, variant: str | None = None, choices: dict | None = None,

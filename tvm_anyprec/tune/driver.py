@@ -24,7 +24,7 @@ import tvm
 
 from ..errors import TuningError
 from ..kernels.registry import kernel_specs, spec_from_dict
-from ..schedules.rules import rule_for
+from ..schedules.rules import family_of, rule_for
 from ..targets import host_arch, is_gpu, preset
 from .board import emulated_board
 from .measure import RPC, Progress, builder, measure, runner
@@ -37,11 +37,8 @@ _MS_LOGGERS = ("tvm.s_tir.meta_schedule", "tvm.meta_schedule")
 def hand_schedule(func: tvm.tirx.PrimFunc, target, spec=None):
     """The schedule compile uses without a log, as a Schedule of the workload (with its trace); None when it
     cannot be a record of this workload (the GPU prefill dense kernel is rebuilt in a two-block form)."""
-    from ..kernels.registry import spec_of
-
-    spec = spec or spec_of(func)
     mod = workload(func)
-    sch = rule_for(spec, target).hand(mod, target)
+    sch = rule_for(spec or family_of(func), target).hand(mod, target)
     if sch is None:
         return None
     if is_gpu(target):
@@ -97,8 +94,6 @@ def tune_kernel(func: tvm.tirx.PrimFunc, target, work_dir, trials: int, seed: in
     (the kernel's rule, ``schedules.rules``) or "generic" (MetaSchedule's default rules)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from ..kernels.registry import spec_of
-
     t0 = time.time()
     cores = int(target.attrs.get("num-cores", 1)) if hasattr(target, "attrs") else 1
     callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
@@ -106,10 +101,10 @@ def tune_kernel(func: tvm.tirx.PrimFunc, target, work_dir, trials: int, seed: in
         callbacks.append(Progress(on_batch))
     gen = "post-order-apply"
     if space == "project":
-        gen = rule_for(spec or spec_of(func), target).space(target)
+        family = spec.family if spec is not None else family_of(func)
+        gen = rule_for(family, target).space(target)
         if gen is None:
-            raise TuningError(f"{(spec or spec_of(func)).name()}: its kernels have no design space on "
-                              f"{target.kind.name} (hand schedule only)")
+            raise TuningError(f"{family} kernels have no design space on {target.kind.name} (hand schedule only)")
     with _MetaScheduleLogs(work_dir):
         ms.tune_tir(workload(func), target, work_dir=str(Path(work_dir) / "logs"), max_trials_global=trials,
                     num_trials_per_iter=min(8, trials), cost_model=ms.cost_model.XGBModel(num_tuning_cores=cores),
