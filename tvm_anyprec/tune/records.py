@@ -110,13 +110,10 @@ def repair_log(path, warn=logger.warning) -> int:
 def load_variant_choices(log_dir, warn=logger.warning) -> dict:
     """{int_gemm kernel name: variant} from <log_dir>/int_gemm_variants.json ({} when absent; a corrupt file
     is ignored with a warning)."""
-    path = Path(log_dir) / VARIANTS_FILE
-    if not path.exists():
-        return {}
     try:
-        return {k: v["variant"] for k, v in json.loads(path.read_text()).items()}
+        return {k: v["variant"] for k, v in read_variant_table(log_dir).items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        warn(f"warning: ignoring {path}: {e}")
+        warn(f"warning: ignoring {Path(log_dir) / VARIANTS_FILE}: {e}")
         return {}
 
 
