@@ -26,7 +26,7 @@ K, H, H2, N = MLP_DIMS   # odd sizes on purpose: K and N are not multiples of 32
 def mlp(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlp")
     weights, xshape = _mlp_onnx(d / "mlp.onnx")
-    manifest = compile_model(d / "mlp.onnx", d / "art")
+    manifest = compile_model(d / "mlp.onnx", d / "art", accuracy="exact")
     return d, weights, xshape, manifest
 
 
@@ -62,9 +62,27 @@ def test_matches_onnxruntime_every_bit_width(mlp):
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+def test_int8_mode_is_the_default_and_close_to_onnxruntime(tmp_path):
+    """The default CPU mode (int8 activations per group of 256, int8 centroid tables) against ORT's fp32 on the
+    dequantized graph: the error is the two int8 roundings, a few percent of the output scale at most."""
+    weights, xshape = _mlp_onnx(tmp_path / "mlp.onnx")
+    manifest = compile_model(tmp_path / "mlp.onnx", tmp_path / "art")
+    assert manifest["accuracy"] == "int8" and manifest["plane_layout"] == "byte_sliced64"
+    layers = _quantized_layers(weights, manifest)
+    x = np.random.default_rng(5).standard_normal(xshape).astype(np.float32)
+    layouts = {n: v["layout"] for n, v in manifest["layers"].items()}
+    sess = Session(tmp_path / "art")
+    for b in (3, 6, 8):
+        ref = ort_session(dequantized_onnx(tmp_path / "mlp.onnx", layers, b, layouts)).run(None, {"x": x})[0]
+        out = sess.call("mlp", [x], b).numpy()
+        err = np.abs(out - ref).max() / np.abs(ref).max()
+        assert err < 6e-2, (b, err)
+        assert err > 1e-6, "int8 mode must not be the exact kernel"
+
+
 def test_3d_input_and_transposed_matmul(tmp_path):
     weights, xshape = _mlp_onnx(tmp_path / "m3.onnx", seq=5)
-    manifest = compile_model(tmp_path / "m3.onnx", tmp_path / "art")
+    manifest = compile_model(tmp_path / "m3.onnx", tmp_path / "art", accuracy="exact")
     assert set(manifest["layers"]) == {"W1", "W2t", "W3"}
     assert manifest["layers"]["W1"]["rows"]["m3"] == 5
     layers = _quantized_layers(weights, manifest)

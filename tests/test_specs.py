@@ -20,7 +20,7 @@ SPECS = [AnyPrecLinear(1, 576, 1536, 8, 3), DenseNT(32, 49152, 576), ActQuant(5,
 def test_names_are_the_ones_artifacts_and_logs_use():
     assert [s.name() for s in SPECS] == ["anyprec_linear_m1_n576_k1536_b3to8", "dense_nt_m32_n49152_k576",
                                          "act_quant_m5_k576_a4_g64", "int_gemm_w4_m1_n1536_k576_g64"]
-    assert set(FAMILIES) == {"anyprec_linear", "dense_nt", "act_quant", "int_gemm"}
+    assert set(FAMILIES) == {"anyprec_linear", "anyprec_cpu", "dense_nt", "act_quant", "int_gemm"}
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.family)

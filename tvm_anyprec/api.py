@@ -195,8 +195,9 @@ def _check_graph_pruning(source, prune_ratio, prune_layer) -> None:
 def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",), force: bool = False,
             tuning_log=None, tokenizer=None, act_bits: int | None = None,
             act_outlier: str = "smooth", act_int4_all: bool = False, prune_ratio: float | None = None,
-            prune_layer: int | None = None) -> dict:
-    """ONNX file/dir -> artifact. ``source`` may also be a model ('smollm2', .gguf, HF dir): then the ONNX
+            prune_layer: int | None = None, accuracy: str | None = None) -> dict:
+    """ONNX file/dir -> artifact. ``accuracy`` (CPU targets): "int8" (default) or "exact", see
+    ``schemes.anyprec.AnyPrec``. ``source`` may also be a model ('smollm2', .gguf, HF dir): then the ONNX
     export (``<out>.onnx/``) and the quantized parent (``<out>.parent/``) are made first when missing.
     ``act_bits`` 8|4: low-bit activations (W4A8, or W4A4 after self-attention / everywhere with
     ``act_int4_all``) instead of the bitplane operator; no parent is needed, the outlier handling is calibrated
@@ -248,7 +249,8 @@ def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",),
                                  "`export` (its SOURCE marker), or pass act_outlier='none'")
             stats = calibrate_activations(tokenizer, exclude)
     return compile_model(src, out, target=target, parent=parent, exclude=exclude, force=force,
-                         tuning_log=tuning_log, tokenizer=tokenizer, act_quant=act, act_stats=stats)
+                         tuning_log=tuning_log, tokenizer=tokenizer, act_quant=act, act_stats=stats,
+                         accuracy=accuracy)
 
 
 _CALIB_MEMO: dict = {}

@@ -23,7 +23,8 @@ import numpy as np
 from .data import file_sha256
 from .errors import ArtifactError  # noqa: F401  (re-exported)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1          # parents
+COMPILED_FORMAT_VERSION = 2  # compiled artifacts: 2 = byte-sliced planes and int8 tables on CPUs (kernels.lut_cpu)
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 LIB = "lib.so"   # a compiled artifact's Relax VM executable
@@ -84,7 +85,8 @@ def write_manifest(d: Path, manifest: dict) -> dict:
     """Adds format version, creation time and the sha256 of every file in ``d``; writes manifest.json."""
     files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
              for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
-    manifest = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    version = COMPILED_FORMAT_VERSION if manifest.get("kind") == "compiled" else FORMAT_VERSION
+    manifest = {"format_version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **manifest, "files": files}
     (d / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
     return manifest
@@ -103,9 +105,12 @@ def read_manifest(d: os.PathLike, kind: str | None = None, verify: bool = True) 
         raise ArtifactError(f"{mp} is corrupt: {e}") from e
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{mp} is corrupt: expected a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    want = COMPILED_FORMAT_VERSION if manifest.get("kind") == "compiled" else FORMAT_VERSION
+    if manifest.get("format_version") != want:
+        hint = " (compiled artifacts of format 1 hold the old plane layout: compile the model again)" \
+            if manifest.get("kind") == "compiled" else ""
         raise ArtifactError(f"{d}: format version {manifest.get('format_version')} is not supported "
-                            f"(this tvm-anyprec reads version {FORMAT_VERSION})")
+                            f"(this tvm-anyprec reads version {want} for '{manifest.get('kind')}' artifacts){hint}")
     if kind is not None and manifest.get("kind") != kind:
         raise ArtifactError(f"{d} is a '{manifest.get('kind')}' artifact, expected '{kind}'")
     files = manifest.get("files", {})

@@ -82,6 +82,9 @@ def _add_compile(sub):
     p.add_argument("--tokenizer", help="model whose tokenizer `run`/`eval` use (default: from the parent)")
     p.add_argument("--tuning-log", help="MetaSchedule database directory (default: tuning_logs/<target>/)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--accuracy", choices=("int8", "exact"), default=None,
+                   help="CPU bitplane kernel: int8 (int8 activations per group of 256 x int8 centroid tables; "
+                   "the default) or exact (fp32 math on the fp16 LUTs). GPU targets compute exactly")
     p.add_argument("--act-bits", type=int, choices=(8, 4), help="low-bit activations instead of any-precision "
                    "weights: INT4 weights x per-token INT8 activations (8), or INT4 activations after "
                    "self-attention (4); the artifact then runs at --bits 4 only")
@@ -218,7 +221,7 @@ def main(argv=None) -> int:
             api.compile(args.source, args.out, target=args.target, parent=args.parent,
                         exclude=tuple(args.exclude or ("lm_head",)), force=args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer,
                         act_bits=args.act_bits, act_outlier=args.act_outlier, act_int4_all=args.act_int4_all,
-                        prune_ratio=args.prune_ratio, prune_layer=args.prune_layer)
+                        prune_ratio=args.prune_ratio, prune_layer=args.prune_layer, accuracy=args.accuracy)
         elif args.cmd == "tune":
             _tune(args)
         elif args.cmd == "run":

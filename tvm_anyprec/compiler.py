@@ -54,25 +54,27 @@ def relax_pipeline(target):
     return _pipeline
 
 
-def make_scheme(parent=None, seed_bits: int = 3, max_bits: int = 8, act_quant=None, act_stats=None):
+def make_scheme(parent=None, seed_bits: int = 3, max_bits: int = 8, act_quant=None, act_stats=None, accuracy=None):
     """The weight scheme of a compile: low-bit activations when ``act_quant`` (an ActQuantConfig) is given,
     else any-precision bitplanes (from the ``parent`` directory, or the graph's weights)."""
     if act_quant is not None:
         if parent is not None:
             raise CompileError("low-bit activations quantize the graph's own weights to INT4: a parent is not "
                                "used with them (drop --parent, or --act-bits)")
+        if accuracy is not None:
+            raise CompileError("--accuracy chooses the bitplane kernel's mode; --act-bits uses the integer GEMM")
         from .schemes.lowbit_act import LowBitActivations
         return LowBitActivations(act_quant, act_stats)
     from .schemes.anyprec import AnyPrec
     if parent is None:
-        return AnyPrec(seed_bits, max_bits)
+        return AnyPrec(seed_bits, max_bits, accuracy=accuracy)
     from .quant.model import Parent
-    return AnyPrec(parent=Parent.load(parent), parent_path=parent)
+    return AnyPrec(parent=Parent.load(parent), parent_path=parent, accuracy=accuracy)
 
 
 def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_head",), seed_bits: int = 3,
                   max_bits: int = 8, force: bool = False, tuning_log=None, tokenizer=None,
-                  require_rewrite: bool = True, act_quant=None, act_stats=None) -> dict:
+                  require_rewrite: bool = True, act_quant=None, act_stats=None, accuracy=None) -> dict:
     """``tuning_log``: a MetaSchedule JSON database directory (default: ``env.default_log_dir(target)``,
     used when present). ``require_rewrite=False`` allows an all-fp32 artifact (a baseline for benchmarks).
     ``act_quant`` (a quant.activations.ActQuantConfig): low-bit activations instead of the bitplane operator
@@ -81,7 +83,7 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     out = Path(out)
     refuse_overwrite(out, force)
     tp = preset(target)
-    scheme = make_scheme(parent, seed_bits, max_bits, act_quant, act_stats)
+    scheme = make_scheme(parent, seed_bits, max_bits, act_quant, act_stats, accuracy)
     return compile_with(scheme, source, out, tp, exclude, tuning_log, tokenizer, require_rewrite)
 
 

@@ -40,3 +40,7 @@ def _fast_tvmscript_stack() -> None:
 
 
 _fast_tvmscript_stack()
+
+from .lowering import install as _install_lowering  # noqa: E402
+
+_install_lowering()

@@ -23,6 +23,8 @@ from tvm import relax
 
 from ..kernels.anyprec import AnyPrecLinear, lut_width
 from ..kernels.dense import DenseNT
+from ..kernels.lut_cpu import AnyPrecCPU, table_width
+from ..quant.byteslice import row_bytes
 from ..quant.bitplanes import num_words
 from ..quant.patterns import matches_any
 
@@ -159,10 +161,21 @@ class _Rewriter(relax.PyExprMutator):
             return self._fallback(call, x, xs, wvar, layout, M, N, K)
         o = self.owner
         self._site(name, N, K, layout, M)
-        gv = self._kernel(AnyPrecLinear(M, N, K, o.max_bits, o.min_bits))
-        planes = self._param(f"{name}.planes", [o.max_bits, N, num_words(K)], "uint32")
-        luts = self._param(f"{name}.luts", [N, lut_width(o.max_bits, o.min_bits)], "float16")
-        return self._emit(gv, x, xs, [planes, luts, self.nbits], M, N, K)
+        if o.cpu is None:
+            gv = self._kernel(AnyPrecLinear(M, N, K, o.max_bits, o.min_bits))
+            planes = self._param(f"{name}.planes", [o.max_bits, N, num_words(K)], "uint32")
+            luts = self._param(f"{name}.luts", [N, lut_width(o.max_bits, o.min_bits)], "float16")
+            return self._emit(gv, x, xs, [planes, luts, self.nbits], M, N, K)
+        mode = o.cpu["mode"]
+        gv = self._kernel(AnyPrecCPU(M, N, K, o.max_bits, o.min_bits, mode, o.cpu["isa"]))
+        planes = self._param(f"{name}.planes", [o.max_bits, N, row_bytes(K)], "uint8")
+        width = table_width(o.max_bits, o.min_bits)
+        if mode == "exact":
+            tables = [self._param(f"{name}.luts", [N, width], "float16")]
+        else:
+            tables = [self._param(f"{name}.tabs", [N, width], "int8"),
+                      self._param(f"{name}.scales", [N, o.max_bits - o.min_bits + 1], "float32")]
+        return self._emit(gv, x, xs, [planes, *tables, self.nbits], M, N, K)
 
     def _kernel(self, spec):
         """One PrimFunc per kernel spec (``kernels.spec``), shared by every call site and function."""
@@ -193,8 +206,10 @@ class AnyPrecRewrite:
 
     rewriter = None   # the mutator class (default _Rewriter); subclasses (passes.act_quant) put their own
 
-    def __init__(self, min_bits: int = 3, max_bits: int = 8, exclude=("lm_head",), functions=None):
-        self.min_bits, self.max_bits = min_bits, max_bits
+    def __init__(self, min_bits: int = 3, max_bits: int = 8, exclude=("lm_head",), functions=None, cpu=None):
+        """``cpu``: None, the bitplane kernel of ``kernels.anyprec`` (GPU targets: uint32 planes, fp16 LUTs);
+        {"mode": "int8"|"exact", "isa": ...}: the CPU kernel of ``kernels.lut_cpu`` (byte-sliced planes)."""
+        self.min_bits, self.max_bits, self.cpu = min_bits, max_bits, cpu
         self.exclude, self.functions = tuple(exclude or ()), functions
         self.report = RewriteReport()
         self.kernels: dict = {}

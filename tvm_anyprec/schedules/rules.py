@@ -76,6 +76,17 @@ class LinearCPU(ScheduleRule):
         return _schedule_fn(cpu.linear_space_cpu, target)
 
 
+class LutCPU(ScheduleRule):
+    """The CPU bitplane operator (kernels.lut_cpu): explicit loops, scheduled as built (its instruction set was
+    chosen from the target when the kernel was made). No design space: the knob left (rows per task) is set
+    per bit-width by the kernel."""
+    families = ("anyprec_cpu",)
+
+    def apply(self, func, ctx):
+        spec = spec_of(func)
+        return func, f"default:{spec.mode}/{spec.isa}" if spec is not None else "default"
+
+
 class LinearGPU(ScheduleRule):
     """The same kernels on CUDA/WebGPU/Vulkan: schedules.gpu (the dense prefill kernel becomes two blocks)."""
     families = ("anyprec_linear", "dense_nt")
@@ -150,7 +161,7 @@ class IntGemmGPU(ScheduleRule):
                             target)
 
 
-RULES = (LinearCPU(), LinearGPU(), ActQuantCPU(), ActQuantGPU(), IntGemmX86(), IntGemmARM(), IntGemmGPU())
+RULES = (LinearCPU(), LutCPU(), LinearGPU(), ActQuantCPU(), ActQuantGPU(), IntGemmX86(), IntGemmARM(), IntGemmGPU())
 
 
 _FAMILY_BLOCKS = (("acc", "int_gemm"), ("absmax", "act_quant"), ("matmul", "anyprec_linear"))

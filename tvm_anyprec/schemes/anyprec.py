@@ -10,22 +10,48 @@ from ..kernels.anyprec import lut_offset, lut_width
 from ..quant.anyprec import check_bits, quantize_nonuniform
 from .base import tensor_bytes
 
+ACCURACY = ("int8", "exact")
 
-def layer_tensors(site, layer, min_bits: int, max_bits: int) -> dict:
-    """``<W>.planes`` and ``<W>.luts`` (the per-bit LUTs concatenated, fp16) of one any-precision layer."""
+
+def layer_tensors(site, layer, min_bits: int, max_bits: int, kernel: dict | None = None) -> dict:
+    """One any-precision layer's tensors. ``kernel`` None (GPU kernel): ``<W>.planes`` (uint32 bitplanes) and
+    ``<W>.luts`` (the per-bit LUTs concatenated, fp16). ``kernel`` {"mode", "isa"} (the CPU kernel,
+    ``kernels.lut_cpu``): the planes byte-sliced (uint8), and ``<W>.luts`` fp16 (exact) or ``<W>.tabs`` int8 +
+    ``<W>.scales`` fp32 (int8), each table padded by 16 entries."""
     if tuple(layer.shape) != (site.N, site.K):
         raise CompileError(f"{site.name}: parent layer shape {tuple(layer.shape)} != graph weight "
                            f"[{site.N}, {site.K}]")
     luts = np.concatenate([layer.luts[b] for b in range(min_bits, max_bits + 1)], axis=1).astype(np.float16)
     assert luts.shape[1] == lut_width(max_bits, min_bits)
-    return {f"{site.name}.planes": layer.planes, f"{site.name}.luts": luts}
+    if kernel is None:
+        return {f"{site.name}.planes": layer.planes, f"{site.name}.luts": luts}
+    from ..kernels.lut_cpu import LUT_PAD
+    from ..quant.byteslice import int8_tables, to_byte_sliced
+
+    if not np.isfinite(luts).all():   # the kernels multiply padding by 0: the tables must be finite
+        raise CompileError(f"{site.name}: the LUTs hold non-finite values (fp16 overflow?)")
+    out = {f"{site.name}.planes": to_byte_sliced(layer.planes, site.K)}
+    pad = ((0, 0), (0, LUT_PAD))
+    if kernel["mode"] == "exact":
+        out[f"{site.name}.luts"] = np.pad(luts, pad)
+    else:
+        tabs, scales = int8_tables(luts, range(min_bits, max_bits + 1))
+        out[f"{site.name}.tabs"] = np.pad(tabs, pad)
+        out[f"{site.name}.scales"] = scales
+    return out
 
 
 class AnyPrec:
     name = "anyprec"
 
-    def __init__(self, seed_bits: int = 3, max_bits: int = 8, parent=None, parent_path=None):
-        """``parent``: a loaded ``quant.model.Parent`` (its bit-widths win); None: quantize each layer here."""
+    def __init__(self, seed_bits: int = 3, max_bits: int = 8, parent=None, parent_path=None, accuracy=None):
+        """``parent``: a loaded ``quant.model.Parent`` (its bit-widths win); None: quantize each layer here.
+        ``accuracy`` (CPU targets): "int8" (int8 activations per group of 256, int8 centroid tables; the
+        default) or "exact" (fp32 math on the fp16 LUTs). GPU targets run exact math only."""
+        if accuracy is not None and accuracy not in ACCURACY:
+            raise CompileError(f"accuracy must be one of {', '.join(ACCURACY)}, got {accuracy!r}")
+        self.accuracy = accuracy
+        self.kernel = None   # set by rewrite_pass: the CPU kernel's {"mode", "isa"}, None for the GPU kernel
         if parent is not None:
             if parent.scheme != "nonuniform":
                 raise CompileError(f"{parent_path}: the bitplane operator needs a 'nonuniform' parent, got "
@@ -37,8 +63,20 @@ class AnyPrec:
         self.describe = "packing weights" if parent is not None else "quantizing weights"
 
     def rewrite_pass(self, exclude, tp: dict):
+        from ..kernels.lut_cpu import cpu_isa
         from ..passes.anyprec_rewrite import AnyPrecRewrite
-        return AnyPrecRewrite(self.seed_bits, self.max_bits, exclude)
+        from ..targets import is_gpu
+
+        import tvm
+
+        if tp.get("device") or is_gpu(tvm.target.Target(tp["target"])):
+            if self.accuracy == "int8":
+                raise CompileError(f"--accuracy int8 is a CPU kernel mode; the {tp['name']} kernel computes "
+                                   f"in fp32 on the fp16 LUTs (use --accuracy exact, or leave it out)")
+            self.kernel = None
+        else:
+            self.kernel = {"mode": self.accuracy or "int8", "isa": cpu_isa(tp["target"])}
+        return AnyPrecRewrite(self.seed_bits, self.max_bits, exclude, cpu=self.kernel)
 
     def pack(self, site, weight: np.ndarray) -> dict:
         if self.parent is not None:
@@ -47,7 +85,7 @@ class AnyPrec:
                 raise CompileError(f"parent {self.parent_path} has no layer for graph weight {site.name!r}")
         else:
             layer = quantize_nonuniform(weight, None, self.seed_bits, self.max_bits, name=site.name)
-        return layer_tensors(site, layer, self.seed_bits, self.max_bits)
+        return layer_tensors(site, layer, self.seed_bits, self.max_bits, self.kernel)
 
     def layer_entry(self, site, rw) -> dict:
         return {"N": site.N, "K": site.K, "layout": site.layout, "rows": site.M}
@@ -55,20 +93,25 @@ class AnyPrec:
     def manifest(self) -> dict:
         par = self.parent
         return {"parent": None if par is None else {"path": str(self.parent_path), **par.info.get("source", {}),
-                                                    "calibration": par.info.get("calibration")}}
+                                                    "calibration": par.info.get("calibration")},
+                "accuracy": "exact" if self.kernel is None else self.kernel["mode"],
+                "plane_layout": "bitplanes32" if self.kernel is None else "byte_sliced64"}
 
     def default_tokenizer(self):
         return None if self.parent is None else self.parent.info.get("source", {}).get("model")
 
     def bytes_per_token(self, bits: int, params: dict) -> int:
-        """b of B bitplanes (uint32 words) and the b-bit LUT of every rewritten layer, plus every other
-        parameter whole (the tied embedding/lm_head is read whole)."""
+        """b of B planes and the b-bit table (fp16 LUT, or int8 table and its scale) of every rewritten layer,
+        plus every other parameter whole (the tied embedding/lm_head is read whole)."""
         total = 0
         for name, (shape, dtype) in params.items():
+            item = np.dtype(dtype).itemsize
             if name.endswith(".planes"):
-                total += bits * int(np.prod(shape[1:])) * 4
-            elif name.endswith(".luts"):
-                total += shape[0] * (lut_offset(bits + 1, self.seed_bits) - lut_offset(bits, self.seed_bits)) * 2
+                total += bits * int(np.prod(shape[1:])) * item
+            elif name.endswith((".luts", ".tabs")):
+                total += shape[0] * (lut_offset(bits + 1, self.seed_bits) - lut_offset(bits, self.seed_bits)) * item
+            elif name.endswith(".scales"):
+                total += shape[0] * item
             else:
                 total += tensor_bytes(shape, dtype)
         return total

@@ -1,0 +1,139 @@
+"""The byte-sliced plane layout the CPU kernels read (numpy only), its activation order, the int8 centroid
+tables, and a numpy reference of both kernel modes.
+
+Layout ("bs64", per plane p, row n): K is padded to whole blocks of 64 weights; block j of a row is 8 bytes,
+and bit i of byte l holds plane p's bit of the code of weight k = 64*j + 8*i + l. Rows are ``8*ceil(K/64)``
+bytes, planes stay separate ([B, N, row bytes], plane 0 = MSB), so a b-bit call still reads only the top b
+planes and every child is still the top bits of the parent: the same bytes as ``bitplanes``, reordered.
+
+The kernels load 32 bytes of a plane at once: group g = blocks 4g..4g+3 (256 weights). Bit i of those
+32 bytes gives 32 codes at once, lane 8*j + l <-> weight 256*g + 64*j + 8*i + l. The activations are put into
+that order once per call (``decode_order``): position 256*g + 32*i + 8*j + l of the permuted row holds
+x[256*g + 64*j + 8*i + l] (zero past K), so the kernels run their dot products over contiguous vectors.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .bitplanes import unpack_bitplanes
+
+BLOCK = 64      # weights per 8-byte block of a plane row
+GROUP = 256     # weights per 32-byte vector of a plane (4 blocks); the activation scale group of int8 mode
+INT8_MAX = 127
+
+
+def blocks(k: int) -> int:
+    return -(-k // BLOCK)
+
+
+def groups(k: int) -> int:
+    return -(-k // GROUP)
+
+
+def row_bytes(k: int) -> int:
+    return 8 * blocks(k)
+
+
+def to_byte_sliced(planes: np.ndarray, k: int) -> np.ndarray:
+    """uint32 planes [B, N, ceil(K/32)] (``bitplanes``) -> uint8 [B, N, 8*ceil(K/64)]."""
+    planes = np.asarray(planes)
+    B, N, _ = planes.shape
+    kb = blocks(k)
+    out = np.empty((B, N, 8 * kb), np.uint8)
+    for p in range(B):
+        bits = np.zeros((N, kb * BLOCK), np.uint8)
+        bits[:, :k] = unpack_bitplanes(planes[p:p + 1], k)          # this plane's bit of every weight
+        bits = bits.reshape(N, kb, 8, 8)                            # [n, block, i, l]
+        out[p] = np.packbits(bits.transpose(0, 1, 3, 2), axis=-1, bitorder="little").reshape(N, 8 * kb)
+    return out
+
+
+def codes_from_byte_sliced(bs: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """The codes of the top ``bits`` planes, uint8 [N, K] (the inverse of ``to_byte_sliced``)."""
+    B, N, rb = bs.shape
+    kb = rb // 8
+    codes = np.zeros((N, kb * BLOCK), np.uint8)
+    for p in range(bits):
+        bit = np.unpackbits(bs[p].reshape(N, kb, 8, 1), axis=-1, bitorder="little")  # [n, block, l, i]
+        codes = (codes << 1) | bit.transpose(0, 1, 3, 2).reshape(N, kb * BLOCK)
+    return codes[:, :k]
+
+
+def decode_order(k: int) -> np.ndarray:
+    """int64 [groups(k) * 256]: the source column of each position of a permuted activation row (-1: zero)."""
+    q = np.arange(groups(k) * GROUP)
+    g, r = q // GROUP, q % GROUP
+    i, j, l = r // 32, (r // 8) % 4, r % 8
+    src = GROUP * g + BLOCK * j + 8 * i + l
+    return np.where(src < k, src, -1)
+
+
+def permute_activations(x: np.ndarray, k: int) -> np.ndarray:
+    """x [M, K] -> [M, groups(k) * 256] in decode order."""
+    src = decode_order(k)
+    out = np.zeros((x.shape[0], src.size), x.dtype)
+    out[:, src >= 0] = x[:, src[src >= 0]]
+    return out
+
+
+def table_zero(bits: int) -> int:
+    """The offset of bit-width ``bits``' int8 table entries: 64 for b <= 5 (7-bit centroids stored as 1..127, an
+    unsigned operand of vpmaddubsw without a sign fix-up; the kernels subtract 64 * sum(x) per group), 0 above
+    (signed 8-bit centroids, -127..127, with the sign trick)."""
+    return 64 if bits <= 5 else 0
+
+
+def int8_tables(luts: np.ndarray, widths) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 LUTs [N, L] (the per-bit LUTs of ``widths`` concatenated) -> (int8 tables [N, L], fp32 scales
+    [N, len(widths)]): per row and bit-width, q = round(centroid / scale) with scale = max |centroid| / qmax
+    (qmax 63 for b <= 5, 127 above), stored as q + ``table_zero(b)``."""
+    luts = np.asarray(luts, np.float32)
+    tab = np.zeros(luts.shape, np.int8)
+    scales = np.ones((luts.shape[0], len(widths)), np.float32)
+    off = 0
+    for t, b in enumerate(widths):
+        zero = table_zero(b)
+        qmax = 63 if zero else INT8_MAX
+        part = luts[:, off:off + (1 << b)]
+        amax = np.abs(part).max(1)
+        s = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+        q = np.clip(np.rint(part / s[:, None]), -qmax, qmax) + zero
+        tab[:, off:off + (1 << b)] = q.astype(np.int8)
+        scales[:, t] = s
+        off += 1 << b
+    return tab, scales
+
+
+def quantize_activations(xp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Permuted activations [M, G*256] fp32 -> (int8 [M, G*256], scales fp32 [M, G]): per group of 256, scale =
+    max |x| / 127, q = floor(x / scale + 1/2) (the kernels' rounding; float ties may differ by one)."""
+    M, P = xp.shape
+    g = xp.reshape(M, P // GROUP, GROUP).astype(np.float32)
+    amax = np.abs(g).max(-1)
+    inv = np.where(amax > 0, np.float32(INT8_MAX) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.clip(np.floor(g * inv[..., None] + np.float32(0.5)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q.reshape(M, P), (amax / np.float32(INT8_MAX)).astype(np.float32)
+
+
+def reference_exact(x: np.ndarray, bs: np.ndarray, luts: np.ndarray, k: int, bits: int, lut_off: int) -> np.ndarray:
+    """Y = X @ W_b^T with W_b[n, k] = LUT_b[n, code_b(n, k)], in float64 (fp16 LUT values, fp32 inputs)."""
+    codes = codes_from_byte_sliced(bs, k, bits).astype(np.int64)
+    w = np.take_along_axis(np.asarray(luts, np.float64), lut_off + codes, axis=1)
+    return np.asarray(x, np.float64) @ w.T
+
+
+def reference_int8_acc(xq: np.ndarray, bs: np.ndarray, tab: np.ndarray, k: int, bits: int, lut_off: int) -> np.ndarray:
+    """int8 mode's int32 accumulators [M, N, G]: per group, sum of table value x quantized activation."""
+    codes = codes_from_byte_sliced(bs, k, bits).astype(np.int64)
+    w = np.take_along_axis(tab.astype(np.int64), lut_off + codes, axis=1) - table_zero(bits)   # [N, K]
+    wp = permute_activations(w, k)                                                    # same order as xq
+    M, P = xq.shape
+    G = P // GROUP
+    return np.einsum("mgq,ngq->mng", xq.astype(np.int64).reshape(M, G, GROUP), wp.reshape(-1, G, GROUP))
+
+
+def reference_int8(x: np.ndarray, bs: np.ndarray, tab: np.ndarray, scales: np.ndarray, k: int, bits: int,
+                   lut_off: int, width_index: int) -> np.ndarray:
+    xq, sx = quantize_activations(permute_activations(np.asarray(x, np.float32), k))
+    acc = reference_int8_acc(xq, bs, tab, k, bits, lut_off)
+    return (acc * sx[:, None, :].astype(np.float64)).sum(-1) * scales[:, width_index].astype(np.float64)[None, :]
