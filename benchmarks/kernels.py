@@ -41,6 +41,15 @@ def bitplane_bytes(M: int, N: int, K: int, bits: int, lut_bytes: int = 2) -> int
     return bits * N * num_words(K) * 4 + N * (1 << bits) * lut_bytes + io_bytes(M, N, K)
 
 
+def lut_cpu_bytes(M: int, N: int, K: int, bits: int, mode: str) -> int:
+    """What a b-bit call of the CPU kernel reads: b byte-sliced plane rows (8 bytes per 64 weights), the b-bit
+    table (fp16 exact / int8, plus the row's fp32 scale in int8 mode), the activations and the outputs."""
+    from tvm_anyprec.quant.byteslice import row_bytes
+
+    table = N * (1 << bits) * 2 if mode == "exact" else N * (1 << bits) + N * 4
+    return bits * N * row_bytes(K) + table + io_bytes(M, N, K)
+
+
 def dense_bytes(M: int, N: int, K: int) -> int:
     return 4 * N * K + io_bytes(M, N, K)
 
@@ -120,26 +129,40 @@ class Case:
         return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
-def bitplane_cases(wl: Workload, target: dict, bits=range(MIN_BITS, MAX_BITS + 1)) -> list[Case]:
+def bitplane_cases(wl: Workload, target: dict, bits=range(MIN_BITS, MAX_BITS + 1),
+                   modes=("int8", "exact")) -> list[Case]:
+    """The CPU bitplane kernel (kernels/lut_cpu.py) per accuracy mode and bit-width, on the byte-sliced planes
+    of the workload's parent (the instruction set is the target's: AVX2 bodies where it has them)."""
     import tvm
 
-    from tvm_anyprec.kernels.anyprec import kernel_name, make_anyprec_linear
-    from tvm_anyprec.schedules.cpu import schedule_linear_cpu
+    from tvm_anyprec.kernels.lut_cpu import LUT_PAD, cpu_isa, kernel_name, make_anyprec_cpu
+    from tvm_anyprec.quant.byteslice import int8_tables, to_byte_sliced
 
     from .common import build_primfunc
 
     M, N, K = wl.M, wl.N, wl.K
-    fn = build_primfunc(schedule_linear_cpu(make_anyprec_linear(M, N, K, MAX_BITS, MIN_BITS)), target,
-                        kernel_name(M, N, K, MAX_BITS, MIN_BITS))
+    isa = cpu_isa(target)
     dev = tvm.cpu()
-    x, planes, luts = (tvm.runtime.tensor(a, dev) for a in (wl.x, wl.planes, wl.luts))
+    x = tvm.runtime.tensor(wl.x, dev)
+    planes = tvm.runtime.tensor(to_byte_sliced(wl.planes, K), dev)
     y = tvm.runtime.empty((M, N), "float32", dev)
     cases = []
-    for b in bits:
-        nb = tvm.runtime.tensor(np.array([b], np.int32), dev)
-        cases.append(Case("bitplane", f"bitplane {b}-bit", bitplane_bytes(M, N, K, b),
-                          run=lambda nb=nb: fn(x, planes, luts, nb, y), output=y.numpy, ref_bits=b, rtol=1e-4,
-                          bits=b, info={"schedule": "hand (schedules/cpu.py)", "lut_dtype": "float16"}))
+    for mode in modes:
+        fn = build_primfunc(make_anyprec_cpu(M, N, K, MAX_BITS, MIN_BITS, mode, isa), target,
+                            kernel_name(M, N, K, MAX_BITS, MIN_BITS, mode, isa))
+        pad = ((0, 0), (0, LUT_PAD))
+        if mode == "exact":
+            tables = [tvm.runtime.tensor(np.pad(wl.luts, pad), dev)]
+        else:
+            tabs, scales = int8_tables(wl.luts, range(MIN_BITS, MAX_BITS + 1))
+            tables = [tvm.runtime.tensor(np.pad(tabs, pad), dev), tvm.runtime.tensor(scales, dev)]
+        for b in bits:
+            nb = tvm.runtime.tensor(np.array([b], np.int32), dev)
+            cases.append(Case("bitplane", f"bitplane {b}-bit {mode}", lut_cpu_bytes(M, N, K, b, mode),
+                              run=lambda nb=nb, fn=fn, tables=tables: fn(x, planes, *tables, nb, y),
+                              output=y.numpy, ref_bits=b, rtol=1e-4 if mode == "exact" else 5e-2, bits=b,
+                              info={"kernel": "kernels/lut_cpu.py", "mode": mode, "isa": isa,
+                                    "layout": "byte_sliced64"}))
     return cases
 
 

@@ -98,6 +98,16 @@ def real_artifact(real_onnx, real_parent, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def real_artifact_int8(real_onnx, real_parent, tmp_path_factory):
+    """The prefill graph in the CPU kernel's int8 mode (int8 activations and centroid tables)."""
+    from tvm_anyprec import api
+
+    return _shared(tmp_path_factory, "smollm2-x86-int8",
+                   lambda d: api.compile(real_onnx / "prefill.onnx", d, "x86", parent=real_parent,
+                                         accuracy="int8"))
+
+
+@pytest.fixture(scope="session")
 def session(real_artifact):
     from tvm_anyprec.runtime import Session
 
@@ -116,7 +126,7 @@ FILE_ORDER = ["test_real_model.py",      # worker 1: builds the parent (then its
 FILE_KIND = {"test_policy.py": "unit", "test_quant.py": "unit", "test_structure.py": "unit",
              "test_passes.py": "unit", "test_specs.py": "unit",
              "test_arm.py": "device", "test_arm_kernels.py": "device", "test_gpu.py": "device"}
-REAL_FIXTURES = {"real_model", "real_parent", "real_onnx", "real_artifact", "session"}
+REAL_FIXTURES = {"real_model", "real_parent", "real_onnx", "real_artifact", "real_artifact_int8", "session"}
 
 
 def pytest_collection_modifyitems(session, config, items):

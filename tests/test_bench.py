@@ -42,6 +42,15 @@ def test_bytes_accounting_matches_the_buffers(M, N, K_):
         off = lut_offset(b, K.MIN_BITS)
         read = wl.planes[:b].nbytes + wl.luts[:, off:off + (1 << b)].nbytes   # what a b-bit call touches
         assert K.bitplane_bytes(M, N, K_, b) == read + io
+    from tvm_anyprec.quant.byteslice import int8_tables, to_byte_sliced
+
+    bs = to_byte_sliced(wl.planes, K_)
+    tabs, scales = int8_tables(wl.luts, range(K.MIN_BITS, K.MAX_BITS + 1))
+    for b in range(K.MIN_BITS, K.MAX_BITS + 1):
+        off = lut_offset(b, K.MIN_BITS)
+        assert K.lut_cpu_bytes(M, N, K_, b, "exact") == bs[:b].nbytes + wl.luts[:, off:off + (1 << b)].nbytes + io
+        assert K.lut_cpu_bytes(M, N, K_, b, "int8") == \
+            bs[:b].nbytes + tabs[:, off:off + (1 << b)].nbytes + scales[:, 0].nbytes + io
     assert K.dense_bytes(M, N, K_) == wl.w.nbytes + io
     for bits in (4, 8):
         for block in (32, 128):       # K = 70 / 130: a partial last block
@@ -58,7 +67,8 @@ def test_bench_rows_are_correct_kernels():
                             nbits_configs=[(4, 32, 0), (8, 128, 4)], log=lambda *_: None)
     fams = {r["family"] for r in rows}
     assert fams == {"bitplane", "tvm-dense", "numpy", "ort-fp32", "ort-nbits"}
-    assert [r["bits"] for r in rows if r["family"] == "bitplane"] == list(range(3, 9))
+    assert [(r["mode"], r["bits"]) for r in rows if r["family"] == "bitplane"] == \
+        [(m, b) for m in ("int8", "exact") for b in range(3, 9)]
     assert all(r["check_ok"] for r in rows), [(r["label"], r["check_rel_err"]) for r in rows if not r["check_ok"]]
     for r in rows:
         assert r["median_s"] > 0 and r["min_s"] <= r["median_s"] <= r["max_s"]
@@ -70,7 +80,8 @@ def test_bench_rows_are_correct_kernels():
         lut = wl.luts[:, off:off + (1 << case.bits)].astype(np.float64)
         w = np.take_along_axis(lut, _codes_by_hand(wl.planes, wl.K, case.bits), 1)
         ref = wl.x.astype(np.float64) @ w.T
-        np.testing.assert_allclose(case.output(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+        tol = 1e-4 if case.info["mode"] == "exact" else 5e-2     # int8 mode: two int8 roundings
+        np.testing.assert_allclose(case.output(), ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
 def test_stream_probe_reads_every_element():
@@ -88,24 +99,35 @@ def test_stream_probe_reads_every_element():
 def test_headline_reads_the_right_rows():
     from benchmarks.run import headline
 
-    def row(shape, label, fam, t, bits=None, frac=None):
-        return {"shape": shape, "M": 1, "label": label, "family": fam, "median_s": t, "bits": bits, "bw_fraction": frac}
+    def row(shape, label, fam, t, bits=None, frac=None, M=1, mode=None):
+        return {"shape": shape, "M": M, "label": label, "family": fam, "median_s": t, "bits": bits,
+                "bw_fraction": frac, "mode": mode}
 
-    rows = [row("4096x4096", f"bitplane {b}-bit", "bitplane", 1.0 + b, b) for b in range(3, 9)]
+    rows = [row("4096x4096", f"bitplane {b}-bit int8", "bitplane", 1.0 + b, b, mode="int8") for b in range(3, 9)]
+    rows += [row("4096x4096", f"bitplane {b}-bit exact", "bitplane", 9.0, b, mode="exact") for b in range(3, 9)]
     rows += [row("4096x4096", "numpy fp32", "numpy", 20.0),
              row("4096x4096", "ORT MatMulNBits 4-bit b32 acc0", "ort-nbits", 6.0, 4),
              row("4096x4096", "ORT MatMulNBits 4-bit b32 acc4", "ort-nbits", 4.0, 4)]
-    rows += [row("4096x11008", f"bitplane {b}-bit", "bitplane", 1.0, b, 0.1 * b) for b in range(3, 9)]
+    rows += [row("4096x11008", f"bitplane {b}-bit int8", "bitplane", 1.0, b, 0.1 * b, mode="int8")
+             for b in range(3, 9)]
+    rows += [row("4096x4096", "numpy fp32", "numpy", 30.0, M=32)]
+    rows += [row("4096x4096", f"bitplane {b}-bit int8", "bitplane", 10.0 * b, b, M=32, mode="int8")
+             for b in range(3, 9)]
     h = headline({"kernels": {"rows": rows, "bandwidth": {"dram": {"GBps": 20.0}}}})
     assert h["gemv_4096x4096_numpy_over_bitplane3"] == 5.0
     assert h["gemv_4096x4096_bitplane8_over_bitplane3"] == 2.25
+    assert h["gemv_4096x4096_numpy_over_slowest_bitplane"] == round(20 / 9, 3)
+    assert h["gemv_4096x4096_numpy_over_bitplane_exact"]["3"] == round(20 / 9, 3)
     assert h["gemv_4096x4096_ort_q4_best_over_bitplane4"] == 0.8
     assert h["gemv_4096x4096_ort_q4_best_config"].endswith("acc4")
-    assert h["gemv_4096x11008_bitplane_bw_fraction_best"] == 0.8
+    assert h["gemv_4096x11008_bitplane_bw_fraction_3to4"] == 0.3
+    assert h["gemm_32x4096x4096_numpy_over_slowest_bitplane"] == round(30 / 80, 3)
     assert h["goals_met"] == {"gemv_4096x4096_numpy_over_bitplane3": True,
                               "gemv_4096x4096_bitplane8_over_bitplane3": True,
+                              "gemv_4096x4096_numpy_over_slowest_bitplane": True,
                               "gemv_4096x4096_ort_q4_best_over_bitplane4": False,
-                              "gemv_4096x11008_bitplane_bw_fraction_best": True}
+                              "gemv_4096x11008_bitplane_bw_fraction_3to4": False,
+                              "gemm_32x4096x4096_numpy_over_slowest_bitplane": False}
 
 
 def test_model_layer_shapes_come_from_the_model():

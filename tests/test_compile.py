@@ -26,7 +26,8 @@ K, H, H2, N = MLP_DIMS   # odd sizes on purpose: K and N are not multiples of 32
 def mlp(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlp")
     weights, xshape = _mlp_onnx(d / "mlp.onnx")
-    manifest = compile_model(d / "mlp.onnx", d / "art", accuracy="exact")
+    manifest = compile_model(d / "mlp.onnx", d / "art")      # the default: exact mode
+    assert manifest["accuracy"] == "exact"
     return d, weights, xshape, manifest
 
 
@@ -62,11 +63,11 @@ def test_matches_onnxruntime_every_bit_width(mlp):
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_int8_mode_is_the_default_and_close_to_onnxruntime(tmp_path):
-    """The default CPU mode (int8 activations per group of 256, int8 centroid tables) against ORT's fp32 on the
-    dequantized graph: the error is the two int8 roundings, a few percent of the output scale at most."""
+def test_int8_mode_close_to_onnxruntime(tmp_path):
+    """The CPU kernel's int8 mode (int8 activations per block of 32, int8 centroid tables) against ORT's fp32 on
+    the dequantized graph: the error is the two int8 roundings, a few percent of the output scale at most."""
     weights, xshape = _mlp_onnx(tmp_path / "mlp.onnx")
-    manifest = compile_model(tmp_path / "mlp.onnx", tmp_path / "art")
+    manifest = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", accuracy="int8")
     assert manifest["accuracy"] == "int8" and manifest["plane_layout"] == "byte_sliced64"
     layers = _quantized_layers(weights, manifest)
     x = np.random.default_rng(5).standard_normal(xshape).astype(np.float32)

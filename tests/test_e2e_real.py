@@ -19,9 +19,12 @@ def test_artifact_layout(real_artifact):
     assert {"lib.so", "weights.safetensors"} <= set(m["files"])
 
 
-def test_logits_match_onnxruntime_per_bit_width(session, real_onnx, real_parent):
-    """Prefill graph, 32 tokens: TVM (bitplane kernels) vs ORT on the same ONNX with dequantized weights."""
+def test_logits_match_onnxruntime_per_bit_width(session, real_artifact_int8, real_onnx, real_parent):
+    """Prefill graph, 32 tokens: TVM (the CPU bitplane kernel, default exact mode) vs ORT on the same ONNX with
+    dequantized weights: within fp32 reordering. The int8 mode: within the int8 roundings, the same top tokens
+    almost everywhere."""
     parent = Parent.load(real_parent)
+    exact, int8 = session, Session(real_artifact_int8)
     ids = session.tokenizer(PROMPT * 3)["input_ids"][:32]
     spec = session.spec("prefill")
     zeros = np.zeros((spec["n_kv_heads"], spec["max_len"], spec["head_dim"]), np.float32)
@@ -30,24 +33,30 @@ def test_logits_match_onnxruntime_per_bit_width(session, real_onnx, real_parent)
         feeds[f"key_{i}"] = feeds[f"value_{i}"] = zeros
     for b in (3, 4, 8):
         ref = ort_session(dequantized_onnx(real_onnx / "prefill.onnx", parent.layers, b)).run(["logits"], feeds)[0][0]
-        out, _ = session.forward_tokens(np.array(ids), b)
+        out, _ = exact.forward_tokens(np.array(ids), b)
         # 30 layers of fp32 arithmetic in different orders: compare against the logit scale
         err = np.abs(out - ref).max() / np.abs(ref).max()
         assert err < 1e-3, f"{b}-bit: max relative logit error {err:.2e}"
         assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.95
+        q, _ = int8.forward_tokens(np.array(ids), b)
+        assert (q.argmax(-1) == ref.argmax(-1)).mean() > 0.8, f"{b}-bit int8 mode"
 
 
-def test_perplexity_matches_torch(session, real_parent):
-    """Same windows of the corpus: compiled model vs torch with the dequantized weights, within 1% (the
-    lowest and highest bit-width; the others are checked against onnxruntime above)."""
+def test_perplexity_matches_torch(session, real_artifact_int8, real_parent):
+    """Same windows of the corpus: compiled model vs torch with the dequantized weights, within 1% in the
+    default exact mode (the lowest and highest bit-width; the others are checked against onnxruntime above);
+    the int8 mode within 3% (measured +0.6..1.6% on 4 windows, README)."""
     bits = [3, 8]
     torch_rows = api.eval_torch(real_parent, bits, windows=2, seqlen=128, baselines=False)
     ids = data.token_windows(session.tokenizer, data.EVAL_TEXT, 2, 128)
+    int8 = Session(real_artifact_int8)
     for row in torch_rows:
         if row["bits"] == 32:
             continue
         ppl = session.perplexity(ids, row["bits"])
         assert abs(ppl / row["ppl"] - 1) < 0.01, f"{row['bits']}-bit: tvm {ppl:.3f} vs torch {row['ppl']:.3f}"
+        ppl8 = int8.perplexity(ids, row["bits"])
+        assert abs(ppl8 / row["ppl"] - 1) < 0.03, f"{row['bits']}-bit int8: {ppl8:.3f} vs torch {row['ppl']:.3f}"
 
 
 def test_switching_bits_in_one_process(session, real_artifact):

@@ -54,7 +54,7 @@ def _so_bytes(lib, path) -> bytes:
 def real_kernels(real_onnx):
     from tvm_anyprec.api import model_kernels
 
-    return model_kernels(real_onnx)
+    return model_kernels(real_onnx, target="cuda-sm80")
 
 
 def _act_kernels(real_kernels) -> dict:

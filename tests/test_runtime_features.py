@@ -73,14 +73,15 @@ def test_cli_run_speculative(session, real_artifact):
 
 
 def test_weight_bytes_per_token_from_the_parent(session, real_parent):
-    """The policy's byte count vs. the parent's own arrays: b planes + the b-bit LUT (stored as fp16 in the
-    artifact) per layer, plus every fp32 tensor the decode graph reads."""
+    """The policy's byte count vs. the parent's own arrays: b planes (byte-sliced: whole blocks of 64 weights)
+    + the b-bit LUT per layer (fp16 in the default exact mode), plus every fp32 tensor the decode graph reads."""
     parent = Parent.load(real_parent)
+    assert session.manifest["accuracy"] == "exact"
     fp32 = sum(int(np.prod(session.weights[n].shape)) * 4 for n in session.functions["decode"]["params"]
                if not n.endswith((".planes", ".luts")))
     for b in (3, 5, 8):
-        want = fp32 + sum(layer.planes[:b].nbytes + layer.luts[b].astype(np.float16).nbytes
-                          for layer in parent.layers.values())
+        want = fp32 + sum(b * n * 8 * -(-k // 64) + layer.luts[b].astype(np.float16).nbytes
+                          for (n, k), layer in ((lay.shape, lay) for lay in parent.layers.values()))
         assert session.weight_bytes_per_token(b) == want
 
 

@@ -196,7 +196,7 @@ def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",),
             tuning_log=None, tokenizer=None, act_bits: int | None = None,
             act_outlier: str = "smooth", act_int4_all: bool = False, prune_ratio: float | None = None,
             prune_layer: int | None = None, accuracy: str | None = None) -> dict:
-    """ONNX file/dir -> artifact. ``accuracy`` (CPU targets): "int8" (default) or "exact", see
+    """ONNX file/dir -> artifact. ``accuracy`` (CPU targets): "exact" (default) or "int8", see
     ``schemes.anyprec.AnyPrec``. ``source`` may also be a model ('smollm2', .gguf, HF dir): then the ONNX
     export (``<out>.onnx/``) and the quantized parent (``<out>.parent/``) are made first when missing.
     ``act_bits`` 8|4: low-bit activations (W4A8, or W4A4 after self-attention / everywhere with
@@ -324,13 +324,14 @@ def _is_onnx(src: Path) -> bool:
     return src.suffix == ".onnx" or (src.is_dir() and any(src.glob("*.onnx")))
 
 
-def kernel_specs_of(source, exclude=("lm_head",)) -> dict:
+def kernel_specs_of(source, exclude=("lm_head",), target: str = "x86") -> dict:
     """{kernel name: KernelSpec} of a model: from a compiled artifact's manifest, or by importing ONNX graphs
-    (a file or directory) and running the rewrite pass (its linear kernels), or, for a model name
-    ('smollm2', a .gguf, an HF directory), by exporting it first (into the cache directory, once)."""
+    (a file or directory) and running the rewrite pass the ``target`` preset's compile runs (its tunable
+    linear kernels: on CPUs the fp32 dense ones, the bitplane kernel being explicit loops; on GPUs both), or,
+    for a model name ('smollm2', a .gguf, an HF directory), by exporting it first (into the cache directory,
+    once)."""
     from .errors import TuningError
     from .frontend.onnx_import import import_onnx
-    from .passes.anyprec_rewrite import AnyPrecRewrite
     from .tune.driver import specs_of_manifest, tunable_specs
 
     src = Path(str(source))
@@ -344,12 +345,16 @@ def kernel_specs_of(source, exclude=("lm_head",)) -> dict:
         src = data.cache_dir() / "onnx" / model.stem
         if not all((src / f"{g}.onnx").exists() for g in ("decode", "prefill", "verify")):
             export(src, model)
-    return tunable_specs(AnyPrecRewrite(3, 8, exclude)(import_onnx(src).mod))
+    from .schemes.anyprec import AnyPrec
+    from .targets import preset
+
+    rw = AnyPrec(3, 8).rewrite_pass(exclude, preset(target))
+    return tunable_specs(rw(import_onnx(src).mod))
 
 
-def model_kernels(source, exclude=("lm_head",)) -> dict:
+def model_kernels(source, exclude=("lm_head",), target: str = "x86") -> dict:
     """{kernel name: PrimFunc} of ``kernel_specs_of``."""
-    return {name: spec.build() for name, spec in kernel_specs_of(source, exclude).items()}
+    return {name: spec.build() for name, spec in kernel_specs_of(source, exclude, target).items()}
 
 
 def is_act_artifact(source) -> bool:
@@ -365,7 +370,7 @@ def tune(source, target: str = "x86", trials: int = 32, log_dir=None, rpc=None, 
     ``tune.RPC`` of remote devices. Returns one row per kernel."""
     from .tune.driver import TuneConfig, tune_kernels
 
-    return tune_kernels(kernel_specs_of(source), TuneConfig(target, trials, log_dir, rpc, only, space, progress,
+    return tune_kernels(kernel_specs_of(source, target=target), TuneConfig(target, trials, log_dir, rpc, only, space, progress,
                                                              seed))
 
 

@@ -105,14 +105,14 @@ def read_manifest(d: os.PathLike, kind: str | None = None, verify: bool = True) 
         raise ArtifactError(f"{mp} is corrupt: {e}") from e
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{mp} is corrupt: expected a JSON object, got {type(manifest).__name__}")
+    if kind is not None and manifest.get("kind") != kind:
+        raise ArtifactError(f"{d} is a '{manifest.get('kind')}' artifact, expected '{kind}'")
     want = COMPILED_FORMAT_VERSION if manifest.get("kind") == "compiled" else FORMAT_VERSION
     if manifest.get("format_version") != want:
         hint = " (compiled artifacts of format 1 hold the old plane layout: compile the model again)" \
             if manifest.get("kind") == "compiled" else ""
         raise ArtifactError(f"{d}: format version {manifest.get('format_version')} is not supported "
                             f"(this tvm-anyprec reads version {want} for '{manifest.get('kind')}' artifacts){hint}")
-    if kind is not None and manifest.get("kind") != kind:
-        raise ArtifactError(f"{d} is a '{manifest.get('kind')}' artifact, expected '{kind}'")
     files = manifest.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(i, dict) and isinstance(i.get("bytes"), int)
                                               and isinstance(i.get("sha256"), str) for i in files.values()):

@@ -82,6 +82,7 @@ DLDataType SafetensorsDType(const std::string& s) {
   if (s == "I32") return DLDataType{kDLInt, 32, 1};
   if (s == "I64") return DLDataType{kDLInt, 64, 1};
   if (s == "U8") return DLDataType{kDLUInt, 8, 1};
+  if (s == "I8") return DLDataType{kDLInt, 8, 1};   // int8 centroid tables (CPU kernel, int8 mode)
   throw std::runtime_error("unsupported safetensors dtype " + s);
 }
 

@@ -40,9 +40,11 @@ def install() -> None:
             rest = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in marked}, attrs=mod.attrs)
             config = dict(ctx.config)
             config["tirx.disable_storage_rewrite"] = True
+            config["tirx.disable_cse_tir"] = True   # CSE on the unrolled bodies took most of the build time
             with tvm.transform.PassContext(opt_level=ctx.opt_level, config=config,
                                            required_pass=list(ctx.required_pass),
-                                           disabled_pass=list(ctx.disabled_pass)):
+                                           disabled_pass=list(ctx.disabled_pass),
+                                           instruments=list(ctx.instruments)):
                 ours = pipeline(ours)
             out = pipeline(rest) if len(rest.functions) else rest
             out.update(ours)

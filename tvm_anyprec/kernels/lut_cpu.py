@@ -33,15 +33,22 @@ from typing import ClassVar
 
 from tvm.script import tirx as T
 
-from ..quant.byteslice import GROUP, INT8_MAX, blocks, groups, row_bytes, table_zero
+from ..quant.byteslice import GROUP, INT8_MAX, blocks, groups, row_bytes
 from .anyprec import lut_offset, lut_width
 from .lowering import KEEP, STACK_LOCALS
+from .lut_isa import (_u8, decode, dot_int8_avx2, dot_int8_generic, lookup_f32_avx2, lookup_f32_generic,
+                      lookup_fp16_avx2, lookup_int8_avx2, lookup_int8_generic, split_fp16_tables,
+                      split_width)
 from .spec import KernelSpec, register
 
 MODES = ("exact", "int8")
 ISAS = ("avx2", "generic")
 LUT_PAD = 16
-EXACT_TREE_MAX = 8   # exact mode on AVX2: vpermps/vblendvps trees for every b (gathers measured no better here)
+SPLIT_MIN = 3   # exact mode on AVX2: the fp16 byte-split tables from this b (vpermps on fp32 tables below it)
+
+
+def _split(s, b: int) -> bool:
+    return s.mode == "exact" and s.isa == "avx2" and b >= SPLIT_MIN
 
 
 def cpu_isa(target) -> str:
@@ -64,116 +71,12 @@ def table_width(max_bits: int, min_bits: int) -> int:
 
 
 def default_rows(mode: str, bits: int, M: int) -> int:
-    """Weight rows per parallel task (decoded together, sharing each activation load): one for a GEMV (the
-    lookups feed the dot products in registers), else 4 (b <= 5) or 2."""
+    """Weight rows per parallel task (decoded together, sharing each activation load; measured on Zen 3): a
+    GEMV takes one row in int8 mode (the lookups feed the dot products in registers), two in exact mode (they
+    share the fp32 activation loads); M > 1 takes 4 (b <= 5) or 2."""
     if M == 1:
-        return 1
+        return 1 if mode == "int8" else 2
     return 4 if bits <= 5 else 2
-
-
-# ---------------------------------------------------------------------------------------------- primitives
-
-def _u8(v: int, lanes: int = 32):
-    return T.broadcast(T.uint8(v), lanes)
-
-
-def _shift(x, s: int):
-    """uint8x32 shifted by s bits inside 32-bit lanes (s > 0: left); the caller masks so no bit crosses a byte."""
-    if s == 0:
-        return x
-    w = T.reinterpret("uint32x8", x)
-    w = T.shift_left(w, T.broadcast(T.uint32(s), 8)) if s > 0 else T.shift_right(w, T.broadcast(T.uint32(-s), 8))
-    return T.reinterpret("uint8x32", w)
-
-
-def _srl16(x, s: int):
-    return T.reinterpret("uint8x32", T.shift_right(T.reinterpret("uint16x16", x), T.broadcast(T.uint16(s), 16)))
-
-
-def _sll16(x, s: int):
-    return T.reinterpret("uint8x32", T.shift_left(T.reinterpret("uint16x16", x), T.broadcast(T.uint16(s), 16)))
-
-
-def decode(vs, b: int) -> list:
-    """b plane vectors (uint8x32, MSB plane first) -> the 8 code vectors of the group: code i lane 8j+l is the
-    b-bit code of weight 64j + 8i + l. b <= 4: bits i and i+4 are decoded together as two nibbles."""
-    if b <= 4:
-        out = [None] * 8
-        for i in range(4):
-            nib = None
-            for p in range(b):
-                t = _shift(T.bitwise_and(vs[p], _u8(0x11 << i)), (b - 1 - p) - i)
-                nib = t if nib is None else T.bitwise_or(nib, t)
-            out[i] = T.bitwise_and(nib, _u8(15))
-            out[i + 4] = T.bitwise_and(_srl16(nib, 4), _u8(15))
-        return out
-    out = []
-    for i in range(8):
-        c = None
-        for p in range(b):
-            t = _shift(T.bitwise_and(vs[p], _u8(1 << i)), (b - 1 - p) - i)
-            c = t if c is None else T.bitwise_or(c, t)
-        out.append(c)
-    return out
-
-
-def _x86(name, dtype, *args):
-    return T.call_llvm_pure_intrin(dtype, f"llvm.x86.{name}", *args)
-
-
-def lookup_int8_avx2(TAB, n, off, b: int, c):
-    """int8x32: TAB[n, off + c] for 32 codes by vpshufb (16-entry tables) and a vpblendvb tree."""
-    def table(t):
-        t16 = TAB[n, T.ramp(off + 16 * t, 1, 16)]
-        return T.vectorcombine("int8x32", t16, t16)
-
-    if b <= 4:
-        return _x86("avx2.pshuf.b", "int8x32", table(0), T.reinterpret("int8x32", c))
-    lo = T.reinterpret("int8x32", T.bitwise_and(c, _u8(15)))
-    vals = [_x86("avx2.pshuf.b", "int8x32", table(t), lo) for t in range(1 << (b - 4))]
-    for bit in range(4, b):   # the byte's MSB after a 16-bit shift by 7 - bit is its bit `bit`
-        mask = T.reinterpret("int8x32", _sll16(c, 7 - bit))
-        vals = [_x86("avx2.pblendvb", "int8x32", vals[2 * u], vals[2 * u + 1], mask) for u in range(len(vals) // 2)]
-    return vals[0]
-
-
-def lookup_int8_generic(TAB, n, off, b: int, c):
-    return TAB[n, off + T.Cast("int32x32", c)]
-
-
-def dot_int8_avx2(w, x, zero: int = 0):
-    """int32x8 partial sums of 32 int8 products (w, x int8x32). zero > 0: w is unsigned (1..127, offset not
-    removed here); zero = 0: w signed, |w| <= 127 (the sign moves onto x)."""
-    if zero:
-        p16 = _x86("avx2.pmadd.ub.sw", "int16x16", w, x)
-        return _x86("avx2.pmadd.wd", "int32x8", p16, T.broadcast(T.int16(1), 16))
-    aw = _x86("avx2.psign.b", "int8x32", w, w)
-    sx = _x86("avx2.psign.b", "int8x32", x, w)
-    p16 = _x86("avx2.pmadd.ub.sw", "int16x16", aw, sx)
-    return _x86("avx2.pmadd.wd", "int32x8", p16, T.broadcast(T.int16(1), 16))
-
-
-def dot_int8_generic(WB, wo, XP, m, xo):
-    total = None
-    for t in range(4):
-        p = T.Cast("int32x8", WB[T.ramp(wo + 8 * t, 1, 8)]) * T.Cast("int32x8", XP[m, T.ramp(xo + 8 * t, 1, 8)])
-        total = p if total is None else total + p
-    return total
-
-
-def lookup_f32_avx2(TBL, base, b: int, idx):
-    """float32x8: TBL[base + idx] for 8 int32 codes by vpermps on 8-entry tables and a vblendvps tree."""
-    vals = [_x86("avx2.permps", "float32x8", TBL[T.ramp(base + 8 * t, 1, 8)], idx)
-            for t in range(max(1, 1 << (b - 3)))]
-    for bit in range(3, b):
-        mask = T.reinterpret("float32x8", T.shift_left(idx, T.broadcast(T.int32(31 - bit), 8)))
-        vals = [_x86("avx.blendv.ps.256", "float32x8", vals[2 * u], vals[2 * u + 1], mask)
-                for u in range(len(vals) // 2)]
-    return vals[0]
-
-
-def lookup_f32_generic(TBL, base, b: int, idx):
-    return TBL[base + idx]
 
 
 # ---------------------------------------------------------------------------------------------- the kernel
@@ -212,8 +115,12 @@ def _plane_vector(PL, p, n, g, tail: int):
                            T.vectorcombine("uint8x16", part[2], part[3]))
 
 
-def _prologue(s: _Shape, X, XP, SX, XS):
-    """XP [M, G*256] = X in decode order (int8 mode: quantized per group of 256, scales in SX, sums in XS)."""
+def _prologue(s: _Shape, X, XP, SX):
+    """XP [M, G*256] = X in decode order. int8 mode: quantized per block of 32 columns (llama.cpp's Q8_0; one
+    scale per 256 columns cost +4.6% perplexity at 3 bits on SmolLM2, per 64 +1.2..3.7%). Block (j, h) of group g
+    holds columns 256g + 64j + 32h + [0, 32): bits i = 4h..4h+3 of the planes' block j. The scales are laid out
+    as the int32x8 lanes of a half-group's dot products need them (lanes 2j and 2j+1 hold block j's products):
+    SX[m, 16g + 8h + t] = scale of block (t // 2, h)."""
     loop = T.parallel if s.M > 1 else T.serial
 
     def src(g, i, j, l):
@@ -229,86 +136,118 @@ def _prologue(s: _Shape, X, XP, SX, XS):
                     T.buffer_store(XP, xval(m, src(g, i, j, l)), [m, GROUP * g + 32 * i + 8 * j + l])
             else:
                 amax = _local((1,), "float32")
-                T.buffer_store(amax, T.float32(0), [0])
-                with T.serial(0, GROUP) as q:
-                    T.buffer_store(amax, T.max(amax[0], T.abs(xval(m, GROUP * g + q))), [0])
-                inv = T.Select(amax[0] > T.float32(0), T.float32(INT8_MAX) / T.max(amax[0], T.float32(1e-30)),
-                               T.float32(0))
-                T.buffer_store(SX, amax[0] / T.float32(INT8_MAX), [m, g])
-                with T.grid(8, 4, 8) as (i, j, l):
-                    q = T.floor(xval(m, src(g, i, j, l)) * inv + T.float32(0.5))
-                    q = T.max(T.min(q, T.float32(INT8_MAX)), T.float32(-INT8_MAX))
-                    T.buffer_store(XP, T.Cast("int8", q), [m, GROUP * g + 32 * i + 8 * j + l])
-                total = _local((1,), "int32")
-                T.buffer_store(total, 0, [0])
-                with T.serial(0, GROUP) as q:
-                    T.buffer_store(total, total[0] + T.Cast("int32", XP[m, GROUP * g + q]), [0])
-                T.buffer_store(XS, total[0], [m, g])
+                with T.grid(4, 2) as (j, h):
+                    T.buffer_store(amax, T.float32(0), [0])
+                    with T.serial(0, 32) as q:
+                        T.buffer_store(amax, T.max(amax[0], T.abs(xval(m, GROUP * g + 64 * j + 32 * h + q))), [0])
+                    inv = T.Select(amax[0] > T.float32(0), T.float32(INT8_MAX) / T.max(amax[0], T.float32(1e-30)),
+                                   T.float32(0))
+                    for u in range(2):
+                        T.buffer_store(SX, amax[0] / T.float32(INT8_MAX), [m, 16 * g + 8 * h + 2 * j + u])
+                    with T.grid(4, 8) as (i, l):
+                        q = T.floor(xval(m, src(g, 4 * h + i, j, l)) * inv + T.float32(0.5))
+                        q = T.max(T.min(q, T.float32(INT8_MAX)), T.float32(-INT8_MAX))
+                        T.buffer_store(XP, T.Cast("int8", q), [m, GROUP * g + 32 * (4 * h + i) + 8 * j + l])
+
+
+def _each(n: int, step, unroll: bool) -> None:
+    """step(i) for i in 0..n-1: unrolled in Python (constant i), or as a TIR loop."""
+    if unroll:
+        for i in range(n):
+            step(i)
+    else:
+        with T.serial(0, n) as i:
+            step(i)
+
+
+def _codes(PL, p_count: int, n, g, tail: int, VB, CB, b: int, direct: bool = False, base: int = 0) -> list:
+    """Decode one row's group into CB (8 x 32 codes) through VB (the b plane vectors): the intermediate vectors
+    live in (stack) buffers, so no expression tree repeats a decode (TIR passes visit trees, not DAGs, and a
+    b > 4 lookup reads its code b - 3 times). ``direct``: the code expressions themselves (each used once)."""
+    if direct:
+        return decode([_plane_vector(PL, p, n, g, tail) for p in range(p_count)], b)
+    for p in range(p_count):
+        T.buffer_store(VB, _plane_vector(PL, p, n, g, tail), [T.ramp(32 * p, 1, 32)])
+    codes = decode([VB[T.ramp(32 * p, 1, 32)] for p in range(p_count)], b)
+    for i in range(8):
+        T.buffer_store(CB, codes[i], [T.ramp(base + 32 * i, 1, 32)])
+    return [CB[T.ramp(base + 32 * i, 1, 32)] for i in range(8)]
 
 
 def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
-    PL, LUT, XP, SX, XS, WB, CB, TBL, ACC, AI = bufs
+    PL, LUT, XP, SX, WB, CB, TBL, ACC, AI, VB = bufs
     R = len(rows)
     off = lut_offset(b, s.MINB)
-    zero = table_zero(b) if s.mode == "int8" else 0
     E = max(8, 1 << b)
     if s.M == 1 and s.mode == "int8" and s.isa == "avx2":   # GEMV: lookups feed the dot products in registers
         for r, n in enumerate(rows):
-            codes = decode([_plane_vector(PL, p, n, g, tail) for p in range(b)], b)
-            acc = None
-            for i in range(8):
-                d = dot_int8_avx2(lookup_int8_avx2(LUT, n, off, b, codes[i]), XP[0, T.ramp(GROUP * g + 32 * i, 1, 32)],
-                                  zero)
-                acc = d if acc is None else acc + d
-            if zero:   # lane 0 carries the offset correction -zero * sum(x) of the group
-                acc = acc - T.Select(T.ramp(0, 1, 8) == T.broadcast(0, 8), T.broadcast(zero * XS[0, g], 8),
-                                     T.broadcast(0, 8))
+            codes = _codes(PL, b, n, g, tail, VB, CB, b, direct=b <= 4)
             a = ACC[T.ramp(r * 8, 1, 8)]
-            T.buffer_store(ACC, a + T.Cast("float32x8", acc) * T.broadcast(SX[0, g], 8), [T.ramp(r * 8, 1, 8)])
+            for h in range(2):   # the two halves of the group: separate activation scales (blocks of 32)
+                acc = None
+                for i in range(4 * h, 4 * h + 4):
+                    d = dot_int8_avx2(lookup_int8_avx2(LUT, n, off, b, codes[i]), XP[0, T.ramp(GROUP * g + 32 * i, 1, 32)])
+                    acc = d if acc is None else acc + d
+                a = a + T.Cast("float32x8", acc) * SX[0, T.ramp(16 * g + 8 * h, 1, 8)]
+            T.buffer_store(ACC, a, [T.ramp(r * 8, 1, 8)])
         return
-    if s.M == 1 and s.mode == "exact" and s.isa == "avx2":
+    if s.M == 1 and s.mode == "exact" and s.isa == "avx2":   # GEMV: the rows of a tile share each x load
         for r, n in enumerate(rows):
-            codes = decode([_plane_vector(PL, p, n, g, tail) for p in range(b)], b)
-            acc = ACC[T.ramp(r * 8, 1, 8)]
-            for i in range(8):
+            _codes(PL, b, n, g, tail, VB, CB, b, base=r * GROUP)
+
+        def step(i):
+            accs = [ACC[T.ramp(r * 8, 1, 8)] for r in range(R)]
+            for r in range(R):
+                c = CB[T.ramp(r * GROUP + 32 * i, 1, 32)]
+                if _split(s, b):
+                    vals = lookup_fp16_avx2(TBL, r * 2 * split_width(b), b, c)
+                else:
+                    vals = [lookup_f32_avx2(TBL, r * E, b, T.Cast("int32x8", CB[T.ramp(r * GROUP + 32 * i + 8 * q,
+                                                                                          1, 8)])) for q in range(4)]
                 for q in range(4):
-                    idx = T.Cast("int32x8", T.Shuffle([codes[i]], [8 * q + e for e in range(8)]))
-                    look = lookup_f32_avx2 if b <= EXACT_TREE_MAX else lookup_f32_generic
-                    acc = acc + look(TBL, r * E, b, idx) * XP[0, T.ramp(GROUP * g + 32 * i + 8 * q, 1, 8)]
-            T.buffer_store(ACC, acc, [T.ramp(r * 8, 1, 8)])
+                    accs[r] = accs[r] + vals[q] * XP[0, T.ramp(GROUP * g + 32 * i + 8 * q, 1, 8)]
+            for r in range(R):
+                T.buffer_store(ACC, accs[r], [T.ramp(r * 8, 1, 8)])
+
+        _each(8, step, unroll=b <= 5)   # b > 5: the long lookup trees in a loop (code size, build time)
         return
     for r, n in enumerate(rows):
-        codes = decode([_plane_vector(PL, p, n, g, tail) for p in range(b)], b)
-        for i in range(8):
+        _codes(PL, b, n, g, tail, VB, CB, b)
+
+        def step(i, r=r, n=n):
+            c = CB[T.ramp(32 * i, 1, 32)]
             if s.mode == "int8":
                 look = lookup_int8_avx2 if s.isa == "avx2" else lookup_int8_generic
-                T.buffer_store(WB, look(LUT, n, off, b, codes[i]), [T.ramp(r * GROUP + 32 * i, 1, 32)])
-            else:
-                look = lookup_f32_avx2 if s.isa == "avx2" and b <= EXACT_TREE_MAX else lookup_f32_generic
-                T.buffer_store(CB, codes[i], [T.ramp(0, 1, 32)])
+                T.buffer_store(WB, look(LUT, n, off, b, c), [T.ramp(r * GROUP + 32 * i, 1, 32)])
+            elif _split(s, b):
+                vals = lookup_fp16_avx2(TBL, r * 2 * split_width(b), b, c)
                 for q in range(4):
-                    idx = T.Cast("int32x8", CB[T.ramp(8 * q, 1, 8)])
+                    T.buffer_store(WB, vals[q], [T.ramp(r * GROUP + 32 * i + 8 * q, 1, 8)])
+            else:
+                look = lookup_f32_avx2 if s.isa == "avx2" else lookup_f32_generic
+                for q in range(4):
+                    idx = T.Cast("int32x8", CB[T.ramp(32 * i + 8 * q, 1, 8)])
                     T.buffer_store(WB, look(TBL, r * E, b, idx), [T.ramp(r * GROUP + 32 * i + 8 * q, 1, 8)])
+
+        _each(8, step, unroll=b <= 4 or s.isa == "generic")   # (a gather index in a TIR loop trips TVM's
+                                                              # region analysis: the generic bodies unroll)
     with T.serial(0, s.M) as m:
         xo = GROUP * g
         if s.mode == "int8":
-            for r in range(R):
-                T.buffer_store(AI, T.broadcast(T.int32(0), 8), [T.ramp(8 * r, 1, 8)])
-            for i in range(8):
-                x = XP[m, T.ramp(xo + 32 * i, 1, 32)]
+            for h in range(2):   # the two halves of the group: separate activation scales (blocks of 32)
                 for r in range(R):
-                    wo = r * GROUP + 32 * i
-                    d = dot_int8_avx2(WB[T.ramp(wo, 1, 32)], x, zero) if s.isa == "avx2" else \
-                        dot_int8_generic(WB, wo, XP, m, xo + 32 * i)
-                    T.buffer_store(AI, AI[T.ramp(8 * r, 1, 8)] + d, [T.ramp(8 * r, 1, 8)])
-            for r in range(R):
-                a = ACC[T.ramp((m * R + r) * 8, 1, 8)]
-                ai = AI[T.ramp(8 * r, 1, 8)]
-                if zero:
-                    ai = ai - T.Select(T.ramp(0, 1, 8) == T.broadcast(0, 8), T.broadcast(zero * XS[m, g], 8),
-                                       T.broadcast(0, 8))
-                T.buffer_store(ACC, a + T.Cast("float32x8", ai) * T.broadcast(SX[m, g], 8),
-                               [T.ramp((m * R + r) * 8, 1, 8)])
+                    T.buffer_store(AI, T.broadcast(T.int32(0), 8), [T.ramp(8 * r, 1, 8)])
+                for i in range(4 * h, 4 * h + 4):
+                    x = XP[m, T.ramp(xo + 32 * i, 1, 32)]
+                    for r in range(R):
+                        wo = r * GROUP + 32 * i
+                        d = dot_int8_avx2(WB[T.ramp(wo, 1, 32)], x) if s.isa == "avx2" else \
+                            dot_int8_generic(WB, wo, XP, m, xo + 32 * i)
+                        T.buffer_store(AI, AI[T.ramp(8 * r, 1, 8)] + d, [T.ramp(8 * r, 1, 8)])
+                for r in range(R):
+                    a = ACC[T.ramp((m * R + r) * 8, 1, 8)]
+                    T.buffer_store(ACC, a + T.Cast("float32x8", AI[T.ramp(8 * r, 1, 8)]) *
+                                   SX[m, T.ramp(16 * g + 8 * h, 1, 8)], [T.ramp((m * R + r) * 8, 1, 8)])
         else:
             for i in range(8):
                 for q in range(4):
@@ -319,15 +258,17 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                                        [T.ramp((m * R + r) * 8, 1, 8)])
 
 
-def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XS, Y):
+def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, Y):
     """The b-bit kernel: tiles of R rows in parallel."""
     NT = -(-s.N // R)
     E = max(8, 1 << b)
     with T.parallel(0, NT) as nt:
         WB = _local((R * GROUP,), "int8" if s.mode == "int8" else "float32")
         ACC = _local((s.M * R * 8,), "float32")
-        CB = _local((32,), "uint8") if s.mode == "exact" else None
-        TBL = _local((R * E,), "float32") if s.mode == "exact" else None
+        CB = _local((R * GROUP,), "uint8")
+        VB = _local((32 * b,), "uint8")
+        TBL = (_local((R * 2 * split_width(b),), "uint8") if _split(s, b) else _local((R * E,), "float32")) \
+            if s.mode == "exact" else None
         AI = _local((R * 8,), "int32") if s.mode == "int8" else None
         rows = [T.min(nt * R + r, s.N - 1) for r in range(R)]
         with T.serial(0, s.M * R) as z:
@@ -335,10 +276,13 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XS, Y):
         if s.mode == "exact":
             off = lut_offset(b, s.MINB)
             for r, n in enumerate(rows):
+                if _split(s, b):
+                    split_fp16_tables(LUT, n, off, b, TBL, r * 2 * split_width(b))
+                    continue
                 for t in range(E // 8):
                     T.buffer_store(TBL, T.Cast("float32x8", LUT[n, T.ramp(off + 8 * t, 1, 8)]),
                                    [T.ramp(r * E + 8 * t, 1, 8)])
-        bufs = (PL, LUT, XP, SX, XS, WB, CB, TBL, ACC, AI)
+        bufs = (PL, LUT, XP, SX, WB, CB, TBL, ACC, AI, VB)
         full = s.G if s.tail == 4 else s.G - 1
         if full:
             with T.serial(0, full) as g:
@@ -393,10 +337,9 @@ def make_anyprec_cpu(M: int, N: int, K: int, max_bits: int = 8, min_bits: int = 
                              NBITS: T.Buffer((1,), "int32"), Y: T.Buffer((M, N), "float32")):
             T.func_attr({"tirx.noalias": True})
             XP = T.alloc_buffer((M, G * GROUP), xdt)
-            SX = T.alloc_buffer((M, G), "float32")
-            XS = T.alloc_buffer((M, G), "int32")
-            _prologue(s, X, XP, SX, XS)
-            _dispatch(s, T.min(T.max(NBITS[0], MINB), B), widths, rows, (PLANES, TABS, SCALES, XP, SX, XS, Y))
+            SX = T.alloc_buffer((M, G * 16), "float32")
+            _prologue(s, X, XP, SX)
+            _dispatch(s, T.min(T.max(NBITS[0], MINB), B), widths, rows, (PLANES, TABS, SCALES, XP, SX, Y))
 
         func = anyprec_cpu_int8
     else:
@@ -406,8 +349,8 @@ def make_anyprec_cpu(M: int, N: int, K: int, max_bits: int = 8, min_bits: int = 
                               Y: T.Buffer((M, N), "float32")):
             T.func_attr({"tirx.noalias": True})
             XP = T.alloc_buffer((M, G * GROUP), xdt)
-            _prologue(s, X, XP, None, None)
-            _dispatch(s, T.min(T.max(NBITS[0], MINB), B), widths, rows, (PLANES, LUTS, None, XP, None, None, Y))
+            _prologue(s, X, XP, None)
+            _dispatch(s, T.min(T.max(NBITS[0], MINB), B), widths, rows, (PLANES, LUTS, None, XP, None, Y))
 
         func = anyprec_cpu_exact
     return func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True).with_attr(STACK_LOCALS, True)

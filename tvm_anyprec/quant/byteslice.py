@@ -76,42 +76,33 @@ def permute_activations(x: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def table_zero(bits: int) -> int:
-    """The offset of bit-width ``bits``' int8 table entries: 64 for b <= 5 (7-bit centroids stored as 1..127, an
-    unsigned operand of vpmaddubsw without a sign fix-up; the kernels subtract 64 * sum(x) per group), 0 above
-    (signed 8-bit centroids, -127..127, with the sign trick)."""
-    return 64 if bits <= 5 else 0
-
-
 def int8_tables(luts: np.ndarray, widths) -> tuple[np.ndarray, np.ndarray]:
     """fp16 LUTs [N, L] (the per-bit LUTs of ``widths`` concatenated) -> (int8 tables [N, L], fp32 scales
-    [N, len(widths)]): per row and bit-width, q = round(centroid / scale) with scale = max |centroid| / qmax
-    (qmax 63 for b <= 5, 127 above), stored as q + ``table_zero(b)``."""
+    [N, len(widths)]): per row and bit-width, q = round(centroid / scale), scale = max |centroid| / 127."""
     luts = np.asarray(luts, np.float32)
     tab = np.zeros(luts.shape, np.int8)
     scales = np.ones((luts.shape[0], len(widths)), np.float32)
     off = 0
     for t, b in enumerate(widths):
-        zero = table_zero(b)
-        qmax = 63 if zero else INT8_MAX
         part = luts[:, off:off + (1 << b)]
         amax = np.abs(part).max(1)
-        s = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-        q = np.clip(np.rint(part / s[:, None]), -qmax, qmax) + zero
-        tab[:, off:off + (1 << b)] = q.astype(np.int8)
+        s = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
+        tab[:, off:off + (1 << b)] = np.clip(np.rint(part / s[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
         scales[:, t] = s
         off += 1 << b
     return tab, scales
 
 
 def quantize_activations(xp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Permuted activations [M, G*256] fp32 -> (int8 [M, G*256], scales fp32 [M, G]): per group of 256, scale =
-    max |x| / 127, q = floor(x / scale + 1/2) (the kernels' rounding; float ties may differ by one)."""
+    """Permuted activations [M, G*256] fp32 -> (int8 [M, G*256], scales fp32 [M, G, 2, 4]): per block of 32
+    columns (block (h, j) of group g: positions 256g + 32i + 8j + l with i = 4h..4h+3), scale = max |x| / 127,
+    q = floor(x / scale + 1/2) (the kernels' rounding; float ties may differ by one)."""
     M, P = xp.shape
-    g = xp.reshape(M, P // GROUP, GROUP).astype(np.float32)
-    amax = np.abs(g).max(-1)
+    G = P // GROUP
+    b = np.asarray(xp, np.float32).reshape(M, G, 2, 4, 4, 8)         # [m, g, h, i', j, l]
+    amax = np.abs(b).max(axis=(3, 5))                                 # [m, g, h, j]
     inv = np.where(amax > 0, np.float32(INT8_MAX) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    q = np.clip(np.floor(g * inv[..., None] + np.float32(0.5)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    q = np.clip(np.floor(b * inv[:, :, :, None, :, None] + np.float32(0.5)), -INT8_MAX, INT8_MAX).astype(np.int8)
     return q.reshape(M, P), (amax / np.float32(INT8_MAX)).astype(np.float32)
 
 
@@ -123,17 +114,19 @@ def reference_exact(x: np.ndarray, bs: np.ndarray, luts: np.ndarray, k: int, bit
 
 
 def reference_int8_acc(xq: np.ndarray, bs: np.ndarray, tab: np.ndarray, k: int, bits: int, lut_off: int) -> np.ndarray:
-    """int8 mode's int32 accumulators [M, N, G]: per group, sum of table value x quantized activation."""
+    """int8 mode's int32 accumulators [M, N, G, 2, 4]: per block of 32, sum of table value x quantized activation."""
     codes = codes_from_byte_sliced(bs, k, bits).astype(np.int64)
-    w = np.take_along_axis(tab.astype(np.int64), lut_off + codes, axis=1) - table_zero(bits)   # [N, K]
+    w = np.take_along_axis(tab.astype(np.int64), lut_off + codes, axis=1)              # [N, K]
     wp = permute_activations(w, k)                                                    # same order as xq
     M, P = xq.shape
     G = P // GROUP
-    return np.einsum("mgq,ngq->mng", xq.astype(np.int64).reshape(M, G, GROUP), wp.reshape(-1, G, GROUP))
+    return np.einsum("mghijl,nghijl->mnghj", xq.astype(np.int64).reshape(M, G, 2, 4, 4, 8),
+                     wp.reshape(-1, G, 2, 4, 4, 8))
 
 
 def reference_int8(x: np.ndarray, bs: np.ndarray, tab: np.ndarray, scales: np.ndarray, k: int, bits: int,
                    lut_off: int, width_index: int) -> np.ndarray:
     xq, sx = quantize_activations(permute_activations(np.asarray(x, np.float32), k))
     acc = reference_int8_acc(xq, bs, tab, k, bits, lut_off)
-    return (acc * sx[:, None, :].astype(np.float64)).sum(-1) * scales[:, width_index].astype(np.float64)[None, :]
+    return (acc * sx[:, None].astype(np.float64)).sum((-1, -2, -3)) * \
+        scales[:, width_index].astype(np.float64)[None, :]

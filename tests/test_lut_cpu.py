@@ -1,0 +1,139 @@
+"""The CPU bitplane kernel (kernels/lut_cpu.py) against numpy references built from the parent's planes and LUTs.
+
+Every bit-width 3..8, both accuracy modes, odd shapes (K = 576, 1536, 4095: a partial last group of 256; N not
+a multiple of the row tile), M = 1, 5, 32. Exact mode: within fp32 rounding of a float64 reference. int8 mode:
+with unit scales and integer inputs the int32 group sums are exact in fp32, so the output equals numpy's integer
+reference bit for bit; with real-valued inputs, numpy's quantization of the same inputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from tvm_anyprec.kernels.anyprec import lut_offset, lut_width
+from tvm_anyprec.kernels.lut_cpu import LUT_PAD, cpu_isa, make_anyprec_cpu
+from tvm_anyprec.quant import byteslice as bsl
+from tvm_anyprec.quant.bitplanes import pack_bitplanes, unpack_bitplanes
+
+B, MINB = 8, 3
+WIDTHS = list(range(MINB, B + 1))
+HOST = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2}
+ISAS = ["generic"] + (["avx2"] if cpu_isa(HOST) == "avx2" else [])
+
+
+def _build(M, N, K, mode, isa):
+    f = make_anyprec_cpu(M, N, K, B, MINB, mode, isa)
+    return tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                       target=tvm.target.Target(HOST))["main"]
+
+
+def _layer(rng, N, K):
+    codes = rng.integers(0, 1 << B, (N, K))
+    planes = pack_bitplanes(codes, B)
+    luts = rng.standard_normal((N, lut_width(B, MINB))).astype(np.float16)
+    return planes, bsl.to_byte_sliced(planes, K), luts
+
+
+def _run(fn, arrays, bits, M, N):
+    dev = tvm.cpu()
+    a = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in arrays]
+    a += [tvm.runtime.tensor(np.array([bits], np.int32), dev), tvm.runtime.tensor(np.zeros((M, N), np.float32), dev)]
+    fn(*a)
+    return a[-1].numpy()
+
+
+@pytest.mark.parametrize("K", [576, 1536, 4095])
+def test_byte_sliced_layout_round_trips(K):
+    rng = np.random.default_rng(K)
+    codes = rng.integers(0, 256, (7, K))
+    planes = pack_bitplanes(codes, 8)
+    bs = bsl.to_byte_sliced(planes, K)
+    assert bs.shape == (8, 7, 8 * -(-K // 64))
+    for bits in (3, 5, 8):
+        assert (bsl.codes_from_byte_sliced(bs, K, bits) == unpack_bitplanes(planes, K, bits)).all()
+    # the stated bit order: bit i of byte l of block j is weight 64j + 8i + l (plane 0 = MSB)
+    k = 64 * 1 + 8 * 5 + 3
+    assert ((bs[0, :, 8 * 1 + 3] >> 5) & 1 == codes[:, k] >> 7).all()
+    src = bsl.decode_order(K)
+    assert sorted(src[src >= 0].tolist()) == list(range(K))
+
+
+CASES = [(ISAS[-1], 1, 37, 576), (ISAS[-1], 5, 19, 4095), (ISAS[-1], 32, 13, 1536), ("generic", 5, 19, 4095)]
+CASES = list(dict.fromkeys(CASES))
+
+
+@pytest.mark.parametrize("isa,M,N,K", CASES)
+def test_exact_mode_matches_numpy(isa, M, N, K):
+    rng = np.random.default_rng(M * 7 + K)
+    _planes, bs, luts = _layer(rng, N, K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    fn = _build(M, N, K, "exact", isa)
+    padded = np.pad(luts, ((0, 0), (0, LUT_PAD)))
+    for b in WIDTHS:
+        y = _run(fn, [x, bs, padded], b, M, N)
+        ref = bsl.reference_exact(x, bs, luts, K, b, lut_offset(b, MINB))
+        scale = np.abs(x).sum(1, keepdims=True) * np.abs(luts.astype(np.float32)).max()
+        assert (np.abs(y - ref) <= 1e-6 * scale).all(), (b, np.abs(y - ref).max())
+
+
+@pytest.mark.parametrize("isa,M,N,K", CASES)
+def test_int8_mode_integer_sums_are_exact(isa, M, N, K):
+    """Tables with max |q| = 127 and scale 1, activations with max |x| = 127 per block of 32: every float step is
+    exact, so Y must equal the numpy integer reference exactly."""
+    rng = np.random.default_rng(M * 11 + K)
+    _planes, bs, _luts = _layer(rng, N, K)
+    L = lut_width(B, MINB)
+    tabs = np.zeros((N, L + LUT_PAD), np.int8)
+    for b in WIDTHS:
+        o = lut_offset(b, MINB)
+        q = rng.integers(-127, 128, (N, 1 << b))
+        q[:, 0] = 127
+        tabs[:, o:o + (1 << b)] = q
+    scales = np.ones((N, len(WIDTHS)), np.float32)
+    xp_int = rng.integers(-9, 10, (M, bsl.groups(K) * bsl.GROUP))
+    src = bsl.decode_order(K)
+    xp_int[:, src < 0] = 0
+    first = (np.arange(0, src.size, 256)[:, None] + np.array([128 * h + 8 * j for h in (0, 1) for j in range(4)]))
+    first = first.ravel()[src[first.ravel()] >= 0]          # the first column of every block of 32
+    xp_int[:, first] = 127        # one |x| = 127 in every block of 32: scale 1
+    x = np.zeros((M, K), np.float32)
+    x[:, src[src >= 0]] = xp_int[:, src >= 0]
+    fn = _build(M, N, K, "int8", isa)
+    for b in WIDTHS:
+        y = _run(fn, [x, bs, tabs, scales], b, M, N)
+        acc = bsl.reference_int8_acc(xp_int.astype(np.int8), bs, tabs[:, :L], K, b, lut_offset(b, MINB))
+        assert (y == acc.sum((-1, -2, -3)).astype(np.float32)).all(), b
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_mode_matches_numpy_quantization(isa):
+    M, N, K = 5, 21, 1536
+    rng = np.random.default_rng(3)
+    _planes, bs, luts = _layer(rng, N, K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    tabs, scales = bsl.int8_tables(luts, WIDTHS)
+    fn = _build(M, N, K, "int8", isa)
+    for b in WIDTHS:
+        y = _run(fn, [x, bs, np.pad(tabs, ((0, 0), (0, LUT_PAD))), scales], b, M, N)
+        ref = bsl.reference_int8(x, bs, tabs, scales, K, b, lut_offset(b, MINB), b - MINB)
+        exact = bsl.reference_exact(x, bs, luts, K, b, lut_offset(b, MINB))
+        assert np.abs(y - ref).max() <= 1e-3 * np.abs(ref).max(), b      # float ties of the rounding only
+        assert np.abs(y - exact).max() <= 5e-2 * np.abs(exact).max(), b  # and close to the exact product
+
+
+def test_bits_outside_the_range_are_clamped():
+    M, N, K = 1, 9, 576
+    rng = np.random.default_rng(1)
+    _planes, bs, luts = _layer(rng, N, K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    fn = _build(M, N, K, "exact", ISAS[-1])
+    padded = np.pad(luts, ((0, 0), (0, LUT_PAD)))
+    np.testing.assert_array_equal(_run(fn, [x, bs, padded], 1, M, N), _run(fn, [x, bs, padded], MINB, M, N))
+    np.testing.assert_array_equal(_run(fn, [x, bs, padded], 12, M, N), _run(fn, [x, bs, padded], B, M, N))
+
+
+def test_avx2_is_chosen_only_where_the_cpu_has_it():
+    assert cpu_isa({"kind": "llvm", "mcpu": "x86-64"}) == "generic"
+    assert cpu_isa({"kind": "llvm", "mcpu": "x86-64-v3"}) == "avx2"
+    assert cpu_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}) == "generic"

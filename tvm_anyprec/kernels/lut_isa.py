@@ -1,0 +1,145 @@
+"""Vector primitives of the CPU bitplane kernel (``kernels.lut_cpu``): the bit-plane decode, the table lookups and
+the int8 dot products, per instruction set ("avx2" intrinsics, or "generic" portable vector code)."""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+
+def _u8(v: int, lanes: int = 32):
+    return T.broadcast(T.uint8(v), lanes)
+
+
+def _shift(x, s: int):
+    """uint8x32 shifted by s bits inside 32-bit lanes (s > 0: left); the caller masks so no bit crosses a byte."""
+    if s == 0:
+        return x
+    w = T.reinterpret("uint32x8", x)
+    w = T.shift_left(w, T.broadcast(T.uint32(s), 8)) if s > 0 else T.shift_right(w, T.broadcast(T.uint32(-s), 8))
+    return T.reinterpret("uint8x32", w)
+
+
+def _srl16(x, s: int):
+    return T.reinterpret("uint8x32", T.shift_right(T.reinterpret("uint16x16", x), T.broadcast(T.uint16(s), 16)))
+
+
+def _sll16(x, s: int):
+    return T.reinterpret("uint8x32", T.shift_left(T.reinterpret("uint16x16", x), T.broadcast(T.uint16(s), 16)))
+
+
+def decode(vs, b: int) -> list:
+    """b plane vectors (uint8x32, MSB plane first) -> the 8 code vectors of the group: code i lane 8j+l is the
+    b-bit code of weight 64j + 8i + l. b <= 4: bits i and i+4 are decoded together as two nibbles."""
+    if b <= 4:
+        out = [None] * 8
+        for i in range(4):
+            nib = None
+            for p in range(b):
+                t = _shift(T.bitwise_and(vs[p], _u8(0x11 << i)), (b - 1 - p) - i)
+                nib = t if nib is None else T.bitwise_or(nib, t)
+            out[i] = T.bitwise_and(nib, _u8(15))
+            out[i + 4] = T.bitwise_and(_srl16(nib, 4), _u8(15))
+        return out
+    out = []
+    for i in range(8):
+        c = None
+        for p in range(b):
+            t = _shift(T.bitwise_and(vs[p], _u8(1 << i)), (b - 1 - p) - i)
+            c = t if c is None else T.bitwise_or(c, t)
+        out.append(c)
+    return out
+
+
+def _x86(name, dtype, *args):
+    return T.call_llvm_pure_intrin(dtype, f"llvm.x86.{name}", *args)
+
+
+def lookup_bytes_avx2(table, b: int, c):
+    """int8x32: entry c of a 2^b-entry byte table for 32 codes, by vpshufb on 16-entry tables (``table(t)``:
+    entries 16t..16t+15 in both 128-bit halves) and, for b > 4, a vpblendvb tree on the code's high bits."""
+    if b <= 4:
+        return _x86("avx2.pshuf.b", "int8x32", table(0), T.reinterpret("int8x32", c))
+    lo = T.reinterpret("int8x32", T.bitwise_and(c, _u8(15)))
+    vals = [_x86("avx2.pshuf.b", "int8x32", table(t), lo) for t in range(1 << (b - 4))]
+    for bit in range(4, b):   # the byte's MSB after a 16-bit shift by 7 - bit is its bit `bit`
+        mask = T.reinterpret("int8x32", _sll16(c, 7 - bit))
+        vals = [_x86("avx2.pblendvb", "int8x32", vals[2 * u], vals[2 * u + 1], mask) for u in range(len(vals) // 2)]
+    return vals[0]
+
+
+def lookup_int8_avx2(TAB, n, off, b: int, c):
+    """int8x32: TAB[n, off + c] for 32 codes (``lookup_bytes_avx2`` on the row's int8 table)."""
+    def table(t):
+        t16 = TAB[n, T.ramp(off + 16 * t, 1, 16)]
+        return T.vectorcombine("int8x32", t16, t16)
+
+    return lookup_bytes_avx2(table, b, c)
+
+
+def split_width(b: int) -> int:
+    return max(16, 1 << b)
+
+
+def split_fp16_tables(LUT, n, off, b: int, TB, base: int) -> None:
+    """Row n's fp16 LUT of bit-width b as two byte tables in TB (uint8): low bytes at base, high bytes at
+    base + split_width(b) (whole 16-entry tables; for b < 4 the entries past 2^b are never indexed)."""
+    w = split_width(b)
+    for t in range(w // 16):
+        v = T.reinterpret("uint16x16", LUT[n, T.ramp(off + 16 * t, 1, 16)])
+        T.buffer_store(TB, T.Cast("uint8x16", T.bitwise_and(v, T.broadcast(T.uint16(255), 16))),
+                       [T.ramp(base + 16 * t, 1, 16)])
+        T.buffer_store(TB, T.Cast("uint8x16", T.shift_right(v, T.broadcast(T.uint16(8), 16))),
+                       [T.ramp(base + w + 16 * t, 1, 16)])
+
+
+def lookup_fp16_avx2(TB, base: int, b: int, c) -> list:
+    """The fp16 LUT entries of 32 codes as four float32x8 (codes 8q..8q+7): low and high bytes looked up like
+    int8 tables (``lookup_bytes_avx2``), interleaved into fp16 and widened (vcvtph2ps)."""
+    def table(half):
+        def get(t):
+            t16 = T.reinterpret("int8x16", TB[T.ramp(base + half * split_width(b) + 16 * t, 1, 16)])
+            return T.vectorcombine("int8x32", t16, t16)
+        return get
+
+    lo, hi = lookup_bytes_avx2(table(0), b, c), lookup_bytes_avx2(table(1), b, c)
+    out = []
+    for q in range(4):
+        pair = T.Shuffle([lo, hi], [v for e in range(8) for v in (8 * q + e, 32 + 8 * q + e)])
+        out.append(T.Cast("float32x8", T.reinterpret("float16x8", pair)))
+    return out
+
+
+def lookup_int8_generic(TAB, n, off, b: int, c):
+    return TAB[n, off + T.Cast("int32x32", c)]
+
+
+def dot_int8_avx2(w, x):
+    """int32x8 partial sums of 32 int8 products (w, x int8x32; |w| <= 127): llama.cpp's sign trick, |w| as the
+    unsigned operand of vpmaddubsw and w's sign moved onto x."""
+    aw = _x86("avx2.psign.b", "int8x32", w, w)
+    sx = _x86("avx2.psign.b", "int8x32", x, w)
+    p16 = _x86("avx2.pmadd.ub.sw", "int16x16", aw, sx)
+    return _x86("avx2.pmadd.wd", "int32x8", p16, T.broadcast(T.int16(1), 16))
+
+
+def dot_int8_generic(WB, wo, XP, m, xo):
+    """The lanes of ``dot_int8_avx2``: lane t sums the products of bytes 4t..4t+3."""
+    total = None
+    for u in range(4):
+        p = T.Cast("int32x8", WB[T.ramp(wo + u, 4, 8)]) * T.Cast("int32x8", XP[m, T.ramp(xo + u, 4, 8)])
+        total = p if total is None else total + p
+    return total
+
+
+def lookup_f32_avx2(TBL, base, b: int, idx):
+    """float32x8: TBL[base + idx] for 8 int32 codes by vpermps on 8-entry tables and a vblendvps tree."""
+    vals = [_x86("avx2.permps", "float32x8", TBL[T.ramp(base + 8 * t, 1, 8)], idx)
+            for t in range(max(1, 1 << (b - 3)))]
+    for bit in range(3, b):
+        mask = T.reinterpret("float32x8", T.shift_left(idx, T.broadcast(T.int32(31 - bit), 8)))
+        vals = [_x86("avx.blendv.ps.256", "float32x8", vals[2 * u], vals[2 * u + 1], mask)
+                for u in range(len(vals) // 2)]
+    return vals[0]
+
+
+def lookup_f32_generic(TBL, base, b: int, idx):
+    return TBL[base + idx]
