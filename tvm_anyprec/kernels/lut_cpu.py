@@ -8,8 +8,8 @@ Y fp32 [M, N]; and per accuracy mode:
 * ``exact``: LUTS fp16 [N, L + 16] (the per-bit LUTs concatenated as today, zero-padded by 16 entries so a
   16-lane table load never leaves the buffer). fp32 math on the fp16 centroids.
 * ``int8``: TABS int8 [N, L + 16] (each bit-width's centroids / its per-row scale, ``byteslice.int8_tables``),
-  SCALES fp32 [N, B - min_bits + 1]. The activations are quantized per call to int8 with one scale per group of
-  256 (llama.cpp's Q8_K granularity); each group's dot product is an exact int32 sum.
+  SCALES fp32 [N, B - min_bits + 1]. The activations are quantized per call to int8 with one scale per block of
+  32 columns (llama.cpp's Q8_0 granularity); each block's dot product is an exact int32 sum.
 
 ``if NBITS[0] <= b`` selects the body of bit-width b, so a b-bit call loads b plane vectors per 256 weights
 and every shift, mask and table count is a constant. Inside a body, tiles of ``rows`` weight rows run in
@@ -17,12 +17,14 @@ parallel; per group of 256 weights each row's codes are decoded once (8 vectors 
 small tile (L1) and reused for every row of X (M > 1: prefill, verify). The activations are permuted once per
 call into the decode order (and quantized, in int8 mode) before the parallel loop.
 
-Instruction sets (``isa``; a body is only built for a target that has the instructions, ``schedules.rules``):
+Instruction sets (``isa``, chosen from the target's features by ``cpu_isa``; an instruction the CPU lacks
+would kill the process):
 
 * ``avx2``: int8 lookups by ``vpshufb`` on 16-entry tables (b <= 4: one; b = 5..8: 2^(b-4) tables merged by a
   ``vpblendvb`` tree on the code's high bits), dot products by ``vpsignb`` + ``vpmaddubsw`` + ``vpmaddwd``
-  (llama.cpp's sign trick: |w| unsigned times x with w's sign); exact lookups by ``vpermps`` on 8-entry fp32
-  tables (b = 3: one; more bits: a ``vblendvps`` tree), then FMA.
+  (llama.cpp's sign trick: |w| unsigned times x with w's sign); exact lookups on the fp16 LUT split into a
+  low-byte and a high-byte table, both looked up like int8 tables, re-interleaved into fp16 and widened
+  (``vcvtph2ps``), then FMA (faster here than ``vpermps``/``vblendvps`` trees on fp32 tables and than gathers).
 * ``generic``: the same decode with portable vector code; the lookups are gathers (LLVM picks the
   instructions). Any LLVM CPU target, aarch64 included.
 """
@@ -100,10 +102,14 @@ class _Shape:
         return blocks(self.K) - 4 * (self.G - 1)
 
 
+STACK_MAX = 16 << 10   # bytes of one local buffer kept on the stack (the tiles and tables are a few KiB)
+
+
 def _local(shape, dtype):
-    """A local buffer kept on the stack when small (``lowering``); larger ones go to the workspace."""
+    """A local buffer kept on the stack (``lowering``) when small; larger ones (a 32-row accumulator tile) go to
+    TVM's workspace."""
     nbytes = int(shape[0]) * (4 if dtype.endswith("32") else 1)
-    return T.alloc_local(shape, dtype, annotations=KEEP if nbytes <= 1024 else None)
+    return T.alloc_local(shape, dtype, annotations=KEEP if nbytes <= STACK_MAX else None)
 
 
 def _plane_vector(PL, p, n, g, tail: int):
@@ -263,7 +269,8 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, Y):
     NT = -(-s.N // R)
     E = max(8, 1 << b)
     with T.parallel(0, NT) as nt:
-        WB = _local((R * GROUP,), "int8" if s.mode == "int8" else "float32")
+        fast = s.M == 1 and s.isa == "avx2"   # the GEMV paths feed lookups straight into the dot products
+        WB = None if fast else _local((R * GROUP,), "int8" if s.mode == "int8" else "float32")
         ACC = _local((s.M * R * 8,), "float32")
         CB = _local((R * GROUP,), "uint8")
         VB = _local((32 * b,), "uint8")
