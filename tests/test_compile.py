@@ -50,15 +50,20 @@ def _quantized_layers(weights, manifest):
     return out
 
 
+def _against_onnxruntime(onnx_path, art, weights, manifest, xshape, bits, seed):
+    """(bits, compiled output, ORT's fp32 output on the graph with the independently dequantized weights)."""
+    layers = _quantized_layers(weights, manifest)
+    layouts = {n: v["layout"] for n, v in manifest["layers"].items()}
+    x = np.random.default_rng(seed).standard_normal(xshape).astype(np.float32)
+    sess = Session(art)
+    for b in bits:
+        ref = ort_session(dequantized_onnx(onnx_path, layers, b, layouts)).run(None, {"x": x})[0]
+        yield b, sess.call(onnx_path.stem, [x], b).numpy(), ref
+
+
 def test_matches_onnxruntime_every_bit_width(mlp):
     d, weights, xshape, manifest = mlp
-    layers = _quantized_layers(weights, manifest)
-    sess = Session(d / "art")
-    x = np.random.default_rng(5).standard_normal(xshape).astype(np.float32)
-    layouts = {n: v["layout"] for n, v in manifest["layers"].items()}
-    for b in range(3, 9):
-        ref = ort_session(dequantized_onnx(d / "mlp.onnx", layers, b, layouts)).run(None, {"x": x})[0]
-        out = sess.call("mlp", [x], b).numpy()
+    for _b, out, ref in _against_onnxruntime(d / "mlp.onnx", d / "art", weights, manifest, xshape, range(3, 9), 5):
         # fp32 kernels vs ORT's fp32 (different summation order): relative to the output scale
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
@@ -69,13 +74,8 @@ def test_int8_mode_close_to_onnxruntime(tmp_path):
     weights, xshape = _mlp_onnx(tmp_path / "mlp.onnx")
     manifest = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", accuracy="int8")
     assert manifest["accuracy"] == "int8" and manifest["plane_layout"] == "byte_sliced64"
-    layers = _quantized_layers(weights, manifest)
-    x = np.random.default_rng(5).standard_normal(xshape).astype(np.float32)
-    layouts = {n: v["layout"] for n, v in manifest["layers"].items()}
-    sess = Session(tmp_path / "art")
-    for b in (3, 6, 8):
-        ref = ort_session(dequantized_onnx(tmp_path / "mlp.onnx", layers, b, layouts)).run(None, {"x": x})[0]
-        out = sess.call("mlp", [x], b).numpy()
+    for b, out, ref in _against_onnxruntime(tmp_path / "mlp.onnx", tmp_path / "art", weights, manifest, xshape,
+                                            (3, 6, 8), 5):
         err = np.abs(out - ref).max() / np.abs(ref).max()
         assert err < 6e-2, (b, err)
         assert err > 1e-6, "int8 mode must not be the exact kernel"
@@ -86,13 +86,9 @@ def test_3d_input_and_transposed_matmul(tmp_path):
     manifest = compile_model(tmp_path / "m3.onnx", tmp_path / "art", accuracy="exact")
     assert set(manifest["layers"]) == {"W1", "W2t", "W3"}
     assert manifest["layers"]["W1"]["rows"]["m3"] == 5
-    layers = _quantized_layers(weights, manifest)
-    x = np.random.default_rng(6).standard_normal(xshape).astype(np.float32)
-    layouts = {n: v["layout"] for n, v in manifest["layers"].items()}
-    sess = Session(tmp_path / "art")
-    for b in (3, 5, 8):
-        ref = ort_session(dequantized_onnx(tmp_path / "m3.onnx", layers, b, layouts)).run(None, {"x": x})[0]
-        np.testing.assert_allclose(sess.call("m3", [x], b).numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    for _b, out, ref in _against_onnxruntime(tmp_path / "m3.onnx", tmp_path / "art", weights, manifest, xshape,
+                                             (3, 5, 8), 6):
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 def test_switching_bits_equals_separate_sessions(mlp):
