@@ -322,7 +322,7 @@ def _dispatch(s: _Shape, nbits, widths, rows, bufs):
             _dispatch(s, nbits, widths[1:], rows, bufs)
 
 
-def make_anyprec_cpu(M: int, N: int, K: int, max_bits: int = 8, min_bits: int = 3, mode: str = "int8",
+def make_anyprec_cpu(M: int, N: int, K: int, max_bits: int = 8, min_bits: int = 3, mode: str = "exact",
                      isa: str = "avx2", rows: dict | None = None):
     """PrimFunc of the CPU bitplane operator (no global_symbol). ``rows``: {bit-width: rows per parallel task}
     (default ``default_rows``)."""
@@ -377,7 +377,7 @@ class AnyPrecCPU(KernelSpec):
     K: int
     max_bits: int = 8
     min_bits: int = 3
-    mode: str = "int8"
+    mode: str = "exact"
     isa: str = "avx2"
 
     def name(self) -> str:
