@@ -24,7 +24,8 @@ would kill the process):
   ``vpblendvb`` tree on the code's high bits), dot products by ``vpsignb`` + ``vpmaddubsw`` + ``vpmaddwd``
   (llama.cpp's sign trick: |w| unsigned times x with w's sign); exact lookups on the fp16 LUT split into a
   low-byte and a high-byte table, both looked up like int8 tables, re-interleaved into fp16 and widened
-  (``vcvtph2ps``), then FMA (faster here than ``vpermps``/``vblendvps`` trees on fp32 tables and than gathers).
+  (``vcvtph2ps``), then FMA (faster here than ``vpermps``/``vblendvps`` trees on fp32 tables and than gathers);
+  at b = 8 the 16-table trees lose to scalar loads from an fp32 table in L1 (``SCALAR_MIN``).
 * ``generic``: the same decode with portable vector code; the lookups are gathers (LLVM picks the
   instructions). Any LLVM CPU target, aarch64 included.
 """
@@ -47,10 +48,22 @@ MODES = ("exact", "int8")
 ISAS = ("avx2", "generic")
 LUT_PAD = 16
 SPLIT_MIN = 3   # exact mode on AVX2: the fp16 byte-split tables from this b (vpermps on fp32 tables below it)
+SCALAR_MIN = 8  # exact mode on AVX2: scalar lookups into an fp32 table from this b (4096x4096 GEMV, 2 threads,
+                # Zen 3: 7.2 ms at b = 8 against 11.7 ms for the 16-table byte-split trees; equal at b = 7)
+
+
+def _scalar(s, b: int) -> bool:
+    return s.mode == "exact" and s.isa == "avx2" and b >= SCALAR_MIN
 
 
 def _split(s, b: int) -> bool:
-    return s.mode == "exact" and s.isa == "avx2" and b >= SPLIT_MIN
+    return s.mode == "exact" and s.isa == "avx2" and SPLIT_MIN <= b < SCALAR_MIN
+
+
+def _scalar_lookups(TBL, tbase, CB, cbase, WB, wbase) -> None:
+    """WB[wbase + k] = TBL[tbase + CB[cbase + k]] for the 256 codes of a group, one scalar load each."""
+    with T.serial(0, GROUP) as k:
+        T.buffer_store(WB, TBL[tbase + T.Cast("int32", CB[cbase + k])], [wbase + k])
 
 
 def cpu_isa(target) -> str:
@@ -200,12 +213,16 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
     if s.M == 1 and s.mode == "exact" and s.isa == "avx2":   # GEMV: the rows of a tile share each x load
         for r, n in enumerate(rows):
             _codes(PL, b, n, g, tail, VB, CB, b, base=r * GROUP)
+            if _scalar(s, b):
+                _scalar_lookups(TBL, r * E, CB, r * GROUP, WB, r * GROUP)
 
         def step(i):
             accs = [ACC[T.ramp(r * 8, 1, 8)] for r in range(R)]
             for r in range(R):
                 c = CB[T.ramp(r * GROUP + 32 * i, 1, 32)]
-                if _split(s, b):
+                if _scalar(s, b):
+                    vals = [WB[T.ramp(r * GROUP + 32 * i + 8 * q, 1, 8)] for q in range(4)]
+                elif _split(s, b):
                     vals = lookup_fp16_avx2(TBL, r * 2 * split_width(b), b, c)
                 else:
                     vals = [lookup_f32_avx2(TBL, r * E, b, T.Cast("int32x8", CB[T.ramp(r * GROUP + 32 * i + 8 * q,
@@ -219,6 +236,9 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
         return
     for r, n in enumerate(rows):
         _codes(PL, b, n, g, tail, VB, CB, b)
+        if _scalar(s, b):
+            _scalar_lookups(TBL, r * E, CB, 0, WB, r * GROUP)
+            continue
 
         def step(i, r=r, n=n):
             c = CB[T.ramp(32 * i, 1, 32)]
@@ -269,7 +289,8 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, Y):
     NT = -(-s.N // R)
     E = max(8, 1 << b)
     with T.parallel(0, NT) as nt:
-        fast = s.M == 1 and s.isa == "avx2"   # the GEMV paths feed lookups straight into the dot products
+        # the GEMV paths feed the lookups straight into the dot products (scalar lookups go through WB)
+        fast = s.M == 1 and s.isa == "avx2" and not _scalar(s, b)
         WB = None if fast else _local((R * GROUP,), "int8" if s.mode == "int8" else "float32")
         ACC = _local((s.M * R * 8,), "float32")
         CB = _local((R * GROUP,), "uint8")
