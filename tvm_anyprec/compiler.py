@@ -95,7 +95,8 @@ def compile_with(scheme, source, out: Path, tp: dict, exclude=("lm_head",), tuni
     from .frontend.onnx_import import import_onnx
 
     t0 = time.time()
-    imp = import_onnx(source)
+    # the exporter's attention ops: the in-place CPU kernel, or (GPU targets) their dense ONNX definition
+    imp = import_onnx(source, attention="inline" if is_gpu(tvm.target.Target(tp["target"])) else "kernel")
     logger.info(f"imported {', '.join(f'{f} ({Path(s).name})' for f, s in imp.sources.items())} "
                 f"in {time.time() - t0:.1f}s")
     rw = scheme.rewrite_pass(exclude, tp)

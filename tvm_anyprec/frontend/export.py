@@ -1,27 +1,35 @@
-"""transformers Llama-family model -> ONNX with a static KV cache (torch.onnx).
+"""transformers causal LM -> ONNX with a KV cache written in place (torch.onnx, static shapes).
 
 The exported graph computes one chunk of S tokens (S fixed at export: S=1 for decode, S=P for prefill/
-perplexity) at position ``pos`` against fixed-size caches of T positions:
+perplexity, 5 for verify) at position ``pos`` against caches of T positions (T = the model's context, 8192 at
+most by default):
 
     inputs : input_ids int64 [1, S], pos int64 [1], then per layer i: key_i, value_i float32 [Hkv, T, D]
     outputs: logits float32 [1, S, V], then per layer: key_out_i, value_out_i (rows pos..pos+S-1 written)
 
-One tensor per layer and per K/V (not one stacked cache): stacking would copy the whole cache once more.
+The forward pass is transformers' own modeling code (``HFChunkLM``): any decoder-only family transformers
+implements (Llama, Qwen2, Gemma 3, ...). Two hooks make it a chunk graph: the model's cache object hands the
+chunk's keys and values through, and the attention implementation (registered with transformers as
+"tvm_anyprec") is one custom op per layer, ``tvm_anyprec.CacheAttention_<key>``: write the chunk's rows into
+the cache, attend to rows up to each token's position (and within the sliding window of a sliding layer).
+For onnxruntime (and any ONNX tool) the graph carries the op's definition as an ONNX function (a dense
+reference: one-hot write, masked softmax); TVM's import replaces it (``onnx_import``) by the CPU kernel
+``kernels.attention`` (in place, reads only the rows up to the position) or, on GPU targets, by the inlined
+reference. One tensor per layer and per K/V (not one stacked cache).
 
-Token pruning (Agile-Quant; ``prune_ratio`` R > 0, prefill graphs): the graph takes one more input, ``n_valid``
-int64 [1], the number of real tokens at the start of the chunk (the runtime pads the last chunk). Layer
-``prune_layer - 1``'s softmax gives each chunk token the attention it receives from the chunk's real query rows
-(summed over heads); from layer ``prune_layer`` on only the ``S - round(R*S)`` most attended tokens are
-processed (queries, attention output, MLP). The last real token is always kept (its logits predict the next
-token) and padding is never preferred over a real token. A pruned token keeps its hidden state from before
-``prune_layer``: its keys/values in later layers come from that frozen state (the cache stays complete for
-decoding, and kept tokens attend to it), and its logits are computed from it (final norm + lm_head). Static
-counts: top-k selection, gathers for the kept rows, a one-hot product to scatter them back.
+Token pruning (Agile-Quant; ``prune_ratio`` R > 0, prefill graphs of Llama-family models): a re-statement of
+the Llama forward (``StaticCacheLM``, dense attention over the whole cache) takes one more input,
+``n_valid`` int64 [1], the number of real tokens at the start of the chunk (the runtime pads the last chunk).
+Layer ``prune_layer - 1``'s softmax gives each chunk token the attention it receives from the chunk's real
+query rows (summed over heads); from layer ``prune_layer`` on only the ``S - round(R*S)`` most attended tokens
+are processed (queries, attention output, MLP). The last real token is always kept (its logits predict the
+next token) and padding is never preferred over a real token. A pruned token keeps its hidden state from
+before ``prune_layer``: its keys/values in later layers come from that frozen state (the cache stays complete
+for decoding, and kept tokens attend to it), and its logits are computed from it (final norm + lm_head).
+Static counts: top-k selection, gathers for the kept rows, a one-hot product to scatter them back.
 
-Static shapes throughout (TVM 0.27's VM shape lowering fails on the symbolic-shape KV-cache graph). The
-cache update is a one-hot product, so any pos works without ScatterND, and keys past the current position
-are masked, so padding a short chunk is harmless. Weights keep their transformers names as initializers
-(e.g. ``model.layers.0.self_attn.q_proj.weight``) so passes can report and exclude layers by name.
+Weights keep their transformers names as initializers (e.g. ``model.layers.0.self_attn.q_proj.weight``) so
+passes can report and exclude layers by name.
 """
 from __future__ import annotations
 
@@ -31,6 +39,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .cache_op import (ATTN_IMPL, OP_DOMAIN, PENDING_OPS, HFChunkLM, op_functions, register_attention,
+                       set_attention, text_config)
 
 
 @dataclass
@@ -47,6 +58,9 @@ class ExportSpec:
     rms_eps: float
     prune_ratio: float = 0.0   # token pruning in this graph (prefill): fraction of the chunk's tokens dropped
     prune_layer: int = 0       # ... from this layer on (1..n_layers-1); 0 with prune_ratio 0: no pruning
+    family: str = "llama"      # transformers' model_type
+    attention: str = "dense"   # "cache_op": the in-place CacheAttention op (HFChunkLM); "dense": one-hot
+                               # cache update and attention over the whole cache (StaticCacheLM, older exports)
 
     @property
     def n_pruned(self) -> int:
@@ -80,20 +94,40 @@ def check_pruning(prune_ratio: float, prune_layer: int | None, n_layers: int, ch
     return layer
 
 
+DEFAULT_MAX_CONTEXT = 8192   # default cache length: the model's context, at most this (``--max-len`` for more)
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")   # the re-stated forward (token pruning) covers these
+
+
+def default_max_len(model) -> int:
+    """The cache length an export gets by default: the model's context length, at most DEFAULT_MAX_CONTEXT."""
+    n = getattr(text_config(model), "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
+    return int(min(n, DEFAULT_MAX_CONTEXT))
+
+
 def spec_from_hf(model, max_len: int, chunk: int, prune_ratio: float = 0.0,
                  prune_layer: int | None = None) -> ExportSpec:
-    c = model.config
-    if c.model_type not in ("llama", "mistral", "qwen2") and "Llama" not in type(model).__name__:
-        raise ValueError(f"unsupported architecture {c.model_type!r}: the exporter handles Llama-family models")
+    c = text_config(model)
+    family = str(getattr(c, "model_type", type(model).__name__))
+    if prune_ratio and family not in LLAMA_FAMILY and "Llama" not in type(model).__name__:
+        raise ValueError(f"token pruning (--prune-ratio) is implemented for Llama-family models "
+                         f"({', '.join(LLAMA_FAMILY)}); {family!r} exports without it")
+    for need in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size"):
+        if getattr(c, need, None) is None:
+            raise ValueError(f"{family!r} is not a decoder-only language model the exporter knows: its config "
+                             f"has no {need}")
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     rope = getattr(c, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope type {rope.get('rope_type')!r} is not supported by the exporter")
+    if isinstance(rope, dict) and "full_attention" in rope:   # per layer type (Gemma 3): the global layers'
+        rope = rope["full_attention"]
+    theta = (rope or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    if prune_ratio and (rope or {}).get("rope_type", "default") != "default":
+        raise ValueError(f"rope type {rope.get('rope_type')!r} is not supported with token pruning")
     layer = check_pruning(prune_ratio, prune_layer, c.num_hidden_layers, chunk)
-    return ExportSpec(c.num_hidden_layers, heads, c.num_key_value_heads, head_dim, c.hidden_size, c.vocab_size,
-                      max_len, chunk, float(theta), float(c.rms_norm_eps), float(prune_ratio), layer)
+    eps = getattr(c, "rms_norm_eps", None) or getattr(c, "layer_norm_eps", None) or 1e-6
+    return ExportSpec(c.num_hidden_layers, heads, getattr(c, "num_key_value_heads", None) or heads, head_dim,
+                      c.hidden_size, c.vocab_size, max_len, chunk, float(theta), float(eps), float(prune_ratio),
+                      layer, family, "dense" if prune_ratio else "cache_op")
 
 
 class _RMSNorm(nn.Module):
@@ -210,25 +244,43 @@ def io_names(spec: ExportSpec) -> tuple[list[str], list[str]]:
     return ["input_ids", "pos"] + valid + cache, ["logits"] + [f"{c}_out" for c in cache]
 
 
-def export_onnx(hf, path, chunk: int, max_len: int = 512, prune_ratio: float = 0.0,
+EXPORT_OPSET = 17
+
+
+def export_onnx(hf, path, chunk: int, max_len: int | None = None, prune_ratio: float = 0.0,
                 prune_layer: int | None = None) -> ExportSpec:
     """Export one static-shape graph (chunk tokens per call) to ``path``; returns its spec.
-    The spec is also stored in the ONNX metadata (key 'tvm_anyprec.spec'). ``prune_ratio`` > 0: token pruning
-    (see the module docstring) from ``prune_layer`` on (default: the middle layer)."""
+    The spec is also stored in the ONNX metadata (key 'tvm_anyprec.spec'). ``max_len`` None: the model's
+    context (``default_max_len``). ``prune_ratio`` > 0: token pruning (see the module docstring) from
+    ``prune_layer`` on (default: the middle layer), through ``StaticCacheLM``; otherwise the model's own
+    forward (``HFChunkLM``)."""
     import json
 
     import onnx
 
-    spec = spec_from_hf(hf, max_len, chunk, prune_ratio, prune_layer)
-    lm = StaticCacheLM(hf, spec).eval()
+    spec = spec_from_hf(hf, max_len or default_max_len(hf), chunk, prune_ratio, prune_layer)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with torch.no_grad():
-        inputs, outputs = io_names(spec)
-        torch.onnx.export(lm, example_inputs(spec), str(tmp), input_names=inputs, output_names=outputs,
-                          opset_version=17, dynamo=False, do_constant_folding=False)
+    PENDING_OPS.clear()
+    if spec.attention == "cache_op":
+        register_attention()
+        prev = set_attention(hf, ATTN_IMPL)
+        lm = HFChunkLM(hf, spec).eval()
+    else:
+        prev, lm = None, StaticCacheLM(hf, spec).eval()
+    try:
+        with torch.no_grad():
+            inputs, outputs = io_names(spec)
+            torch.onnx.export(lm, example_inputs(spec), str(tmp), input_names=inputs, output_names=outputs,
+                              opset_version=EXPORT_OPSET, dynamo=False, do_constant_folding=False)
+    finally:
+        if spec.attention == "cache_op":
+            set_attention(hf, prev)
     m = onnx.load(str(tmp))
+    m.functions.extend(op_functions(EXPORT_OPSET))
+    if PENDING_OPS and not any(o.domain == OP_DOMAIN for o in m.opset_import):
+        m.opset_import.append(onnx.helper.make_opsetid(OP_DOMAIN, 1))
     entry = m.metadata_props.add()
     entry.key, entry.value = "tvm_anyprec.spec", json.dumps(spec.to_dict())
     onnx.save(m, str(tmp))
@@ -240,5 +292,5 @@ def read_spec(onnx_model) -> ExportSpec | None:
     import json
     for p in onnx_model.metadata_props:
         if p.key == "tvm_anyprec.spec":
-            return ExportSpec(**json.loads(p.value))
+            return ExportSpec(**json.loads(p.value))   # older exports: attention "dense" (the default)
     return None

@@ -53,14 +53,74 @@ def load_onnx(path: Path):
     return model
 
 
-def import_onnx(source) -> ImportedModel:
-    """Import every graph of ``source`` (an .onnx file or a directory of them) into one IRModule."""
+ATTENTION_MODES = ("kernel", "inline")
+
+
+def cache_attention_ops(model) -> set[str]:
+    """Op types of the exporter's CacheAttention ops in an ONNX model (``frontend.export``)."""
+    from .cache_op import OP_DOMAIN, OP_PREFIX
+
+    return {n.op_type for n in model.graph.node if n.domain == OP_DOMAIN and n.op_type.startswith(OP_PREFIX)}
+
+
+class _CacheAttentionConverter:
+    """TVM ONNX converter of a CacheAttention op: the CPU kernel (``kernels.attention``), called in place on the
+    two caches (``relax.call_tir_inplace``: the returned caches are the buffers passed in)."""
+
+    @classmethod
+    def get_converter(cls, opset):
+        return cls._impl
+
+    @staticmethod
+    def _impl(bb, inputs, attr, params):
+        from tvm import relax
+
+        from ..kernels.attention import CacheAttention
+
+        q, k, v, kc, vc, pos = inputs
+        H, S, D = (int(d) for d in q.ty.shape)
+        Hkv, Tn, Dk = (int(d) for d in kc.ty.shape)
+        if Dk != D or tuple(int(d) for d in vc.ty.shape) != (Hkv, Tn, D):
+            raise ImportError_(f"CacheAttention with key/value head sizes {Dk}/{vc.ty.shape} "
+                               f"(queries {D}) is not supported")
+        spec = CacheAttention(H, Hkv, S, Tn, D, float(attr.get("scale", D ** -0.5)), int(attr.get("window", 0)),
+                              float(attr.get("softcap", 0.0)))
+        gv = bb.add_func(spec.build(), spec.name())
+        return bb.emit(relax.call_tir_inplace(gv, [q, k, v, kc, vc, pos], [-1, 3, 4],
+                                              [q.ty, kc.ty, vc.ty]))
+
+
+class _converters:
+    """Within the block: TVM's ONNX importer also converts ``ops`` (CacheAttention op types)."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def __enter__(self):
+        from tvm.relax.frontend.onnx import onnx_frontend as F
+
+        self.F, self.orig = F, F._get_convert_map
+        extra = {op: _CacheAttentionConverter for op in self.ops}
+        F._get_convert_map = lambda: {**self.orig(), **extra}
+
+    def __exit__(self, *exc):
+        self.F._get_convert_map = self.orig
+
+
+def import_onnx(source, attention: str = "kernel") -> ImportedModel:
+    """Import every graph of ``source`` (an .onnx file or a directory of them) into one IRModule.
+    ``attention``: how the exporter's CacheAttention ops become Relax: "kernel", the in-place CPU kernel
+    (CPU targets); "inline", their ONNX definition (a dense reference) inlined (other targets)."""
+    import contextlib
+
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     from .export import read_spec
 
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     out = ImportedModel(mod=tvm.IRModule())
     for path in onnx_files(source):
         model = load_onnx(path)
@@ -68,8 +128,13 @@ def import_onnx(source) -> ImportedModel:
         fname = function_name(path, spec)
         if fname in out.specs:
             raise ImportError_(f"two graphs map to the same function name {fname!r} ({path})")
+        ops = cache_attention_ops(model)
+        if ops and attention == "inline":
+            import onnx.inliner
+            model, ops = onnx.inliner.inline_local_functions(model), set()
         try:
-            mod = from_onnx(model, keep_params_in_input=True)
+            with _converters(ops) if ops else contextlib.nullcontext():
+                mod = from_onnx(model, keep_params_in_input=True)
         except Exception as e:
             msg = str(e).strip().splitlines()
             raise ImportError_(f"TVM's ONNX importer rejected {path.name}: {msg[-1] if msg else type(e).__name__}") \
@@ -84,6 +149,13 @@ def import_onnx(source) -> ImportedModel:
                 raise ImportError_(f"weight {var.name!r} differs between graphs; they must share weights")
             out.weights[var.name] = a
         out.mod[fname] = func.with_attr("global_symbol", fname)
+        for gv, f in mod.functions_items():   # the kernels the converters added (CacheAttention)
+            if gv.name_hint == "main":
+                continue
+            if any(g.name_hint == gv.name_hint for g in out.mod.get_global_vars()):
+                raise ImportError_(f"{path.name}: kernel {gv.name_hint} is also used by another graph (two graphs "
+                                   "with the same chunk length?)")
+            out.mod[gv] = f
         init = {i.name for i in model.graph.initializer}
         out.inputs[fname] = [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim],
                               _onnx_dtype(i.type.tensor_type.elem_type))

@@ -25,7 +25,8 @@ would kill the process):
   (llama.cpp's sign trick: |w| unsigned times x with w's sign); exact lookups on the fp16 LUT split into a
   low-byte and a high-byte table, both looked up like int8 tables, re-interleaved into fp16 and widened
   (``vcvtph2ps``), then FMA (faster here than ``vpermps``/``vblendvps`` trees on fp32 tables and than gathers);
-  at b = 8 the 16-table trees lose to scalar loads from an fp32 table in L1 (``SCALAR_MIN``).
+  at b = 8 the 16-table trees lose to scalar loads from an fp32 table in L1 (``SCALAR_MIN``; 4096x4096 GEMV,
+  2 threads, Zen 3: 7.2 ms against 11.7 ms; equal at b = 7).
 * ``generic``: the same decode with portable vector code; the lookups are gathers (LLVM picks the
   instructions). Any LLVM CPU target, aarch64 included.
 """
@@ -40,7 +41,7 @@ from ..quant.byteslice import GROUP, INT8_MAX, blocks, groups, row_bytes
 from .anyprec import lut_offset, lut_width
 from .lowering import KEEP, STACK_LOCALS
 from .lut_isa import (_u8, decode, dot_int8_avx2, dot_int8_generic, lookup_f32_avx2, lookup_f32_generic,
-                      lookup_fp16_avx2, lookup_int8_avx2, lookup_int8_generic, split_fp16_tables,
+                      lookup_fp16_avx2, lookup_int8_avx2, lookup_int8_generic, scalar_lookups, split_fp16_tables,
                       split_width)
 from .spec import KernelSpec, register
 
@@ -48,22 +49,14 @@ MODES = ("exact", "int8")
 ISAS = ("avx2", "generic")
 LUT_PAD = 16
 SPLIT_MIN = 3   # exact mode on AVX2: the fp16 byte-split tables from this b (vpermps on fp32 tables below it)
-SCALAR_MIN = 8  # exact mode on AVX2: scalar lookups into an fp32 table from this b (4096x4096 GEMV, 2 threads,
-                # Zen 3: 7.2 ms at b = 8 against 11.7 ms for the 16-table byte-split trees; equal at b = 7)
+SCALAR_MIN = 8  # exact mode on AVX2: scalar lookups into an fp32 table from this b (see the module docstring)
 
 
-def _scalar(s, b: int) -> bool:
-    return s.mode == "exact" and s.isa == "avx2" and b >= SCALAR_MIN
-
-
-def _split(s, b: int) -> bool:
-    return s.mode == "exact" and s.isa == "avx2" and SPLIT_MIN <= b < SCALAR_MIN
-
-
-def _scalar_lookups(TBL, tbase, CB, cbase, WB, wbase) -> None:
-    """WB[wbase + k] = TBL[tbase + CB[cbase + k]] for the 256 codes of a group, one scalar load each."""
-    with T.serial(0, GROUP) as k:
-        T.buffer_store(WB, TBL[tbase + T.Cast("int32", CB[cbase + k])], [wbase + k])
+def _form(s, b: int) -> str:
+    """The exact mode's AVX2 lookup at b bits: "scalar", "split" (fp16 byte tables), or "" (vpermps / int8)."""
+    if s.mode != "exact" or s.isa != "avx2" or b < SPLIT_MIN:
+        return ""
+    return "scalar" if b >= SCALAR_MIN else "split"
 
 
 def cpu_isa(target) -> str:
@@ -171,12 +164,11 @@ def _prologue(s: _Shape, X, XP, SX):
 
 def _each(n: int, step, unroll: bool) -> None:
     """step(i) for i in 0..n-1: unrolled in Python (constant i), or as a TIR loop."""
-    if unroll:
-        for i in range(n):
-            step(i)
-    else:
+    if not unroll:
         with T.serial(0, n) as i:
-            step(i)
+            return step(i)
+    for i in range(n):
+        step(i)
 
 
 def _codes(PL, p_count: int, n, g, tail: int, VB, CB, b: int, direct: bool = False, base: int = 0) -> list:
@@ -213,16 +205,16 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
     if s.M == 1 and s.mode == "exact" and s.isa == "avx2":   # GEMV: the rows of a tile share each x load
         for r, n in enumerate(rows):
             _codes(PL, b, n, g, tail, VB, CB, b, base=r * GROUP)
-            if _scalar(s, b):
-                _scalar_lookups(TBL, r * E, CB, r * GROUP, WB, r * GROUP)
+            if _form(s, b) == "scalar":
+                scalar_lookups(TBL, r * E, CB, r * GROUP, WB, r * GROUP)
 
         def step(i):
             accs = [ACC[T.ramp(r * 8, 1, 8)] for r in range(R)]
             for r in range(R):
                 c = CB[T.ramp(r * GROUP + 32 * i, 1, 32)]
-                if _scalar(s, b):
+                if _form(s, b) == "scalar":
                     vals = [WB[T.ramp(r * GROUP + 32 * i + 8 * q, 1, 8)] for q in range(4)]
-                elif _split(s, b):
+                elif _form(s, b) == "split":
                     vals = lookup_fp16_avx2(TBL, r * 2 * split_width(b), b, c)
                 else:
                     vals = [lookup_f32_avx2(TBL, r * E, b, T.Cast("int32x8", CB[T.ramp(r * GROUP + 32 * i + 8 * q,
@@ -236,8 +228,8 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
         return
     for r, n in enumerate(rows):
         _codes(PL, b, n, g, tail, VB, CB, b)
-        if _scalar(s, b):
-            _scalar_lookups(TBL, r * E, CB, 0, WB, r * GROUP)
+        if _form(s, b) == "scalar":
+            scalar_lookups(TBL, r * E, CB, 0, WB, r * GROUP)
             continue
 
         def step(i, r=r, n=n):
@@ -245,7 +237,7 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
             if s.mode == "int8":
                 look = lookup_int8_avx2 if s.isa == "avx2" else lookup_int8_generic
                 T.buffer_store(WB, look(LUT, n, off, b, c), [T.ramp(r * GROUP + 32 * i, 1, 32)])
-            elif _split(s, b):
+            elif _form(s, b) == "split":
                 vals = lookup_fp16_avx2(TBL, r * 2 * split_width(b), b, c)
                 for q in range(4):
                     T.buffer_store(WB, vals[q], [T.ramp(r * GROUP + 32 * i + 8 * q, 1, 8)])
@@ -290,12 +282,12 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, Y):
     E = max(8, 1 << b)
     with T.parallel(0, NT) as nt:
         # the GEMV paths feed the lookups straight into the dot products (scalar lookups go through WB)
-        fast = s.M == 1 and s.isa == "avx2" and not _scalar(s, b)
+        fast = s.M == 1 and s.isa == "avx2" and _form(s, b) != "scalar"
         WB = None if fast else _local((R * GROUP,), "int8" if s.mode == "int8" else "float32")
         ACC = _local((s.M * R * 8,), "float32")
         CB = _local((R * GROUP,), "uint8")
         VB = _local((32 * b,), "uint8")
-        TBL = (_local((R * 2 * split_width(b),), "uint8") if _split(s, b) else _local((R * E,), "float32")) \
+        TBL = (_local((R * 2 * split_width(b),), "uint8") if _form(s, b) == "split" else _local((R * E,), "float32")) \
             if s.mode == "exact" else None
         AI = _local((R * 8,), "int32") if s.mode == "int8" else None
         rows = [T.min(nt * R + r, s.N - 1) for r in range(R)]
@@ -304,7 +296,7 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, Y):
         if s.mode == "exact":
             off = lut_offset(b, s.MINB)
             for r, n in enumerate(rows):
-                if _split(s, b):
+                if _form(s, b) == "split":
                     split_fp16_tables(LUT, n, off, b, TBL, r * 2 * split_width(b))
                     continue
                 for t in range(E // 8):

@@ -143,3 +143,9 @@ def lookup_f32_avx2(TBL, base, b: int, idx):
 
 def lookup_f32_generic(TBL, base, b: int, idx):
     return TBL[base + idx]
+
+
+def scalar_lookups(TBL, tbase, CB, cbase, WB, wbase, n: int = 256) -> None:
+    """WB[wbase + k] = TBL[tbase + CB[cbase + k]] for n codes (a group), one scalar load each."""
+    with T.serial(0, n) as k:
+        T.buffer_store(WB, TBL[tbase + T.Cast("int32", CB[cbase + k])], [wbase + k])

@@ -87,6 +87,14 @@ class LutCPU(ScheduleRule):
         return func, f"default:{spec.mode}/{spec.isa}" if spec is not None else "default"
 
 
+class AttentionCPU(ScheduleRule):
+    """The in-place cache write and attention (kernels.attention): explicit loops, scheduled as built."""
+    families = ("cache_attention",)
+
+    def apply(self, func, ctx):
+        return func, "default"
+
+
 class LinearGPU(ScheduleRule):
     """The same kernels on CUDA/WebGPU/Vulkan: schedules.gpu (the dense prefill kernel becomes two blocks)."""
     families = ("anyprec_linear", "dense_nt")
@@ -161,7 +169,7 @@ class IntGemmGPU(ScheduleRule):
                             target)
 
 
-RULES = (LinearCPU(), LutCPU(), LinearGPU(), ActQuantCPU(), ActQuantGPU(), IntGemmX86(), IntGemmARM(), IntGemmGPU())
+RULES = (LinearCPU(), LutCPU(), AttentionCPU(), LinearGPU(), ActQuantCPU(), ActQuantGPU(), IntGemmX86(), IntGemmARM(), IntGemmGPU())
 
 
 _FAMILY_BLOCKS = (("acc", "int_gemm"), ("absmax", "act_quant"), ("matmul", "anyprec_linear"))
