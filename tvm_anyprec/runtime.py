@@ -98,12 +98,22 @@ class Session:
             raise ArtifactError(f"function {fname} was not exported by tvm-anyprec (no KV-cache spec)")
         return spec
 
+    def cache_bytes(self, fname: str = "decode") -> int:
+        """Bytes of one KV cache (every layer's keys and values, at the full length)."""
+        sp = self.spec(fname)
+        return 2 * sp["n_layers"] * sp["n_kv_heads"] * sp["max_len"] * sp["head_dim"] * 4
+
     def empty_cache(self, fname: str = "decode") -> list:
-        """Zeroed KV cache: one key and one value tensor per layer."""
+        """A KV cache for a new sequence: one key and one value tensor per layer. An in-place cache (the CPU
+        attention kernel reads rows up to the position only) is left uninitialised; a dense one (attention over
+        every row, masked: GPU targets, older artifacts) is zeroed."""
         import tvm
 
         sp = self.spec(fname)
-        z = np.zeros((sp["n_kv_heads"], sp["max_len"], sp["head_dim"]), np.float32)
+        shape = (sp["n_kv_heads"], sp["max_len"], sp["head_dim"])
+        if self.functions[fname].get("kv_cache") == "in_place" and self.remote is None:
+            return [tvm.runtime.empty(shape, "float32", self.dev) for _ in range(2 * sp["n_layers"])]
+        z = np.zeros(shape, np.float32)
         return [tvm.runtime.tensor(z, self.dev) for _ in range(2 * sp["n_layers"])]
 
     # ---------------------------------------------------------------- model level
@@ -287,9 +297,10 @@ class Session:
             if not Path(str(src)).exists():
                 # an artifact made on another machine records that machine's path: the packaged model is
                 # found again by its file name; anything else must be present
-                if Path(str(src)).name not in (data.SMOLLM2_GGUF, "smollm2"):
+                name = data.packaged_name(src)
+                if name is None:
                     raise ArtifactError(f"tokenizer source {src} (recorded in the manifest) is not on this machine")
-                src = "smollm2"
+                src = name
             self._tok = data.load_tokenizer(src)
         return self._tok
 

@@ -1,0 +1,130 @@
+"""Decoder-only families through transformers' own modeling code: a tiny random-init model per family (Llama,
+Qwen2, Gemma 3 with sliding-window layers), saved as a transformers directory with the SmolLM2 tokenizer, then
+the user's path: ``quantize --model DIR`` -> ``compile DIR`` (export + compile) -> Session. Checked against torch
+running the same model (fp32, and with the parent's dequantized 8-bit weights): logits, greedy output at a
+prompt longer than one prefill chunk and past position 512, and a KV cache whose rows past the position are
+poisoned with NaN (never read).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.kernel
+
+FAMILIES = ("llama", "qwen2", "gemma3")
+MAX_LEN = 1024
+PROMPT = 600          # > one prefill chunk (32), past position 512
+NEW = 12
+
+
+def _config(family: str, vocab: int, tok):
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_LEN,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.3)
+    if family == "gemma3":
+        from transformers import Gemma3TextConfig
+        return Gemma3TextConfig(**common, sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    if family == "qwen2":
+        from transformers import Qwen2Config
+        return Qwen2Config(**common)
+    from transformers import LlamaConfig
+    return LlamaConfig(**common, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """(family, torch model, tokenizer, parent dir, Session of the compiled artifact)."""
+    from transformers import AutoModelForCausalLM
+
+    from tvm_anyprec import api, data
+    from tvm_anyprec.runtime import Session
+
+    fam = request.param
+    tok = data.load_tokenizer("smollm2")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(fam, len(tok), tok)).eval()
+    d = tmp_path_factory.mktemp(fam)
+    src = d / "model"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    api.quantize(d / "parent", model=src, calib_windows=2, seqlen=32, progress=False)
+    api.export(d / "art.onnx", src, verify_chunk=0)          # decode + prefill: the two graphs these tests run
+    api.compile(d / "art.onnx", d / "art", parent=d / "parent", tokenizer=str(src))
+    return fam, model, tok, d / "parent", Session(d / "art")
+
+
+def _ids(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(100, 20000, n)
+
+
+def _torch_logits(model, ids, weights=None):
+    from tvm_anyprec.quant.model import swapped_weights
+
+    with torch.no_grad(), (swapped_weights(model, weights) if weights is not None else _null()):
+        return model(torch.from_numpy(ids[None])).logits[0].numpy()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_manifest_and_cache(family):
+    fam, model, _tok, _parent, sess = family
+    spec = sess.spec("decode")
+    assert spec["family"] == model.config.model_type and spec["max_len"] == MAX_LEN
+    assert spec["attention"] == "cache_op" and sess.functions["decode"]["kv_cache"] == "in_place"
+    assert sess.cache_bytes() == 2 * 2 * 2 * MAX_LEN * 16 * 4
+
+
+def test_logits_match_torch_at_8_bits(family):
+    """Compiled at 8 bits vs torch on the parent's dequantized 8-bit weights (tight) and vs fp32 (loose)."""
+    from tvm_anyprec.quant.model import Parent
+
+    fam, model, _tok, parent, sess = family
+    ids = _ids(PROMPT)
+    got, _ = sess.forward_tokens(ids, 8)
+    deq = _torch_logits(model, ids, Parent.load(parent).dequantized(8))
+    fp32 = _torch_logits(model, ids)
+    scale = np.abs(deq).max()
+    assert np.abs(got - deq).max() < 2e-3 * scale, fam
+    assert np.linalg.norm(got - fp32) < 1e-2 * np.linalg.norm(fp32), fam
+
+
+def test_greedy_equals_torch_past_512(family):
+    """Greedy decoding after a 600-token prompt equals torch's (dequantized 8-bit weights, no cache: every
+    step recomputes the whole sequence)."""
+    from tvm_anyprec.quant.model import Parent
+
+    fam, model, _tok, parent, sess = family
+    ids = _ids(PROMPT, 1)
+    got = sess.generate_ids(ids, NEW, bits=8)
+    seq = list(ids)
+    w = Parent.load(parent).dequantized(8)
+    for _ in range(NEW):
+        seq.append(int(_torch_logits(model, np.array(seq), w)[-1].argmax()))
+    assert got == seq[len(ids):], fam
+
+
+def test_cache_past_the_position_is_never_read(family):
+    """A cache poisoned with NaN gives the same logits as a fresh one: prefill, then decode steps, read only
+    the rows they wrote."""
+    import tvm
+
+    fam, _model, _tok, _parent, sess = family
+    ids = _ids(70, 2)
+    clean, _ = sess.forward_tokens(ids, 5)
+    sp = sess.spec("prefill")
+    nan = np.full((sp["n_kv_heads"], sp["max_len"], sp["head_dim"]), np.nan, np.float32)
+    poisoned = [tvm.runtime.tensor(nan, sess.dev) for _ in range(2 * sp["n_layers"])]
+    got, cache = sess.forward_tokens(ids[:40], 5, cache=poisoned)
+    got2, cache = sess.forward_tokens(ids[40:], 5, pos=40, cache=cache)
+    assert np.isfinite(got).all() and np.isfinite(got2).all()
+    np.testing.assert_allclose(np.concatenate([got, got2]), clean, rtol=1e-4, atol=1e-4 * np.abs(clean).max())
+    k = cache[0].numpy()
+    assert np.isfinite(k[:, :70]).all() and np.isnan(k[:, 96:]).all()   # rows past the last chunk untouched
