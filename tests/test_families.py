@@ -128,3 +128,16 @@ def test_cache_past_the_position_is_never_read(family):
     np.testing.assert_allclose(np.concatenate([got, got2]), clean, rtol=1e-4, atol=1e-4 * np.abs(clean).max())
     k = cache[0].numpy()
     assert np.isfinite(k[:, :70]).all() and np.isnan(k[:, 96:]).all()   # rows past the last chunk untouched
+
+
+def test_speculative_near_the_end_of_the_cache(family):
+    """Too little room for a verify chunk: the last tokens come from plain steps, output still greedy (and it
+    stops at the cache length, like plain decoding)."""
+    fam, _model, _tok, _parent, sess = family
+    if fam != "llama":
+        pytest.skip("one family is enough")
+    ids = _ids(MAX_LEN - 4, 3).tolist()
+    st = {}
+    out = sess.generate_speculative(ids, 8, 8, 3, stats=st)
+    assert out == sess.generate_ids(ids, 8, 8)
+    assert st["plain_steps"] >= 1 and len(out) == 5

@@ -46,16 +46,6 @@ def test_speculative_with_same_bits_accepts_everything(session, prompt_ids):
     assert st["accepted"] == st["drafted"] == 12 and st["rounds"] == 3
 
 
-def test_speculative_near_the_end_of_the_cache(session):
-    """Too little room for a verify chunk: the last tokens come from plain steps, output still greedy."""
-    max_len = session.spec("decode")["max_len"]
-    ids = (np.arange(max_len - 4) * 7919 % 4000 + 100).tolist()
-    st = {}
-    out = session.generate_speculative(ids, 8, 8, 3, stats=st)
-    assert out == session.generate_ids(ids, 8, 8)
-    assert st["plain_steps"] >= 1 and len(out) == 5          # stops at the cache length, like plain decoding
-
-
 def test_speculative_bad_arguments(session, prompt_ids):
     with pytest.raises(ValueError, match="draft_len must be in 1..4"):
         session.generate_speculative(prompt_ids[0], 4, 8, 3, draft_len=5)

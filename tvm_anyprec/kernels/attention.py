@@ -147,7 +147,8 @@ class CacheAttention(KernelSpec):
     softcap: float = 0.0
 
     def name(self) -> str:
-        return kernel_name(self.H, self.Hkv, self.S, self.T, self.D, self.window) + \
+        scale = "" if abs(self.scale - self.D ** -0.5) < 1e-9 else f"_sc{self.scale:.6g}"
+        return kernel_name(self.H, self.Hkv, self.S, self.T, self.D, self.window) + scale + \
             (f"_c{self.softcap:g}" if self.softcap else "")
 
     def make(self):
