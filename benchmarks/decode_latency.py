@@ -48,7 +48,7 @@ def bench_plain_tvm(onnx_path, steps, threads, warm=2):
     from tvm_anyprec.frontend.onnx_import import import_onnx
     from tvm_anyprec.targets import preset
 
-    imp = import_onnx(onnx_path)
+    imp = import_onnx(onnx_path, attention="inline")   # plain TVM: the ops' dense ONNX definition
     fname = next(iter(imp.specs))
     target = tvm.target.Target(preset("x86")["target"])
     ex = tvm.compile(imp.mod, target=target)
@@ -123,7 +123,8 @@ def main(argv=None):
     rows.append(("onnxruntime fp32", *bench_ort(onnx_dir / "decode.onnx", args.steps, args.threads)))
 
     ort_med = rows[-1][1]
-    print(f"decode latency per token, SmolLM2-135M, cache {512}, {args.threads} threads, "
+    print(f"decode latency per token, SmolLM2-135M, cache {Session(art).spec('decode')['max_len']}, "
+          f"{args.threads} threads, "
           f"{platform.machine()} {platform.processor() or ''}, {time.strftime('%Y-%m-%d')}")
     print(f"{'config':<38}{'median ms':>10}{'min..max ms':>18}{'vs ORT fp32':>13}")
     for name, med, lo, hi in rows:

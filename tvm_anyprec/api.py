@@ -212,7 +212,7 @@ def _check_graph_pruning(source, prune_ratio, prune_layer) -> None:
 def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",), force: bool = False,
             tuning_log=None, tokenizer=None, act_bits: int | None = None,
             act_outlier: str = "smooth", act_int4_all: bool = False, prune_ratio: float | None = None,
-            prune_layer: int | None = None, accuracy: str | None = None) -> dict:
+            prune_layer: int | None = None, accuracy: str | None = None, input_shapes: dict | None = None) -> dict:
     """ONNX file/dir -> artifact. ``accuracy`` (CPU targets): "exact" (default) or "int8", see
     ``schemes.anyprec.AnyPrec``. ``source`` may also be a model ('smollm2', .gguf, HF dir): then the ONNX
     export (``<out>.onnx/``) and the quantized parent (``<out>.parent/``) are made first when missing.
@@ -221,7 +221,8 @@ def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",),
     on the calibration text with the source model (see README "Low-bit activations").
     ``prune_ratio`` (and ``prune_layer``): token pruning in the prefill graph (see ``export``). With a model
     source the export is made (again, if its pruning differs) with these settings; ONNX sources must already
-    have been exported with them (checked). None: whatever the graphs have (a model source: no pruning)."""
+    have been exported with them (checked). None: whatever the graphs have (a model source: no pruning).
+    ``input_shapes``: {input name: dims} for an ONNX graph from elsewhere whose inputs have dynamic dimensions."""
     from .compiler import compile_model
 
     if prune_ratio is not None and not 0.0 <= float(prune_ratio) < 1.0:
@@ -267,7 +268,7 @@ def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",),
             stats = calibrate_activations(tokenizer, exclude)
     return compile_model(src, out, target=target, parent=parent, exclude=exclude, force=force,
                          tuning_log=tuning_log, tokenizer=tokenizer, act_quant=act, act_stats=stats,
-                         accuracy=accuracy)
+                         accuracy=accuracy, input_shapes=input_shapes)
 
 
 _CALIB_MEMO: dict = {}

@@ -68,7 +68,7 @@ def atomic_dir(path: os.PathLike, overwrite: bool = True):
 def save_tensors(path: os.PathLike, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
+    save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(path),  # 0-d stays 0-d
               metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 

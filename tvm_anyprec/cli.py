@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def _bits_list(s: str) -> list[int]:
@@ -85,6 +86,8 @@ def _add_compile(sub):
     p.add_argument("--exclude", action="append", default=None, help="weight name pattern kept in fp32 "
                    "(repeatable; default: lm_head)")
     p.add_argument("--tokenizer", help="model whose tokenizer `run`/`eval` use (default: from the parent)")
+    p.add_argument("--input-shape", action="append", default=None, metavar="NAME=D0,D1,...",
+                   help="static shape of a graph input with dynamic dimensions (repeatable; ONNX from elsewhere)")
     p.add_argument("--tuning-log", help="MetaSchedule database directory (default: tuning_logs/<target>/)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--accuracy", choices=("int8", "exact"), default=None,
@@ -119,10 +122,14 @@ def _add_tune(sub):
 
 
 def _add_run(sub):
-    p = sub.add_parser("run", help="generate text from an artifact at a bit-width chosen now")
+    p = sub.add_parser("run", help="generate text from an artifact at a bit-width chosen now (or, with "
+                       "--inputs, run any compiled graph on arrays)")
     p.add_argument("artifact")
     p.add_argument("--bits", type=int, default=8)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="text to continue (language models)")
+    p.add_argument("--inputs", help="a graph's inputs: .npz (arrays by input name) or .npy (the only input)")
+    p.add_argument("--outputs", help="with --inputs: save the outputs here (.npz, by output name)")
+    p.add_argument("--function", help="with --inputs: the graph to run (default: the only one)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--draft-bits", type=int, help="self-speculative decoding: draft with this lower bit-width "
                    "(same weights) and verify at --bits; the output is plain greedy decoding at --bits")
@@ -133,6 +140,44 @@ def _add_run(sub):
     p.add_argument("--remote", help="run on another device: 'qemu' or 'qemu:<cpu>' (the emulated aarch64 board "
                    "of scripts/setup_arm.sh; the default for an aarch64 artifact on x86) or HOST:PORT of a TVM "
                    "RPC server on the device")
+
+
+def _shapes(items) -> dict | None:
+    if not items:
+        return None
+    out = {}
+    for it in items:
+        name, _, dims = it.rpartition("=")
+        try:
+            out[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise ValueError(f"--input-shape {it!r}: expected NAME=D0,D1,... with integer dimensions") from None
+        if not name or any(d <= 0 for d in out[name]):
+            raise ValueError(f"--input-shape {it!r}: expected NAME=D0,D1,... with positive dimensions")
+    return out
+
+
+def _run_arrays(api, args) -> None:
+    import numpy as np
+
+    sess = api.load(args.artifact, args.remote)
+    path = Path(args.inputs)
+    if not path.exists():
+        raise FileNotFoundError(f"--inputs {path} not found")
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            inputs = {k: z[k] for k in z.files}
+    else:
+        inputs = [np.load(path)]
+    t0 = time.time()
+    out = sess.run(inputs, args.bits, args.function)
+    dt = time.time() - t0
+    for name, a in out.items():
+        print(f"{name}: {a.dtype} {list(a.shape)}  mean {float(np.mean(a)):.6g}  std {float(np.std(a)):.6g}")
+    if args.outputs:
+        np.savez(args.outputs, **out)
+        print(f"saved {', '.join(out)} to {args.outputs}", file=sys.stderr)
+    print(f"[{args.bits}-bit; {dt * 1e3:.1f} ms]", file=sys.stderr)
 
 
 def _tune(args) -> None:
@@ -227,10 +272,15 @@ def main(argv=None) -> int:
             api.compile(args.source, args.out, target=args.target, parent=args.parent,
                         exclude=tuple(args.exclude or ("lm_head",)), force=args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer,
                         act_bits=args.act_bits, act_outlier=args.act_outlier, act_int4_all=args.act_int4_all,
-                        prune_ratio=args.prune_ratio, prune_layer=args.prune_layer, accuracy=args.accuracy)
+                        prune_ratio=args.prune_ratio, prune_layer=args.prune_layer, accuracy=args.accuracy,
+                        input_shapes=_shapes(args.input_shape))
         elif args.cmd == "tune":
             _tune(args)
+        elif args.cmd == "run" and args.inputs:
+            _run_arrays(api, args)
         elif args.cmd == "run":
+            if not args.prompt:
+                raise ValueError("give --prompt (text generation) or --inputs (arrays for any graph)")
             sess = api.load(args.artifact, args.remote)
             sess.check_bits(args.bits)
             stats = {}

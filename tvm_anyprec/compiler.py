@@ -74,21 +74,24 @@ def make_scheme(parent=None, seed_bits: int = 3, max_bits: int = 8, act_quant=No
 
 def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_head",), seed_bits: int = 3,
                   max_bits: int = 8, force: bool = False, tuning_log=None, tokenizer=None,
-                  require_rewrite: bool = True, act_quant=None, act_stats=None, accuracy=None) -> dict:
+                  require_rewrite: bool = True, act_quant=None, act_stats=None, accuracy=None,
+                  attention: str | None = None, input_shapes: dict | None = None) -> dict:
     """``tuning_log``: a MetaSchedule JSON database directory (default: ``env.default_log_dir(target)``,
     used when present). ``require_rewrite=False`` allows an all-fp32 artifact (a baseline for benchmarks).
     ``act_quant`` (a quant.activations.ActQuantConfig): low-bit activations instead of the bitplane operator
     (INT4 weights from the graph's own weights; ``act_stats``: calibrated per-channel max |x| per layer for
-    the outlier handling, see passes.act_quant). See ``make_scheme``."""
+    the outlier handling, see passes.act_quant). See ``make_scheme``. ``attention``: how the exporter's
+    attention ops are compiled ("kernel": in place, CPU; "inline": dense; None: by the target)."""
     out = Path(out)
     refuse_overwrite(out, force)
     tp = preset(target)
     scheme = make_scheme(parent, seed_bits, max_bits, act_quant, act_stats, accuracy)
-    return compile_with(scheme, source, out, tp, exclude, tuning_log, tokenizer, require_rewrite)
+    return compile_with(scheme, source, out, tp, exclude, tuning_log, tokenizer, require_rewrite, attention,
+                        input_shapes)
 
 
 def compile_with(scheme, source, out: Path, tp: dict, exclude=("lm_head",), tuning_log=None, tokenizer=None,
-                 require_rewrite: bool = True) -> dict:
+                 require_rewrite: bool = True, attention: str | None = None, input_shapes: dict | None = None) -> dict:
     import tvm
     from tqdm.auto import tqdm
 
@@ -96,8 +99,11 @@ def compile_with(scheme, source, out: Path, tp: dict, exclude=("lm_head",), tuni
 
     t0 = time.time()
     # the exporter's attention ops: the in-place CPU kernel, or (GPU targets) their dense ONNX definition
-    attention = "inline" if is_gpu(tvm.target.Target(tp["target"])) else "kernel"
-    imp = import_onnx(source, attention=attention)
+    gpu = is_gpu(tvm.target.Target(tp["target"]))
+    attention = attention or ("inline" if gpu else "kernel")
+    if attention == "kernel" and gpu:
+        raise CompileError("the in-place attention kernel is for CPU targets")
+    imp = import_onnx(source, attention=attention, input_shapes=input_shapes)
     logger.info(f"imported {', '.join(f'{f} ({Path(s).name})' for f, s in imp.sources.items())} "
                 f"in {time.time() - t0:.1f}s")
     rw = scheme.rewrite_pass(exclude, tp)
@@ -118,7 +124,7 @@ def compile_with(scheme, source, out: Path, tp: dict, exclude=("lm_head",), tuni
             if n not in tensors:
                 if n not in imp.weights:
                     raise CompileError(f"function {fname} needs parameter {n!r}, which no graph provides")
-                tensors[n] = np.ascontiguousarray(imp.weights[n])
+                tensors[n] = np.asarray(imp.weights[n], order="C")   # (ascontiguousarray makes 0-d 1-d)
 
     target = tvm.target.Target(tp["target"])
     log_dir = Path(tuning_log) if tuning_log is not None else default_log_dir(tp["name"])

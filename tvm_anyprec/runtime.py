@@ -83,7 +83,7 @@ class Session:
         self.check_bits(bits)
         if fname not in self.functions:
             raise ValueError(f"artifact has no function {fname!r} (has {sorted(self.functions)})")
-        args = [a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(a), self.dev)
+        args = [a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(np.asarray(a, order="C"), self.dev)
                 for a in inputs]
         if self.remote is None:
             return self.vm[fname](*args, self._nbits[bits], *self._params[fname])
@@ -91,6 +91,35 @@ class Session:
         self.vm.set_input(fname, *args, self._nbits[bits], *self._params[fname])
         self.vm.invoke_stateful(fname)
         return self.vm.get_outputs(fname)
+
+    def run(self, inputs, bits: int | None = None, function: str | None = None) -> dict:
+        """Run a graph of any kind (an encoder, a graph from elsewhere): ``inputs`` {name: array} (or a list in
+        the graph's input order) -> {output name: numpy array}. ``function``: the graph (default: the only one);
+        ``bits``: default the highest the artifact serves."""
+        fname = function or (next(iter(self.functions)) if len(self.functions) == 1 else None)
+        if fname is None:
+            raise ValueError(f"this artifact has several graphs ({', '.join(sorted(self.functions))}): choose one")
+        info = self.functions.get(fname)
+        if info is None:
+            raise ValueError(f"artifact has no function {fname!r} (has {sorted(self.functions)})")
+        names = [i[0] for i in info["inputs"]]
+        if isinstance(inputs, dict):
+            missing, extra = [n for n in names if n not in inputs], sorted(set(inputs) - set(names))
+            if missing or extra:
+                raise ValueError(f"{fname} takes inputs {names}" + (f"; missing {missing}" if missing else "")
+                                 + (f"; unknown {extra}" if extra else ""))
+            inputs = [inputs[n] for n in names]
+        if len(inputs) != len(names):
+            raise ValueError(f"{fname} takes {len(names)} inputs {names}, got {len(inputs)}")
+        args = []
+        for (name, shape, dtype), a in zip(info["inputs"], inputs):
+            a = np.asarray(a)
+            if list(a.shape) != list(shape):
+                raise ValueError(f"input {name!r}: shape {list(a.shape)}, the graph takes {list(shape)}")
+            args.append(a.astype(dtype, copy=False))
+        out = self.call(fname, args, self.bit_widths[-1] if bits is None else bits)
+        outs = list(out) if not hasattr(out, "numpy") else [out]
+        return {n: o.numpy() for n, o in zip(info["outputs"], outs)}
 
     def spec(self, fname: str) -> dict:
         spec = self.functions[fname].get("spec")

@@ -107,10 +107,88 @@ class _converters:
         self.F._get_convert_map = self.orig
 
 
-def import_onnx(source, attention: str = "kernel") -> ImportedModel:
+def _dynamic_dims(model) -> list[str]:
+    init = {i.name for i in model.graph.initializer}
+    out = []
+    for i in model.graph.input:
+        if i.name in init:
+            continue
+        for k, d in enumerate(i.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value") or d.dim_value <= 0:
+                out.append(f"{i.name}[{k}] ({d.dim_param or '?'})")
+    return out
+
+
+def set_input_shapes(model, shapes: dict, where: str):
+    """Fix graph input dimensions: ``shapes`` {input name: [dims]}."""
+    inputs = {i.name: i for i in model.graph.input}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise ImportError_(f"{where}: --input-shape names {name!r}, which is not an input "
+                               f"(inputs: {', '.join(inputs)})")
+        have = inputs[name].type.tensor_type.shape.dim
+        if len(have) != len(dims):
+            raise ImportError_(f"{where}: input {name!r} has {len(have)} dimensions, --input-shape gives {len(dims)}")
+        for d, v in zip(have, dims):
+            d.ClearField("dim_param")
+            d.dim_value = int(v)
+    return model
+
+
+def prepare_foreign(model, where: str, shapes: dict | None = None):
+    """A graph from elsewhere (not exported by tvm-anyprec), made ready for TVM's importer: input shapes fixed
+    (``shapes``; dynamic ones are an error), then onnxruntime's offline basic optimization (constant folding,
+    redundant nodes; ONNX operators only: what torch.onnx.export leaves as ConstantOfShape/Expand chains becomes
+    constants) and onnx's shape inference."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    if shapes:
+        model = set_input_shapes(model, shapes, where)
+    dyn = _dynamic_dims(model)
+    if dyn:
+        raise ImportError_(f"{where}: inputs with dynamic dimensions {', '.join(dyn)}; TVM compiles static shapes: "
+                           "give them with --input-shape NAME=D0,D1,... (api: input_shapes={name: dims})")
+    # the weights (float initializers of 2+ dimensions) are held out as graph inputs while onnxruntime folds:
+    # a Transpose of a weight stays in the graph and the weight keeps its name (the passes report, exclude and
+    # rewrite layers by it); shapes, scalars and index tensors fold
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    held = [t for t in model.graph.initializer if t.data_type in floats and len(t.dims) >= 2]
+    names = {t.name for t in held}
+    keep = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    listed = {i.name for i in model.graph.input}
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in held if t.name not in listed)
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "folded.onnx"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(out)
+        so.log_severity_level = 3
+        try:
+            ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ImportError_(f"{where}: onnxruntime cannot load the graph to fold its constants: "
+                               f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}") from e
+        folded = onnx.load(str(out))
+    inputs = [i for i in folded.graph.input if i.name not in names]
+    del folded.graph.input[:]
+    folded.graph.input.extend(inputs)
+    folded.graph.initializer.extend(held)
+    return onnx.shape_inference.infer_shapes(folded)
+
+
+def import_onnx(source, attention: str = "kernel", input_shapes: dict | None = None) -> ImportedModel:
     """Import every graph of ``source`` (an .onnx file or a directory of them) into one IRModule.
     ``attention``: how the exporter's CacheAttention ops become Relax: "kernel", the in-place CPU kernel
-    (CPU targets); "inline", their ONNX definition (a dense reference) inlined (other targets)."""
+    (CPU targets); "inline", their ONNX definition (a dense reference) inlined (other targets).
+    Graphs not exported by tvm-anyprec go through ``prepare_foreign`` first (``input_shapes``: {input: dims}
+    for inputs with dynamic dimensions)."""
     import contextlib
 
     import tvm
@@ -125,6 +203,8 @@ def import_onnx(source, attention: str = "kernel") -> ImportedModel:
     for path in onnx_files(source):
         model = load_onnx(path)
         spec = read_spec(model)
+        if spec is None:
+            model = prepare_foreign(model, path.name, input_shapes)
         fname = function_name(path, spec)
         if fname in out.specs:
             raise ImportError_(f"two graphs map to the same function name {fname!r} ({path})")

@@ -35,7 +35,7 @@ def load_safetensor(path: str, name: str):
     meta = header[name]
     a, b = meta["data_offsets"]
     arr = raw[base + a:base + b].view(_DTYPES[meta["dtype"]]).reshape(meta["shape"])
-    return tvm.runtime.tensor(np.ascontiguousarray(arr), tvm.cpu())
+    return tvm.runtime.tensor(np.asarray(arr, order="C"), tvm.cpu())
 
 
 def serve_tracker(argv) -> None:
