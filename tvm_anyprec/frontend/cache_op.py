@@ -100,15 +100,15 @@ def register_attention() -> None:
 class HFChunkLM(nn.Module):
     """A transformers causal LM run on one chunk against the static caches, through its own forward: the
     attention of every layer is the CacheAttention op (``_attention``); no cache object is built (each layer
-    hands its new keys and values to the op). Holds the model's ``model`` and ``lm_head`` so the parameter
-    (ONNX initializer) names are the transformers ones."""
+    hands its new keys and values to the op). Holds the model's own children (``model``, ``lm_head``, or
+    whatever the family calls them) so the parameter (ONNX initializer) names are the transformers ones."""
 
     def __init__(self, hf, spec):
         super().__init__()
         self.spec = spec
-        self.model = hf.model
-        self.lm_head = hf.lm_head
-        object.__setattr__(self, "_hf", hf)     # not a submodule: its parameters are the two above
+        for name, child in hf.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "_hf", hf)     # not a submodule: its parameters are its children's
         self.register_buffer("chunk_offsets", torch.arange(spec.chunk, dtype=torch.int64), persistent=False)
         types = getattr(text_config(hf), "layer_types", None)
         self._mask_keys = sorted(set(types)) if types else None
