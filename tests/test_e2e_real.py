@@ -90,3 +90,26 @@ def test_cli_run_generates_text(real_artifact):
 def test_empty_prompt_is_a_clear_error(session):
     with pytest.raises(ValueError, match="prompt is empty"):
         session.generate_ids([], 4, 8)
+
+
+def test_long_prompt_greedy_equals_torch(session, real_model, real_parent):
+    """The 8192-position cache on the real model: a 1000-token prompt (32 prefill chunks) and 200 new tokens
+    at 8 bits equal torch's greedy decoding (transformers' own generate, its own KV cache) on the parent's
+    dequantized 8-bit weights."""
+    import torch
+
+    from tvm_anyprec.quant.model import swapped_weights
+
+    m, tok = real_model
+    assert session.spec("decode")["max_len"] == 8192 and session.functions["decode"]["kv_cache"] == "in_place"
+    ids = tok(data.corpus_text(data.EVAL_TEXT)[20000:40000])["input_ids"][:1000]
+    assert len(ids) == 1000
+    got = session.generate_ids(ids, 200, bits=8)
+    with torch.no_grad(), swapped_weights(m, Parent.load(real_parent).dequantized(8)):
+        from transformers import GenerationConfig
+        cfg = GenerationConfig(max_new_tokens=200, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out = m.generate(torch.tensor([ids]), generation_config=cfg)
+    ref = out[0, len(ids):].tolist()
+    assert len(ref) == 200
+    first = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
+    assert first is None and len(got) == 200, f"first difference at new token {first}"

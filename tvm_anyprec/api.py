@@ -121,7 +121,8 @@ def inspect(path) -> dict:
         mem = {"weights_bytes": m["files"].get("weights.safetensors", {}).get("bytes")}
         if specs:
             f, sp = next(iter(sorted(specs.items())))
-            mem["kv_cache_bytes"] = 2 * sp["n_layers"] * sp["n_kv_heads"] * sp["max_len"] * sp["head_dim"] * 4
+            from .runtime import kv_cache_bytes
+            mem["kv_cache_bytes"] = kv_cache_bytes(sp)
             mem["kv_cache"] = (f"{sp['max_len']} positions x {sp['n_layers']} layers x {sp['n_kv_heads']} kv heads x "
                                f"{sp['head_dim']} (fp32 keys and values); "
                                + ("written in place, a step reads the rows up to its position"

@@ -176,11 +176,20 @@ def corpus_text(name: str = EVAL_TEXT) -> str:
 
 def token_windows(tokenizer, name: str, n_windows: int, seqlen: int):
     """Fixed slice of the corpus: ``n_windows`` consecutive non-overlapping windows of ``seqlen`` tokens.
+    A tokenizer that starts a text with its BOS token (Gemma's) gets it at the start of every window, as each
+    window is evaluated as a sequence of its own (llama.cpp's perplexity does the same); SmolLM2's adds none.
     -> int64 numpy [n_windows, seqlen]."""
     import numpy as np
 
     ids = tokenizer(corpus_text(name), return_tensors="np")["input_ids"][0]
-    need = n_windows * seqlen
-    if len(ids) < need:
-        raise DataError(f"corpus {name} has {len(ids)} tokens, {need} needed")
-    return np.asarray(ids[:need], dtype=np.int64).reshape(n_windows, seqlen)
+    bos = tokenizer.bos_token_id
+    lead = [] if bos is None or len(ids) == 0 or ids[0] != bos else [bos]
+    body = ids[len(lead):]
+    step = seqlen - len(lead)
+    need = n_windows * step
+    if len(body) < need:
+        raise DataError(f"corpus {name} has {len(body)} tokens, {need} needed")
+    windows = body[:need].reshape(n_windows, step)
+    if lead:
+        windows = np.concatenate([np.full((n_windows, 1), bos), windows], 1)
+    return np.asarray(windows, dtype=np.int64)

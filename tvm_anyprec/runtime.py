@@ -12,6 +12,11 @@ from .artifact import LIB, WEIGHTS, ArtifactError, load_tensors, read_manifest
 logger = logging.getLogger(__name__)
 
 
+def kv_cache_bytes(spec: dict) -> int:
+    """Bytes of one KV cache of an exported function's spec: fp32 keys and values of every layer, full length."""
+    return 2 * spec["n_layers"] * spec["n_kv_heads"] * spec["max_len"] * spec["head_dim"] * 4
+
+
 def _prompt(prompt_ids) -> np.ndarray:
     ids = np.asarray(prompt_ids, np.int64)
     if ids.size == 0:
@@ -129,8 +134,7 @@ class Session:
 
     def cache_bytes(self, fname: str = "decode") -> int:
         """Bytes of one KV cache (every layer's keys and values, at the full length)."""
-        sp = self.spec(fname)
-        return 2 * sp["n_layers"] * sp["n_kv_heads"] * sp["max_len"] * sp["head_dim"] * 4
+        return kv_cache_bytes(self.spec(fname))
 
     def empty_cache(self, fname: str = "decode") -> list:
         """A KV cache for a new sequence: one key and one value tensor per layer. An in-place cache (the CPU
