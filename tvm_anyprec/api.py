@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from . import data
-from .artifact import MANIFEST, ArtifactError, read_manifest, refuse_overwrite
+from .artifact import MANIFEST, ArtifactError, memory_summary, read_manifest, refuse_overwrite
 
 EVAL_WINDOWS, EVAL_SEQLEN = 16, 128
 CALIB_WINDOWS = 8
@@ -114,21 +114,10 @@ def format_table(rows: list[dict]) -> str:
 
 def inspect(path) -> dict:
     """The manifest (checksums verified); a compiled artifact also gets "memory": the bytes of its weights and of
-    one KV cache (computed, not stored)."""
+    one KV cache (computed, not stored; ``artifact.memory_summary``)."""
     m = read_manifest(path, verify=True)
     if m.get("kind") == "compiled":
-        specs = {f: i["spec"] for f, i in m["functions"].items() if i.get("spec")}
-        mem = {"weights_bytes": m["files"].get("weights.safetensors", {}).get("bytes")}
-        if specs:
-            f, sp = next(iter(sorted(specs.items())))
-            from .runtime import kv_cache_bytes
-            mem["kv_cache_bytes"] = kv_cache_bytes(sp)
-            mem["kv_cache"] = (f"{sp['max_len']} positions x {sp['n_layers']} layers x {sp['n_kv_heads']} kv heads x "
-                               f"{sp['head_dim']} (fp32 keys and values); "
-                               + ("written in place, a step reads the rows up to its position"
-                                  if m["functions"][f].get("kv_cache") == "in_place"
-                                  else "dense: a step reads every row"))
-        m["memory"] = mem
+        m["memory"] = memory_summary(m)
     return m
 
 

@@ -128,3 +128,23 @@ def read_manifest(d: os.PathLike, kind: str | None = None, verify: bool = True) 
             if file_sha256(p) != info["sha256"]:
                 raise ArtifactError(f"{d}: checksum mismatch for {name} (corrupt or modified)")
     return manifest
+
+
+def kv_cache_bytes(spec: dict) -> int:
+    """Bytes of one KV cache of an exported function's spec: fp32 keys and values of every layer, full length."""
+    return 2 * spec["n_layers"] * spec["n_kv_heads"] * spec["max_len"] * spec["head_dim"] * 4
+
+
+def memory_summary(manifest: dict) -> dict:
+    """Weights and one KV cache of a compiled artifact, in bytes, with how the cache is used."""
+    specs = {f: i["spec"] for f, i in manifest["functions"].items() if i.get("spec")}
+    mem = {"weights_bytes": manifest["files"].get(WEIGHTS, {}).get("bytes")}
+    if specs:
+        f, sp = next(iter(sorted(specs.items())))
+        mem["kv_cache_bytes"] = kv_cache_bytes(sp)
+        mem["kv_cache"] = (f"{sp['max_len']} positions x {sp['n_layers']} layers x {sp['n_kv_heads']} kv heads x "
+                           f"{sp['head_dim']} (fp32 keys and values); "
+                           + ("written in place, a step reads the rows up to its position"
+                              if manifest["functions"][f].get("kv_cache") == "in_place"
+                              else "dense: a step reads every row"))
+    return mem

@@ -7,14 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import LIB, WEIGHTS, ArtifactError, load_tensors, read_manifest
+from .artifact import LIB, WEIGHTS, ArtifactError, kv_cache_bytes, load_tensors, read_manifest
 
 logger = logging.getLogger(__name__)
-
-
-def kv_cache_bytes(spec: dict) -> int:
-    """Bytes of one KV cache of an exported function's spec: fp32 keys and values of every layer, full length."""
-    return 2 * spec["n_layers"] * spec["n_kv_heads"] * spec["max_len"] * spec["head_dim"] * 4
 
 
 def _prompt(prompt_ids) -> np.ndarray:

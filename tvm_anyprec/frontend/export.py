@@ -8,10 +8,11 @@ most by default):
     outputs: logits float32 [1, S, V], then per layer: key_out_i, value_out_i (rows pos..pos+S-1 written)
 
 The forward pass is transformers' own modeling code (``HFChunkLM``): any decoder-only family transformers
-implements (Llama, Qwen2, Gemma 3, ...). Two hooks make it a chunk graph: the model's cache object hands the
-chunk's keys and values through, and the attention implementation (registered with transformers as
-"tvm_anyprec") is one custom op per layer, ``tvm_anyprec.CacheAttention_<key>``: write the chunk's rows into
-the cache, attend to rows up to each token's position (and within the sliding window of a sliding layer).
+implements (Llama, Qwen2, Gemma 3, ...). Two hooks make it a chunk graph: the attention implementation
+(registered with transformers as "tvm_anyprec") is one custom op per layer,
+``tvm_anyprec.CacheAttention_<key>``: write the chunk's rows into the cache, attend to rows up to each
+token's position (and within the sliding window of a sliding layer); and a placeholder mask makes
+transformers skip building its own (the op masks). No transformers cache object is built.
 For onnxruntime (and any ONNX tool) the graph carries the op's definition as an ONNX function (a dense
 reference: one-hot write, masked softmax); TVM's import replaces it (``onnx_import``) by the CPU kernel
 ``kernels.attention`` (in place, reads only the rows up to the position) or, on GPU targets, by the inlined
