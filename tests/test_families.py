@@ -135,3 +135,29 @@ def test_speculative_near_the_end_of_the_cache(family):
     out = sess.generate_speculative(ids, 8, 8, 3, stats=st)
     assert out == sess.generate_ids(ids, 8, 8)
     assert st["plain_steps"] >= 1 and len(out) == 5
+
+
+def test_manifest_quantizes_the_lm_head(family):
+    """The lm_head is a bitplane layer; where the family ties it to the embedding (Llama, Gemma 3 here) the
+    embedding is that same layer (no fp32 copy), else (Qwen2) the embedding stays fp32."""
+    fam, model, _tok, _parent, sess = family
+    layers = sess.manifest["layers"]
+    tied = bool(model.config.tie_word_embeddings)
+    emb = [n for n, e in layers.items() if e.get("embedding")]
+    assert emb == (["model.embed_tokens.weight"] if tied else []), fam
+    assert len(layers) == 2 * 7 + 1 and not sess.manifest["kept_fp32"], fam
+
+
+def test_profile_counts_every_operator(family):
+    """``run --profile``'s report: one bitplane call per linear layer (and the tied embedding's lookup), one
+    attention call per layer, times that add up to about the step."""
+    from tvm_anyprec.profile import profile_model
+
+    fam, model, _tok, _parent, sess = family
+    dec, pre = profile_model(sess, 4, _ids(40, 4), repeat=2)
+    kinds = dec.by_kind()
+    assert kinds["bitplane linear"][0] == len(sess.manifest["layers"]), fam
+    assert kinds["attention + cache write"][0] == model.config.num_hidden_layers, fam
+    assert ("embedding (bitplane rows)" in kinds) == bool(model.config.tie_word_embeddings), fam
+    parts = sum(dec.ms.values())
+    assert 0 < parts < 3 * dec.hooked_ms and pre.function == "prefill"

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from . import data
+from .quant.patterns import ACT_EXCLUDE, DEFAULT_EXCLUDE
 from .artifact import MANIFEST, ArtifactError, memory_summary, read_manifest, refuse_overwrite
 
 EVAL_WINDOWS, EVAL_SEQLEN = 16, 128
@@ -17,7 +18,7 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- quantize
 def quantize(out, model=None, scheme: str = "nonuniform", seed_bits: int = 3, max_bits: int = 8,
              group_size: int = 128, calib_windows: int = CALIB_WINDOWS, seqlen: int = EVAL_SEQLEN,
-             exclude=("lm_head",), force: bool = False, progress: bool = True):
+             exclude=DEFAULT_EXCLUDE, force: bool = False, progress: bool = True):
     """Quantize a model into an any-precision parent directory. Returns (Parent, manifest)."""
     from .quant.anyprec import check_bits
     from .quant.model import fisher_information, find_linears, quantize_model
@@ -199,7 +200,7 @@ def _check_graph_pruning(source, prune_ratio, prune_layer) -> None:
                              "`tvm-anyprec export --prune-ratio R [--prune-layer L]` (or compile the model by name)")
 
 
-def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",), force: bool = False,
+def compile(source, out, target: str = "x86", parent=None, exclude=None, force: bool = False,
             tuning_log=None, tokenizer=None, act_bits: int | None = None,
             act_outlier: str = "smooth", act_int4_all: bool = False, prune_ratio: float | None = None,
             prune_layer: int | None = None, accuracy: str | None = None, input_shapes: dict | None = None) -> dict:
@@ -215,6 +216,8 @@ def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",),
     ``input_shapes``: {input name: dims} for an ONNX graph from elsewhere whose inputs have dynamic dimensions."""
     from .compiler import compile_model
 
+    if exclude is None:
+        exclude = ACT_EXCLUDE if act_bits is not None else DEFAULT_EXCLUDE
     if prune_ratio is not None and not 0.0 <= float(prune_ratio) < 1.0:
         raise ValueError(f"--prune-ratio must be in [0, 1), got {prune_ratio}")
     out = Path(out)
@@ -264,7 +267,7 @@ def compile(source, out, target: str = "x86", parent=None, exclude=("lm_head",),
 _CALIB_MEMO: dict = {}
 
 
-def calibrate_activations(model=None, exclude=("lm_head",), windows: int = CALIB_WINDOWS,
+def calibrate_activations(model=None, exclude=ACT_EXCLUDE, windows: int = CALIB_WINDOWS,
                           seqlen: int = EVAL_SEQLEN) -> dict:
     """Per-channel max |x| of every linear input on the calibration text (for low-bit activations).
     Memoized per process (same model, exclusions, windows and length): compiling several activation
@@ -332,7 +335,7 @@ def _is_onnx(src: Path) -> bool:
     return src.suffix == ".onnx" or (src.is_dir() and any(src.glob("*.onnx")))
 
 
-def kernel_specs_of(source, exclude=("lm_head",), target: str = "x86") -> dict:
+def kernel_specs_of(source, exclude=DEFAULT_EXCLUDE, target: str = "x86") -> dict:
     """{kernel name: KernelSpec} of a model: from a compiled artifact's manifest, or by importing ONNX graphs
     (a file or directory) and running the rewrite pass the ``target`` preset's compile runs (its tunable
     linear kernels: on CPUs the fp32 dense ones, the bitplane kernel being explicit loops; on GPUs both), or,
@@ -360,7 +363,7 @@ def kernel_specs_of(source, exclude=("lm_head",), target: str = "x86") -> dict:
     return tunable_specs(rw(import_onnx(src).mod))
 
 
-def model_kernels(source, exclude=("lm_head",), target: str = "x86") -> dict:
+def model_kernels(source, exclude=DEFAULT_EXCLUDE, target: str = "x86") -> dict:
     """{kernel name: PrimFunc} of ``kernel_specs_of``."""
     return {name: spec.build() for name, spec in kernel_specs_of(source, exclude, target).items()}
 
@@ -372,13 +375,13 @@ def is_act_artifact(source) -> bool:
 
 
 def tune(source, target: str = "x86", trials: int = 32, log_dir=None, rpc=None, only=None, space: str = "project",
-         progress: bool = True, seed: int = 0) -> list[dict]:
+         progress: bool = True, seed: int = 0, exclude=DEFAULT_EXCLUDE) -> list[dict]:
     """Tune every distinct kernel of ``source`` (see ``kernel_specs_of``) for the ``target`` preset into
     ``log_dir`` (default ``env.default_log_dir(target)``); resumable (``tune.driver``). ``rpc``: a
     ``tune.RPC`` of remote devices. Returns one row per kernel."""
     from .tune.driver import TuneConfig, tune_kernels
 
-    return tune_kernels(kernel_specs_of(source, target=target), TuneConfig(target, trials, log_dir, rpc, only, space, progress,
+    return tune_kernels(kernel_specs_of(source, exclude, target), TuneConfig(target, trials, log_dir, rpc, only, space, progress,
                                                              seed))
 
 

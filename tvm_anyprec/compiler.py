@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 
 def relax_pipeline(target):
-    """cpu_generic's default pipeline plus, for the ops we do not schedule ourselves, dlight's CPU rules and
-    then a parallel-outer-loops fallback. GPU targets: TVM's GPU pipeline (dlight's GPU rules for the rest)."""
+    """cpu_generic's default pipeline plus, for the ops we do not schedule ourselves: ops on small tensors on
+    one thread (``schedules.cpu.schedule_small``), dlight's CPU rules, then a parallel-outer-loops fallback. GPU targets: TVM's GPU pipeline (dlight's GPU rules for the rest)."""
     import tvm
 
     if is_gpu(target):   # GPU branch: our kernels arrive scheduled (schedules/gpu.py, tirx.is_scheduled)
@@ -40,14 +40,14 @@ def relax_pipeline(target):
     import tvm.s_tir.dlight as dl
     from tvm.relax.backend.cpu_generic import pipeline as P
 
-    from .schedules.cpu import fallback_pass
+    from .schedules.cpu import fallback_pass, small_ops_pass
 
     @tvm.transform.module_pass(opt_level=0, name="AnyPrecCPUPipeline")
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
                 P.library_dispatch_passes(target) + P.legalize_passes(target)
-                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction()), fallback_pass()]
+                + [small_ops_pass(), dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction()), fallback_pass()]
                 + P.dataflow_lower_passes(target) + P.finalize_passes(target))
             return seq(mod)
 
@@ -76,7 +76,8 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
                   max_bits: int = 8, force: bool = False, tuning_log=None, tokenizer=None,
                   require_rewrite: bool = True, act_quant=None, act_stats=None, accuracy=None,
                   attention: str | None = None, input_shapes: dict | None = None) -> dict:
-    """``tuning_log``: a MetaSchedule JSON database directory (default: ``env.default_log_dir(target)``,
+    """The graph-level compile (``api.compile`` is the user's: it also exports and quantizes a model, and its
+    ``exclude`` default quantizes the lm_head too). ``tuning_log``: a MetaSchedule JSON database directory (default: ``env.default_log_dir(target)``,
     used when present). ``require_rewrite=False`` allows an all-fp32 artifact (a baseline for benchmarks).
     ``act_quant`` (a quant.activations.ActQuantConfig): low-bit activations instead of the bitplane operator
     (INT4 weights from the graph's own weights; ``act_stats``: calibrated per-channel max |x| per layer for

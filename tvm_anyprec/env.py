@@ -9,6 +9,8 @@ and the emulated ARM board under the cache directory instead.
   TVM_ANYPREC_ARM_ROOT       the emulated aarch64 board built by scripts/setup_arm.sh
                              (default: .arm/ of the source checkout, else <cache>/arm)
   TVM_ANYPREC_CUDA_STUB_DIR  where the stub libcuda.so.1 is built (default ~/.cache/tvm-anyprec/cuda_stub)
+  TVM_ANYPREC_LLAMACPP_DIR   llama.cpp's llama-bench, the benchmarks' peer (scripts/setup_llamacpp.sh;
+                             default <cache>/llamacpp)
   TVM_ANYPREC_NO_ARM / TVM_ANYPREC_NO_GPU   read by scripts/setup.sh only
 """
 from __future__ import annotations
@@ -56,6 +58,17 @@ def arm_root() -> Path:
 def cuda_stub_dir() -> Path:
     env = os.environ.get("TVM_ANYPREC_CUDA_STUB_DIR")
     return Path(env) if env else Path.home() / ".cache" / "tvm-anyprec" / "cuda_stub"
+
+
+def llamacpp_dir() -> Path:
+    env = os.environ.get("TVM_ANYPREC_LLAMACPP_DIR")
+    return Path(env) if env else cache_dir() / "llamacpp"
+
+
+def llama_bench() -> Path | None:
+    """The llama-bench binary built by scripts/setup_llamacpp.sh, or None."""
+    b = llamacpp_dir() / "build" / "bin" / "llama-bench"
+    return b if b.exists() else None
 
 
 def benchmarks_dir() -> Path | None:

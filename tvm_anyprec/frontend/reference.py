@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 
 
-def dequantized_onnx(onnx_path, layers: dict, bits: int, layouts: dict | None = None):
+def dequantized_onnx(onnx_path, layers: dict, bits: int, layouts: dict | None = None, tied: dict | None = None):
     """-> onnx.ModelProto with every initializer named in ``layers`` (weight name -> AnyPrecLayer, the
-    name being the graph's initializer name or it without '.weight') replaced by its b-bit child."""
+    name being the graph's initializer name or it without '.weight') replaced by its b-bit child. ``tied``
+    (a parent's: state name -> the name it shares) finds an embedding exported under its own name whose
+    tensor is the quantized lm_head's."""
     import onnx
     from onnx import numpy_helper
 
@@ -16,6 +18,8 @@ def dequantized_onnx(onnx_path, layers: dict, bits: int, layouts: dict | None = 
     done = set()
     for init in model.graph.initializer:
         key = init.name if init.name in layers else init.name.removesuffix(".weight")
+        if key not in layers and (tied or {}).get(init.name):
+            key = tied[init.name].removesuffix(".weight")
         layer = layers.get(key)
         if layer is None:
             continue

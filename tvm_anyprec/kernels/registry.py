@@ -4,7 +4,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from . import anyprec, attention, dense, intgemm, lut_cpu  # noqa: F401  (each registers its families)
+from . import anyprec, attention, dense, embed, intgemm, lut_cpu  # noqa: F401  (each registers its families)
 from .intgemm import ActQuant, IntGemm
 from .spec import FAMILIES, SPEC_ATTR, KernelSpec, spec_from_dict, spec_of  # noqa: F401  (re-exported)
 

@@ -68,6 +68,9 @@ class ActQuantRewrite(AnyPrecRewrite):
 
     rewriter = _ActRewriter
 
+    def tied_unsupported(self) -> str | None:
+        return "the integer GEMM path has no embedding lookup"
+
     def __init__(self, cfg: ActQuantConfig, exclude=("lm_head",), functions=None, words: bool = False):
         super().__init__(4, 4, exclude, functions)
         self.cfg = cfg

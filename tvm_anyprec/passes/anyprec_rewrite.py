@@ -10,8 +10,12 @@ and ``<name>.luts`` (float16 [N, 2^(B+1) - 2^MINB]) and the call gets one more i
 so the same buffers serve every bit-width and the bit-width is picked per call. Several functions (decode,
 prefill) may share the weights: parameters are matched by name.
 
-Not rewritten (and reported): weights matching an exclude pattern, weights also used by another op (a
-tied embedding/lm_head: quantizing it would change the embedding lookup too), non-static shapes.
+A weight both gathered (``take``: an embedding) and multiplied (a tied embedding/lm_head) is one layer on CPU
+targets: the product runs the bitplane operator and the lookup decodes its rows from the same planes
+(``kernels.embed``) at the same bit-width. Exclude patterns match it by its own name and as "lm_head".
+
+Not rewritten (and reported): weights matching an exclude pattern, weights also used by another op, tied
+weights on GPU targets (no embedding kernel there) or missing from the parent, non-static shapes.
 """
 from __future__ import annotations
 
@@ -23,12 +27,14 @@ from tvm import relax
 
 from ..kernels.anyprec import AnyPrecLinear, lut_width
 from ..kernels.dense import DenseNT
+from ..kernels.embed import AnyPrecEmbed
 from ..kernels.lut_cpu import AnyPrecCPU, table_width
 from ..quant.byteslice import row_bytes
 from ..quant.bitplanes import num_words
 from ..quant.patterns import matches_any
 
 NBITS_NAME = "nbits"
+TIED_ALIAS = "lm_head.weight"   # the name exclude patterns and parents know a tied embedding/lm_head by
 
 
 @dataclass
@@ -38,6 +44,7 @@ class LinearSite:
     K: int
     layout: str             # "nk": W is [N, K] used through permute_dims; "kn": W is [K, N]
     M: dict = field(default_factory=dict)  # function -> rows of X at that call
+    tied: bool = False      # also the embedding (its lookup decodes rows from the same planes)
 
 
 @dataclass
@@ -45,6 +52,7 @@ class RewriteReport:
     rewritten: dict = field(default_factory=dict)   # name -> LinearSite
     skipped: dict = field(default_factory=dict)     # name -> reason
     functions: dict = field(default_factory=dict)   # function -> ordered param names (after inputs)
+    tied: set = field(default_factory=set)          # rewritten weights that are also an embedding
     operator: str = "the bitplane operator"
 
     def summary(self) -> str:
@@ -54,6 +62,8 @@ class RewriteReport:
             shapes.setdefault((s.N, s.K), 0)
             shapes[(s.N, s.K)] += 1
         lines += [f"  {n}x{k}: {c} layers" for (n, k), c in sorted(shapes.items())]
+        for n in sorted(self.tied):
+            lines.append(f"  {n}: the lm_head and the embedding (its lookup decodes rows from the same planes)")
         for n, why in self.skipped.items():
             lines.append(f"  kept in fp32: {n} ({why})")
         return "\n".join(lines)
@@ -83,7 +93,11 @@ def _weight_uses(func: relax.Function, weights: set) -> dict:
             for a in e.args:
                 base = alias.get(a, a) if isinstance(a, relax.Var) else None
                 if base is not None and base in uses:
-                    uses[base].add(e.op.name if not (e.op.same_as(perm) and a in weights) else "permute_dims")
+                    op = e.op.name if not (e.op.same_as(perm) and a in weights) else "permute_dims"
+                    if op == "relax.take" and not (a.same_as(e.args[0]) and a in weights and
+                                                   (e.attrs.axis is None or int(e.attrs.axis) == 0)):
+                        op = "take (not an embedding lookup)"
+                    uses[base].add(op)
 
     for block in func.body.blocks:
         for b in block.bindings:
@@ -124,8 +138,40 @@ class _Rewriter(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.take":
+            return self._embedding(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.shape_of" and \
+                isinstance(call.args[0], relax.Var) and call.args[0].name in self.eligible:
+            return relax.ShapeExpr(_static_shape(call.args[0]))   # the weight parameter goes away
         m = self._match_linear(call)
         return call if m is None else self._linear(call, *m)
+
+    def _embedding(self, call):
+        """``take(W, ids, axis=0)`` of a rewritten tied weight -> rows decoded from its planes."""
+        w, ids = call.args[0], call.args[1]
+        axis = call.attrs.axis
+        if not (isinstance(w, relax.Var) and w in self.weights and w.name in self.eligible) or \
+                (axis is not None and int(axis) != 0):
+            return call
+        ishape, wshape = _static_shape(ids), _static_shape(w)
+        o = self.owner
+        if ishape is None or o.cpu is None:
+            return call
+        N, K = wshape
+        S = int(np.prod(ishape)) if ishape else 1
+        mode = o.cpu["mode"]
+        width = table_width(o.max_bits, o.min_bits)
+        gv = self._kernel(AnyPrecEmbed(S, N, K, o.max_bits, o.min_bits, width, mode))
+        planes = self._param(f"{w.name}.planes", [o.max_bits, N, row_bytes(K)], "uint8")
+        tables = [self._param(f"{w.name}.luts", [N, width], "float16")] if mode == "exact" else \
+            [self._param(f"{w.name}.tabs", [N, width], "int8"),
+             self._param(f"{w.name}.scales", [N, o.max_bits - o.min_bits + 1], "float32")]
+        flat = self.builder_.emit(relax.op.reshape(ids, [S]))
+        if ids.ty.dtype != "int64":
+            flat = self.builder_.emit(relax.op.astype(flat, "int64"))
+        y = self.builder_.emit(relax.call_tir(gv, [flat, planes, *tables, self.nbits],
+                                              relax.TensorType([S, K], "float32")))
+        return relax.op.reshape(y, list(ishape) + [K])
 
     def _match_linear(self, call):
         """``matmul(x, W^T)`` / ``matmul(x, W)`` on a weight parameter with a static input [.., K] ->
@@ -151,7 +197,8 @@ class _Rewriter(relax.PyExprMutator):
         return self._dense(x, xs, wvar, M, N, K) if layout == "nk" else call
 
     def _site(self, name, N, K, layout, M):
-        site = self.owner.report.rewritten.setdefault(name, LinearSite(name, N, K, layout))
+        site = self.owner.report.rewritten.setdefault(name, LinearSite(name, N, K, layout,
+                                                                       tied=name in self.owner.report.tied))
         site.M[self.fname] = M
         return site
 
@@ -206,13 +253,20 @@ class AnyPrecRewrite:
 
     rewriter = None   # the mutator class (default _Rewriter); subclasses (passes.act_quant) put their own
 
-    def __init__(self, min_bits: int = 3, max_bits: int = 8, exclude=("lm_head",), functions=None, cpu=None):
+    def __init__(self, min_bits: int = 3, max_bits: int = 8, exclude=(), functions=None, cpu=None,
+                 available=None):
         """``cpu``: None, the bitplane kernel of ``kernels.anyprec`` (GPU targets: uint32 planes, fp16 LUTs);
-        {"mode": "int8"|"exact", "isa": ...}: the CPU kernel of ``kernels.lut_cpu`` (byte-sliced planes)."""
-        self.min_bits, self.max_bits, self.cpu = min_bits, max_bits, cpu
+        {"mode": "int8"|"exact", "isa": ...}: the CPU kernel of ``kernels.lut_cpu`` (byte-sliced planes).
+        ``available(name, tied)``: None, or why the weight cannot be rewritten (a parent without the layer)."""
+        self.min_bits, self.max_bits, self.cpu, self.available = min_bits, max_bits, cpu, available
         self.exclude, self.functions = tuple(exclude or ()), functions
         self.report = RewriteReport()
         self.kernels: dict = {}
+
+    def tied_unsupported(self) -> str | None:
+        """Why a tied embedding/lm_head cannot be rewritten by this pass (None: it can)."""
+        return "quantized on CPU targets only (the GPU kernels have no embedding lookup)" if self.cpu is None \
+            else None
 
     def _eligible(self, func, weights) -> set:
         uses = _weight_uses(func, weights)
@@ -222,15 +276,27 @@ class AnyPrecRewrite:
             shape = _static_shape(w)
             if shape is None or len(shape) != 2:
                 continue
-            if not ops or not ops <= {"permute_dims", "relax.matmul"}:
-                if "relax.matmul" in ops or "permute_dims" in ops:
-                    others = sorted(o.replace("relax.", "") for o in ops - {"permute_dims", "relax.matmul"})
-                    self.report.skipped[name] = f"shared with {', '.join(others)} (tied weights)"
+            linear = {"permute_dims", "relax.matmul"}
+            if not ops & linear:
                 continue
-            if matches_any(name, self.exclude):
-                self.report.skipped[name] = "excluded by pattern"
+            tied = "relax.take" in ops
+            if not ops <= linear | {"relax.take", "relax.shape_of"}:   # shape_of: static, folded by the rewrite
+                others = sorted(o.replace("relax.", "") for o in ops - linear)
+                self.report.skipped[name] = f"shared with {', '.join(others)}"
+                continue
+            if matches_any(name, self.exclude) or (tied and matches_any(TIED_ALIAS, self.exclude)):
+                self.report.skipped[name] = "excluded by pattern" + (" (tied embedding/lm_head)" if tied else "")
+                continue
+            if tied and self.tied_unsupported():
+                self.report.skipped[name] = f"tied embedding/lm_head: {self.tied_unsupported()}"
+                continue
+            why = self.available(name, tied) if self.available is not None else None
+            if why:
+                self.report.skipped[name] = why
                 continue
             ok.add(name)
+            if tied:
+                self.report.tied.add(name)
         return ok
 
     def __call__(self, mod: tvm.IRModule) -> tvm.IRModule:

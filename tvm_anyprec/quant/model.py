@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .patterns import matches_any
+from .patterns import DEFAULT_EXCLUDE, matches_any  # noqa: F401  (re-exported)
 from .anyprec import (AnyPrecLayer, QuantizationError, UniformLayer, check_bits, layer_bytes, parent_bytes,
                       quantize_nonuniform, quantize_uniform, require_bits, rtn_quantize)
 
-DEFAULT_EXCLUDE = ("lm_head",)
+
 
 
 def _progress(iterable, desc, total=None, enable=True):
@@ -182,7 +182,10 @@ def quantize_model(model, scheme: str = "nonuniform", seed_bits: int = 3, max_bi
             layers[n] = quantize_uniform(w, group_size, max_bits, seed_bits, name=n)
     quantized = {f"{n}.weight" for n in layers}
     fp, tied, seen = {}, {}, {}
-    for name, p in model.state_dict(keep_vars=True).items():
+    sd = model.state_dict(keep_vars=True)
+    for name in quantized:   # a tensor sharing a quantized weight (an embedding tied to the lm_head) is tied to it
+        seen[(sd[name].data_ptr(), tuple(sd[name].shape))] = name
+    for name, p in sd.items():
         if name in quantized:
             continue
         key = (p.data_ptr(), tuple(p.shape))
@@ -191,9 +194,6 @@ def quantize_model(model, scheme: str = "nonuniform", seed_bits: int = 3, max_bi
             continue
         seen[key] = name
         fp[name] = p.detach().float().numpy().copy()
-    for t, src in list(tied.items()):  # a tied tensor whose source was quantized stays quantized-shared
-        if src in quantized:
-            del tied[t]
     info = {"group_size": group_size} if scheme == "uniform" else {}
     return Parent(scheme, seed_bits, max_bits, layers, fp, tied, info)
 

@@ -88,8 +88,9 @@ class LutCPU(ScheduleRule):
 
 
 class AttentionCPU(ScheduleRule):
-    """The in-place cache write and attention (kernels.attention): explicit loops, scheduled as built."""
-    families = ("cache_attention",)
+    """The in-place cache write and attention (kernels.attention), and the embedding lookup of a tied lm_head
+    (kernels.embed): explicit loops, scheduled as built."""
+    families = ("cache_attention", "anyprec_embed")
 
     def apply(self, func, ctx):
         return func, "default"

@@ -77,11 +77,34 @@ class AnyPrec:
             self.kernel = None
         else:
             self.kernel = {"mode": self.accuracy or DEFAULT_ACCURACY, "isa": cpu_isa(tp["target"])}
-        return AnyPrecRewrite(self.seed_bits, self.max_bits, exclude, cpu=self.kernel)
+        return AnyPrecRewrite(self.seed_bits, self.max_bits, exclude, cpu=self.kernel, available=self._available)
+
+    def _parent_layer(self, name: str):
+        """The parent's layer of a graph weight: by its name, or by the weight it is tied to (an embedding
+        exported under its own name and tied to the quantized lm_head)."""
+        layers = self.parent.layers
+        for n in (name, self.parent.tied.get(name)):
+            if n is not None and (n.removesuffix(".weight") in layers or n in layers):
+                return layers.get(n.removesuffix(".weight")) or layers[n]
+        return None
+
+    def _available(self, name: str, tied: bool) -> str | None:
+        """A tied embedding/lm_head the parent did not quantize (quantized with --exclude lm_head, or made
+        before the lm_head was quantized) stays fp32; any other missing layer is an error at packing."""
+        from ..passes.anyprec_rewrite import TIED_ALIAS
+
+        if self.parent is None or not tied or self._parent_layer(name) is not None or \
+                self._parent_layer(TIED_ALIAS) is not None:
+            return None
+        return "tied embedding/lm_head: not quantized in the parent (quantize without --exclude lm_head)"
 
     def pack(self, site, weight: np.ndarray) -> dict:
         if self.parent is not None:
-            layer = self.parent.layers.get(site.name.removesuffix(".weight")) or self.parent.layers.get(site.name)
+            from ..passes.anyprec_rewrite import TIED_ALIAS
+
+            layer = self._parent_layer(site.name)
+            if layer is None and getattr(site, "tied", False):
+                layer = self._parent_layer(TIED_ALIAS)
             if layer is None:
                 raise CompileError(f"parent {self.parent_path} has no layer for graph weight {site.name!r}")
         else:
@@ -89,7 +112,8 @@ class AnyPrec:
         return layer_tensors(site, layer, self.seed_bits, self.max_bits, self.kernel)
 
     def layer_entry(self, site, rw) -> dict:
-        return {"N": site.N, "K": site.K, "layout": site.layout, "rows": site.M}
+        return {"N": site.N, "K": site.K, "layout": site.layout, "rows": site.M,
+                **({"embedding": True} if site.tied else {})}
 
     def manifest(self) -> dict:
         par = self.parent
