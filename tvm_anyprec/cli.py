@@ -41,7 +41,8 @@ def _add_quantize(sub):
     p.add_argument("--calib-windows", type=int, default=8, help="calibration windows for the Fisher "
                    "sensitivity (0: plain k-means)")
     p.add_argument("--exclude", action="append", default=None, help="layer name pattern to keep in full "
-                   "precision (repeatable; default: lm_head)")
+                   "precision (repeatable; default: none, every linear layer; 'lm_head' keeps the lm_head and "
+                   "the embedding tied to it in fp32)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
@@ -84,7 +85,8 @@ def _add_compile(sub):
     p.add_argument("--parent", help="any-precision parent from `quantize` (default: quantize the graph's "
                    "weights with plain k-means, or make one when compiling a model)")
     p.add_argument("--exclude", action="append", default=None, help="weight name pattern kept in fp32 "
-                   "(repeatable; default: lm_head)")
+                   "(repeatable; default: none for the bitplane operator, lm_head with --act-bits; 'lm_head' "
+                   "also matches an embedding tied to it)")
     p.add_argument("--tokenizer", help="model whose tokenizer `run`/`eval` use (default: from the parent)")
     p.add_argument("--input-shape", action="append", default=None, metavar="NAME=D0,D1,...",
                    help="static shape of a graph input with dynamic dimensions (repeatable; ONNX from elsewhere)")
@@ -114,6 +116,8 @@ def _add_tune(sub):
                    "with the same budget reuses the records, a larger one adds the difference")
     p.add_argument("--log-dir", help="database directory (default: tuning_logs/<target>/ of this checkout)")
     p.add_argument("--only", help="tune only kernels whose name contains this text")
+    p.add_argument("--exclude", action="append", default=None, help="weight name pattern kept in fp32, as "
+                   "compile's (its dense kernel is then tunable; e.g. lm_head)")
     p.add_argument("--space", choices=["project", "generic"], default="project", help="design space: the "
                    "project's linear-kernel space (tiling, vector widths, unroll) or MetaSchedule's generic rules")
     p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on its devices")
@@ -137,6 +141,12 @@ def _add_run(sub):
     p.add_argument("--max-ms-per-token", type=float, help="latency budget: the precision policy picks the "
                    "highest bit-width whose measured step time fits (re-chosen every step); overrides --bits")
     p.add_argument("--max-bytes-per-token", type=float, help="weight bytes read per token budget for the policy")
+    from .cli_generate import add_chat_args, add_sampling_args
+    add_chat_args(p)
+    add_sampling_args(p)
+    p.add_argument("--profile", action="store_true", help="instead of generating: time every operator of a "
+                   "decode step (after the prompt) and of a prefill chunk at --bits, and print where time goes")
+    p.add_argument("--profile-json", help="with --profile: also write the report here (JSON)")
     p.add_argument("--remote", help="run on another device: 'qemu' or 'qemu:<cpu>' (the emulated aarch64 board "
                    "of scripts/setup_arm.sh; the default for an aarch64 artifact on x86) or HOST:PORT of a TVM "
                    "RPC server on the device")
@@ -197,7 +207,8 @@ def _tune(args) -> None:
               f"{VARIANTS_FILE} (compile --target {args.target} applies them)", file=sys.stderr)
         return
     try:
-        rows = api.tune(args.source, args.target, args.trials, log_dir, rpc=rpc, only=args.only, space=args.space)
+        rows = api.tune(args.source, args.target, args.trials, log_dir, rpc=rpc, only=args.only, space=args.space,
+                        exclude=tuple(args.exclude or ()))
     except KeyboardInterrupt:
         print(f"tvm-anyprec tune: interrupted; finished records are kept in {log_dir}: run the same command "
               "again to resume", file=sys.stderr)
@@ -249,6 +260,9 @@ def main(argv=None) -> int:
     _add_compile(sub)
     _add_tune(sub)
     _add_run(sub)
+    from .cli_generate import add_chat_verb, add_serve_verb
+    add_chat_verb(sub)
+    add_serve_verb(sub)
     _add_eval(sub)
     p = sub.add_parser("inspect", help="print an artifact's manifest after verifying its checksums")
     p.add_argument("path")
@@ -261,7 +275,7 @@ def main(argv=None) -> int:
         if args.cmd == "quantize":
             parent, _ = api.quantize(args.out, model=args.model, scheme=args.scheme, seed_bits=args.seed_bits,
                                      max_bits=args.max_bits, group_size=args.group_size,
-                                     calib_windows=args.calib_windows, exclude=tuple(args.exclude or ("lm_head",)),
+                                     calib_windows=args.calib_windows, exclude=tuple(args.exclude or ()),
                                      force=args.force)
             print(api.format_memory_report(parent))
         elif args.cmd == "export":
@@ -270,7 +284,7 @@ def main(argv=None) -> int:
                        prune_layer=args.prune_layer)
         elif args.cmd == "compile":
             api.compile(args.source, args.out, target=args.target, parent=args.parent,
-                        exclude=tuple(args.exclude or ("lm_head",)), force=args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer,
+                        exclude=tuple(args.exclude) if args.exclude else None, force=args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer,
                         act_bits=args.act_bits, act_outlier=args.act_outlier, act_int4_all=args.act_int4_all,
                         prune_ratio=args.prune_ratio, prune_layer=args.prune_layer, accuracy=args.accuracy,
                         input_shapes=_shapes(args.input_shape))
@@ -283,13 +297,29 @@ def main(argv=None) -> int:
                 raise ValueError("give --prompt (text generation) or --inputs (arrays for any graph)")
             sess = api.load(args.artifact, args.remote)
             sess.check_bits(args.bits)
-            stats = {}
-            t0 = time.time()
-            text = sess.generate(args.prompt, args.max_new_tokens, args.bits, args.draft_bits, args.draft_len,
-                                 args.max_ms_per_token, args.max_bytes_per_token, stats=stats)
-            dt = time.time() - t0
-            print(args.prompt + text)
-            print(f"[{_run_summary(args, stats)}; {args.max_new_tokens} new tokens max, {dt:.1f}s]", file=sys.stderr)
+            if args.profile:
+                from .profile import profile_model
+                reports = profile_model(sess, args.bits, sess.tokenizer(args.prompt)["input_ids"])
+                print("\n\n".join(r.format() for r in reports))
+                if args.profile_json:
+                    with open(args.profile_json, "w") as f:
+                        json.dump([r.to_dict() for r in reports], f, indent=1)
+                return 0
+            if args.max_ms_per_token is not None or args.max_bytes_per_token is not None:
+                stats = {}
+                t0 = time.time()
+                text = sess.generate(args.prompt, args.max_new_tokens, args.bits, None, args.draft_len,
+                                     args.max_ms_per_token, args.max_bytes_per_token, stats=stats)
+                print(args.prompt + text)
+                print(f"[{_run_summary(args, stats)}; {time.time() - t0:.1f}s]", file=sys.stderr)
+            else:
+                from .cli_generate import run_text
+                return run_text(sess, args)
+        elif args.cmd in ("chat", "serve"):
+            from . import cli_generate
+            if args.cmd == "serve":
+                return cli_generate.serve(args)
+            return cli_generate.chat(api.load(args.artifact), args)
         elif args.cmd == "eval":
             rows = api.evaluate(args.path, args.bits, args.windows, args.seqlen, baselines=not args.no_baselines)
             print(api.format_table(rows))
