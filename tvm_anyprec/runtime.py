@@ -139,7 +139,7 @@ class Session:
 
         sp = self.spec(fname)
         shape = (sp["n_kv_heads"], sp["max_len"], sp["head_dim"])
-        if self.functions[fname].get("kv_cache") == "in_place" and self.remote is None:
+        if self.functions[fname].get("kv_cache") == "in_place":   # (on a remote device: nothing sent over RPC)
             return [tvm.runtime.empty(shape, "float32", self.dev) for _ in range(2 * sp["n_layers"])]
         z = np.zeros(shape, np.float32)
         return [tvm.runtime.tensor(z, self.dev) for _ in range(2 * sp["n_layers"])]
