@@ -137,27 +137,58 @@ def test_speculative_near_the_end_of_the_cache(family):
     assert st["plain_steps"] >= 1 and len(out) == 5
 
 
-def test_manifest_quantizes_the_lm_head(family):
-    """The lm_head is a bitplane layer; where the family ties it to the embedding (Llama, Gemma 3 here) the
-    embedding is that same layer (no fp32 copy), else (Qwen2) the embedding stays fp32."""
-    fam, model, _tok, _parent, sess = family
-    layers = sess.manifest["layers"]
-    tied = bool(model.config.tie_word_embeddings)
-    emb = [n for n, e in layers.items() if e.get("embedding")]
-    assert emb == (["model.embed_tokens.weight"] if tied else []), fam
-    assert len(layers) == 2 * 7 + 1 and not sess.manifest["kept_fp32"], fam
-
-
 def test_profile_counts_every_operator(family):
-    """``run --profile``'s report: one bitplane call per linear layer (and the tied embedding's lookup), one
-    attention call per layer, times that add up to about the step."""
+    """``run --profile``'s report: one bitplane call per linear layer, the fp32 lm_head, one attention call per
+    layer, times that add up to about the step."""
     from tvm_anyprec.profile import profile_model
 
     fam, model, _tok, _parent, sess = family
     dec, pre = profile_model(sess, 4, _ids(40, 4), repeat=2)
     kinds = dec.by_kind()
-    assert kinds["bitplane linear"][0] == len(sess.manifest["layers"]), fam
+    assert kinds["bitplane linear"][0] == len(sess.manifest["layers"]) == 2 * 7, fam
+    assert kinds["fp32 linear"][0] == 1 and "embedding (bitplane rows)" not in kinds, fam
     assert kinds["attention + cache write"][0] == model.config.num_hidden_layers, fam
-    assert ("embedding (bitplane rows)" in kinds) == bool(model.config.tie_word_embeddings), fam
     parts = sum(dec.ms.values())
     assert 0 < parts < 3 * dec.hooked_ms and pre.function == "prefill"
+
+
+@pytest.fixture(scope="module")
+def tied_lm_head(tmp_path_factory):
+    """The tiny Llama (embedding tied to the lm_head) quantized and compiled with ``--quantize-lm-head``."""
+    from transformers import AutoModelForCausalLM
+
+    from tvm_anyprec import api, data
+    from tvm_anyprec.runtime import Session
+
+    tok = data.load_tokenizer("smollm2")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config("llama", len(tok), tok)).eval()
+    d = tmp_path_factory.mktemp("tied")
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    api.quantize(d / "parent", model=d / "model", calib_windows=2, seqlen=32, progress=False, exclude=())
+    api.export(d / "art.onnx", d / "model", verify_chunk=0)
+    api.compile(d / "art.onnx", d / "art", parent=d / "parent", tokenizer=str(d / "model"), exclude=())
+    return model, d / "parent", Session(d / "art")
+
+
+def test_quantized_lm_head_is_the_embedding_too(tied_lm_head):
+    """One any-precision layer serves the lm_head product and the token lookup (rows decoded from the same
+    planes at the call's bit-width): the logits equal torch's with the parent's dequantized weights swapped in
+    (in place, so the tied embedding changes with the lm_head) at 3 and 8 bits; no fp32 copy is kept."""
+    from tvm_anyprec.profile import profile_model
+    from tvm_anyprec.quant.model import Parent
+
+    model, parent_dir, sess = tied_lm_head
+    parent = Parent.load(parent_dir)
+    assert "lm_head" in parent.layers and parent.tied == {"model.embed_tokens.weight": "lm_head.weight"}
+    layers = sess.manifest["layers"]
+    assert len(layers) == 2 * 7 + 1 and layers["model.embed_tokens.weight"]["embedding"]
+    assert not sess.manifest["kept_fp32"] and "model.embed_tokens.weight" not in sess.weights
+    ids = _ids(40, 5)
+    for b in (3, 8):
+        got, _ = sess.forward_tokens(ids, b)
+        want = _torch_logits(model, ids, parent.dequantized(b))
+        assert np.abs(got - want).max() < 2e-3 * np.abs(want).max(), b
+    kinds = profile_model(sess, 4, ids, repeat=1)[0].by_kind()
+    assert kinds["embedding (bitplane rows)"][0] == 1 and "fp32 linear" not in kinds

@@ -29,7 +29,7 @@ def test_parent_covers_every_linear(parent, real_model, real_parent):
     model, _ = real_model
     linears = find_linears(model)
     assert sorted(parent.layers) == sorted(linears)
-    assert "lm_head" in parent.layers and parent.tied == {"model.embed_tokens.weight": "lm_head.weight"}
+    assert "lm_head" not in parent.layers and parent.tied == {"lm_head.weight": "model.embed_tokens.weight"}
     for n, lin in linears.items():
         assert parent.layers[n].shape == tuple(lin.weight.shape)
     m = read_manifest(real_parent)
