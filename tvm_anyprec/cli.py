@@ -30,6 +30,23 @@ MODEL_HELP = ("'smollm2' (the packaged SmolLM2-135M), 'gemma3-270m' (the package
               "or a transformers model directory (what save_pretrained writes)")
 
 
+def _add_exclude(p, what: str) -> None:
+    p.add_argument("--exclude", action="append", default=None, help=f"{what} (repeatable; default: lm_head, "
+                   "which also matches an embedding tied to it)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="quantize the lm_head too (a tied embedding "
+                   "then decodes its rows from the same planes); see the README for what it costs in quality")
+
+
+def _exclude(args, default=None):
+    """The exclude patterns of --exclude / --quantize-lm-head (``default`` when neither is given)."""
+    from .quant.patterns import DEFAULT_EXCLUDE
+
+    pats = tuple(args.exclude) if args.exclude else (default if default is not None else DEFAULT_EXCLUDE)
+    if args.quantize_lm_head:
+        pats = tuple(p for p in (pats or ()) if p != "lm_head")
+    return pats
+
+
 def _add_quantize(sub):
     p = sub.add_parser("quantize", help="quantize a model into an any-precision parent (bitplanes + LUTs)")
     p.add_argument("--model", default="smollm2", help=MODEL_HELP)
@@ -40,9 +57,7 @@ def _add_quantize(sub):
     p.add_argument("--group-size", type=int, default=128, help="uniform scheme: row-group size")
     p.add_argument("--calib-windows", type=int, default=8, help="calibration windows for the Fisher "
                    "sensitivity (0: plain k-means)")
-    p.add_argument("--exclude", action="append", default=None, help="layer name pattern to keep in full "
-                   "precision (repeatable; default: none, every linear layer; 'lm_head' keeps the lm_head and "
-                   "the embedding tied to it in fp32)")
+    _add_exclude(p, "layer name pattern to keep in full precision")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
@@ -84,9 +99,7 @@ def _add_compile(sub):
     p.add_argument("--target", default="x86", help="target preset: " + _target_help())
     p.add_argument("--parent", help="any-precision parent from `quantize` (default: quantize the graph's "
                    "weights with plain k-means, or make one when compiling a model)")
-    p.add_argument("--exclude", action="append", default=None, help="weight name pattern kept in fp32 "
-                   "(repeatable; default: none for the bitplane operator, lm_head with --act-bits; 'lm_head' "
-                   "also matches an embedding tied to it)")
+    _add_exclude(p, "weight name pattern kept in fp32")
     p.add_argument("--tokenizer", help="model whose tokenizer `run`/`eval` use (default: from the parent)")
     p.add_argument("--input-shape", action="append", default=None, metavar="NAME=D0,D1,...",
                    help="static shape of a graph input with dynamic dimensions (repeatable; ONNX from elsewhere)")
@@ -116,8 +129,7 @@ def _add_tune(sub):
                    "with the same budget reuses the records, a larger one adds the difference")
     p.add_argument("--log-dir", help="database directory (default: tuning_logs/<target>/ of this checkout)")
     p.add_argument("--only", help="tune only kernels whose name contains this text")
-    p.add_argument("--exclude", action="append", default=None, help="weight name pattern kept in fp32, as "
-                   "compile's (its dense kernel is then tunable; e.g. lm_head)")
+    _add_exclude(p, "weight name pattern kept in fp32, as compile's (their dense kernels are what x86 tunes)")
     p.add_argument("--space", choices=["project", "generic"], default="project", help="design space: the "
                    "project's linear-kernel space (tiling, vector widths, unroll) or MetaSchedule's generic rules")
     p.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on its devices")
@@ -135,8 +147,10 @@ def _add_run(sub):
     p.add_argument("--outputs", help="with --inputs: save the outputs here (.npz, by output name)")
     p.add_argument("--function", help="with --inputs: the graph to run (default: the only one)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--draft-bits", type=int, help="self-speculative decoding: draft with this lower bit-width "
-                   "(same weights) and verify at --bits; the output is plain greedy decoding at --bits")
+    p.add_argument("--draft-bits", type=lambda v: v if v == "auto" else int(v),
+                   help="self-speculative decoding: draft with this lower bit-width (same weights) and verify at "
+                   "--bits; the output is plain greedy decoding at --bits. 'auto': draft bits and length chosen "
+                   "from measured step, verify and acceptance costs (or plain decoding when that is faster)")
     p.add_argument("--draft-len", type=int, default=4, help="tokens drafted per round (speculative decoding)")
     p.add_argument("--max-ms-per-token", type=float, help="latency budget: the precision policy picks the "
                    "highest bit-width whose measured step time fits (re-chosen every step); overrides --bits")
@@ -208,7 +222,7 @@ def _tune(args) -> None:
         return
     try:
         rows = api.tune(args.source, args.target, args.trials, log_dir, rpc=rpc, only=args.only, space=args.space,
-                        exclude=tuple(args.exclude or ()))
+                        exclude=_exclude(args))
     except KeyboardInterrupt:
         print(f"tvm-anyprec tune: interrupted; finished records are kept in {log_dir}: run the same command "
               "again to resume", file=sys.stderr)
@@ -222,10 +236,7 @@ def _tune(args) -> None:
 
 
 def _run_summary(args, stats: dict) -> str:
-    if args.draft_bits is not None:
-        acc = stats["accepted"] / max(stats["drafted"], 1)
-        return (f"{args.bits}-bit, drafts at {args.draft_bits} bits: {stats['accepted']}/{stats['drafted']} "
-                f"accepted ({acc:.0%}) in {stats['rounds']} rounds")
+    """The policy run's summary line (plain and speculative runs print generate.Stats.line)."""
     steps = stats.get("steps")
     if steps:
         used = sorted({b for b, _ in steps})
@@ -275,7 +286,7 @@ def main(argv=None) -> int:
         if args.cmd == "quantize":
             parent, _ = api.quantize(args.out, model=args.model, scheme=args.scheme, seed_bits=args.seed_bits,
                                      max_bits=args.max_bits, group_size=args.group_size,
-                                     calib_windows=args.calib_windows, exclude=tuple(args.exclude or ()),
+                                     calib_windows=args.calib_windows, exclude=_exclude(args),
                                      force=args.force)
             print(api.format_memory_report(parent))
         elif args.cmd == "export":
@@ -284,7 +295,7 @@ def main(argv=None) -> int:
                        prune_layer=args.prune_layer)
         elif args.cmd == "compile":
             api.compile(args.source, args.out, target=args.target, parent=args.parent,
-                        exclude=tuple(args.exclude) if args.exclude else None, force=args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer,
+                        exclude=_exclude(args) if args.exclude or args.quantize_lm_head else None, force=args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer,
                         act_bits=args.act_bits, act_outlier=args.act_outlier, act_int4_all=args.act_int4_all,
                         prune_ratio=args.prune_ratio, prune_layer=args.prune_layer, accuracy=args.accuracy,
                         input_shapes=_shapes(args.input_shape))
@@ -308,7 +319,7 @@ def main(argv=None) -> int:
             if args.max_ms_per_token is not None or args.max_bytes_per_token is not None:
                 stats = {}
                 t0 = time.time()
-                text = sess.generate(args.prompt, args.max_new_tokens, args.bits, None, args.draft_len,
+                text = sess.generate(args.prompt, args.max_new_tokens, args.bits, args.draft_bits, args.draft_len,
                                      args.max_ms_per_token, args.max_bytes_per_token, stats=stats)
                 print(args.prompt + text)
                 print(f"[{_run_summary(args, stats)}; {time.time() - t0:.1f}s]", file=sys.stderr)
