@@ -1,7 +1,8 @@
 """The run-time precision policy with synthetic latencies (a fake clock: no timing of real code)."""
 import pytest
 
-from tvm_anyprec.policy import BudgetError, PrecisionPolicy, measure, run_with_policy
+from tvm_anyprec.policy import (BudgetError, PrecisionPolicy, expected_tokens, measure, plan_speculation,
+                                run_with_policy)
 
 LAT = {3: 10.0, 4: 12.0, 5: 14.0, 6: 17.0, 7: 20.0, 8: 24.0}     # ms per token, unloaded
 BYTES = {b: 1000 * b + 500 for b in LAT}
@@ -82,3 +83,23 @@ def test_step_can_stop_early():
         return len(n) < 3
 
     assert len(run_with_policy(step, 10, PrecisionPolicy([3, 8], {3: 1.0, 8: 2.0}), 5.0)) == 3
+
+
+def test_expected_tokens_per_round():
+    assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 5.0
+    assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-12          # 1 + 0.5 + 0.25
+
+
+def test_speculation_plan_from_measured_costs():
+    lat = {3: 10.0, 4: 12.0, 8: 40.0}
+    verify = {k: 45.0 for k in range(1, 5)}
+    plan = plan_speculation(8, lat, verify, {3: 0.6, 4: 0.8})
+    # brute force, from the definition: tokens per round x plain step time / round time
+    best = max(((d, k) for d in (3, 4) for k in range(1, 5)),
+               key=lambda dk: sum({3: 0.6, 4: 0.8}[dk[0]] ** i for i in range(dk[1] + 1)) * 40.0
+               / (dk[1] * lat[dk[0]] + 45.0))
+    assert (plan.draft_bits, plan.draft_len) == best and plan.speedup > 1.05
+    # drafts rarely kept, or a verify call as dear as many steps: plain decoding wins
+    assert plan_speculation(8, lat, verify, {3: 0.05, 4: 0.1}).draft_bits is None
+    assert plan_speculation(8, lat, {k: 400.0 for k in range(1, 5)}, {3: 0.6, 4: 0.8}).draft_bits is None
+    assert plan_speculation(3, lat, verify, {3: 0.9}).draft_bits is None   # nothing below 3 bits

@@ -45,7 +45,17 @@ def run_text(sess, args) -> int:
         ids = chat_ids(tok, msgs)
     else:
         ids = tok(args.prompt)["input_ids"]
-    gen = Generation(sess, ids, params, args.bits, args.draft_bits, args.draft_len)
+    draft_bits, draft_len = args.draft_bits, args.draft_len
+    if draft_bits == "auto":
+        from .generate import plan_speculation
+        plan, lat, verify, acc = plan_speculation(sess, args.bits, ids)
+        print(f"[speculation plan at {args.bits} bits: step ms " + ", ".join(f"{b}: {t:.1f}" for b, t in
+              sorted(lat.items())) + f"; verify call {verify:.1f} ms; acceptance " +
+              ", ".join(f"{d}: {a:.0%}" for d, a in sorted(acc.items())) + " -> " +
+              (f"drafts of {plan.draft_len} at {plan.draft_bits} bits, expected {plan.speedup:.2f}x]"
+               if plan.draft_bits else "plain decoding]"), file=sys.stderr)
+        draft_bits, draft_len = plan.draft_bits, plan.draft_len or draft_len
+    gen = Generation(sess, ids, params, args.bits, draft_bits, draft_len)
     if not args.chat:
         print(args.prompt, end="", flush=True)
     if args.no_stream:

@@ -41,11 +41,9 @@ class Stats:
 
 
 def eos_ids(tok) -> set:
-    ids = set()
-    for t in (getattr(tok, "eos_token_id", None), tok.convert_tokens_to_ids("<|im_end|>") if hasattr(tok, "convert_tokens_to_ids") else None):
-        if isinstance(t, int) and t >= 0 and t != getattr(tok, "unk_token_id", None):
-            ids.add(t)
-    return ids
+    """The tokens that end a reply: the tokenizer's EOS and, for ChatML templates, <|im_end|>."""
+    cands = [getattr(tok, "eos_token_id", None), tok.convert_tokens_to_ids("<|im_end|>")]
+    return {t for t in cands if isinstance(t, int) and t >= 0 and t != getattr(tok, "unk_token_id", None)}
 
 
 class Generation:
@@ -74,6 +72,8 @@ class Generation:
         self.stats = Stats()
         self.finish_reason: str | None = None
         self._stopped = False
+        self._t_gen = time.perf_counter()
+        self.speculative = None       # the speculative run's counts (drafted, accepted, rounds, ...)
         self.text = ""
 
     def stop(self) -> None:
@@ -83,20 +83,23 @@ class Generation:
         """Token ids as they are chosen (greedy or sampled; speculative: in the verifier's rounds)."""
         s, p = self.sess, self.params
         t0 = time.perf_counter()
-        if self.draft_bits is not None:   # drafts and verification in rounds (its own prefill, greedy)
-            budget = min(p.max_new_tokens, self.max_len - len(self.ids))
+        if self.draft_bits is not None:   # drafts and verification in rounds (its own prefill, greedy): the
+            budget = min(p.max_new_tokens, self.max_len - len(self.ids))   # tokens come when all are done
             st: dict = {}
-            yield from s.generate_speculative(self.ids, budget, self.bits, self.draft_bits, self.draft_len,
-                                              eos=min(self.eos) if self.eos else None, stats=st)
-            self.stats.prompt_tokens = len(self.ids)
-            self.stats.bits = [self.bits, self.draft_bits]
+            out = s.generate_speculative(self.ids, budget, self.bits, self.draft_bits, self.draft_len,
+                                         eos=self.tok.eos_token_id, stats=st)
             self.speculative = st
+            self.stats.prompt_tokens, self.stats.bits = len(self.ids), [self.bits, self.draft_bits]
+            self.stats.generated_s = time.perf_counter() - t0     # prefill included: one timed span
+            self._t_gen = t0
+            yield from out
             return
         feed = self.ids[self.cached:]
         logits, self.cache = s.forward_tokens(np.array(feed), self.bits, pos=self.cached, cache=self.cache,
                                               fn=s.prompt_fn)
         self.stats.prompt_tokens, self.stats.cached_tokens = len(feed), self.cached
         self.stats.prompt_s = time.perf_counter() - t0
+        self._t_gen = time.perf_counter()
         pos = len(self.ids)
         nxt = self.sampler(logits[-1], self.ids)
         while True:
@@ -110,12 +113,11 @@ class Generation:
 
     def __iter__(self):
         p = self.params
-        t_gen = None
         sent = 0
-        stop_at = -1
+        if p.max_new_tokens == 0:
+            self.finish_reason = "length"
+            return
         for tok in self._tokens():
-            if t_gen is None:
-                t_gen = time.perf_counter()
             if tok in self.eos:
                 self.finish_reason = "stop"
                 break
@@ -143,7 +145,8 @@ class Generation:
             self.finish_reason = "length"
         if len(self.text) > sent:
             yield self.text[sent:]
-        self.stats.generated_s = time.perf_counter() - t_gen if t_gen is not None else 0.0
+        if self.draft_bits is None:
+            self.stats.generated_s = time.perf_counter() - self._t_gen
         self.stats.bits = self.stats.bits or [self.bits]
         if self.on_done is not None:
             self.on_done(self)
@@ -152,6 +155,33 @@ class Generation:
         for _ in self:
             pass
         return self.text
+
+
+def plan_speculation(sess, bits: int, prompt_ids, tokens: int = 24, drafts=None):
+    """Measured costs -> the draft bit-width and length to use at ``bits`` (``policy.plan_speculation``):
+    decode-step latency per bit-width, one verify call at ``bits``, and per draft bit-width the acceptance
+    rate on ``prompt_ids`` (a speculative run of ``tokens`` tokens with the longest drafts: the rate a draft
+    is kept given the ones before it were)."""
+    from .policy import plan_speculation as plan
+
+    vfn = sess._verify_fn()
+    chunk = sess.spec(vfn)["chunk"]
+    drafts = [d for d in (drafts or sess.bit_widths) if d < bits]
+    lat = sess.measure_latencies(set(drafts) | {bits})
+    cache = sess.empty_cache(vfn)
+    ids = np.resize(np.asarray(prompt_ids, np.int64), chunk)
+    ts = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        sess.forward_tokens(ids, bits, 0, cache, fn=vfn)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    verify = sorted(ts)[len(ts) // 2]           # a verify call costs the same for any draft length (padded)
+    acc = {}
+    for d in drafts:
+        st: dict = {}
+        sess.generate_speculative(prompt_ids, tokens, bits, d, chunk - 1, stats=st)
+        acc[d] = st["accepted"] / max(st["accepted"] + st["misses"], 1)
+    return plan(bits, lat, {k: verify for k in range(1, chunk)}, acc), lat, verify, acc
 
 
 def chat_ids(tok, messages: list[dict]) -> list[int]:

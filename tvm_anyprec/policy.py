@@ -110,3 +110,37 @@ def run_with_policy(step: Callable[[int], bool], n_steps: int, policy: Precision
         if per_step:
             choice = policy.choose(max_ms_per_token, max_bytes_per_token)
     return trace
+
+
+@dataclass
+class SpeculationPlan:
+    draft_bits: int | None      # None: plain decoding is expected to be faster
+    draft_len: int
+    speedup: float              # expected tokens/s over plain decoding at the verifying bit-width
+    table: dict = field(default_factory=dict)   # (draft bits, draft len) -> expected speedup
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a round yields with k drafts, each kept with probability ``acceptance`` until the first miss,
+    plus the verifier's own token: 1 + a + a^2 + ... + a^k."""
+    a = min(max(acceptance, 0.0), 1.0)
+    return float(k + 1) if a == 1.0 else (1 - a ** (k + 1)) / (1 - a)
+
+
+def plan_speculation(bits: int, latency_ms: dict, verify_ms: dict, acceptance: dict,
+                     min_speedup: float = 1.05) -> SpeculationPlan:
+    """The draft bit-width and length with the highest expected speedup over plain decoding at ``bits``:
+    per round k draft steps at ``latency_ms[d]`` plus one verify call of k + 1 tokens (``verify_ms[k]``),
+    yielding ``expected_tokens(acceptance[d], k)`` tokens. ``acceptance``: measured per draft bit-width.
+    Below ``min_speedup`` the plan is plain decoding (draft_bits None)."""
+    plain = latency_ms[bits]
+    table = {}
+    for d, a in acceptance.items():
+        if d >= bits or d not in latency_ms:
+            continue
+        for k, v in verify_ms.items():
+            table[(d, k)] = expected_tokens(a, k) * plain / (k * latency_ms[d] + v)
+    if not table:
+        return SpeculationPlan(None, 0, 1.0, table)
+    (d, k), s = max(table.items(), key=lambda kv: kv[1])
+    return SpeculationPlan(d, k, s, table) if s >= min_speedup else SpeculationPlan(None, 0, 1.0, table)

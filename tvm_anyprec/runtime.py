@@ -259,7 +259,8 @@ class Session:
         argmax, so the output is plain greedy decoding at ``bits`` (up to float reordering between a chunked
         and a one-token pass). The verifier's cache rows past the kept tokens hold rejected drafts; they are
         masked (keys past the position are never read) and overwritten by the next round.
-        ``stats`` (a dict) receives drafted/accepted counts, rounds and the time in each phase."""
+        ``stats`` (a dict) receives drafted/accepted counts, misses (rounds ending at a rejected draft), rounds
+        and the time in each phase."""
         self.check_bits(bits)
         self.check_bits(draft_bits)
         vfn = self._verify_fn()
@@ -268,7 +269,7 @@ class Session:
             raise ValueError(f"draft_len must be in 1..{chunk - 1} (the {vfn} graph checks {chunk} tokens per call)")
         prompt_ids = _prompt(prompt_ids)
         st = stats if stats is not None else {}
-        st.update(drafted=0, accepted=0, rounds=0, plain_steps=0, draft_s=0.0, verify_s=0.0)
+        st.update(drafted=0, accepted=0, misses=0, rounds=0, plain_steps=0, draft_s=0.0, verify_s=0.0)
         if max_new_tokens <= 0:
             return []
         logits, cache = self.forward_tokens(prompt_ids, bits, fn=self.prompt_fn)
@@ -307,6 +308,7 @@ class Session:
             st["rounds"] += 1
             st["drafted"] += len(drafts)
             st["accepted"] += a
+            st["misses"] += a < len(drafts)   # the first rejected draft (the ones after it are not judged)
             for tok in drafts[:a]:
                 out.append(tok)
                 if tok == eos:
