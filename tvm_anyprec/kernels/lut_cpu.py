@@ -213,13 +213,13 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
             for r in range(R):
                 c = CB[T.ramp(r * GROUP + 32 * i, 1, 32)]
                 if _form(s, b) == "scalar":
-                    vals = [WB[T.ramp(r * GROUP + 32 * i + 8 * q, 1, 8)] for q in range(4)]
+                    vals = [WB[T.ramp(r * GROUP + 32 * i + 8 * q, 1, 8)] for q in range(tail)]
                 elif _form(s, b) == "split":
                     vals = lookup_fp16_avx2(TBL, r * 2 * split_width(b), b, c)
                 else:
                     vals = [lookup_f32_avx2(TBL, r * E, b, T.Cast("int32x8", CB[T.ramp(r * GROUP + 32 * i + 8 * q,
-                                                                                          1, 8)])) for q in range(4)]
-                for q in range(4):
+                                                                                          1, 8)])) for q in range(tail)]
+                for q in range(tail):
                     accs[r] = accs[r] + vals[q] * XP[0, T.ramp(GROUP * g + 32 * i + 8 * q, 1, 8)]
             for r in range(R):
                 T.buffer_store(ACC, accs[r], [T.ramp(r * 8, 1, 8)])
@@ -239,11 +239,11 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                 T.buffer_store(WB, look(LUT, n, off, b, c), [T.ramp(r * GROUP + 32 * i, 1, 32)])
             elif _form(s, b) == "split":
                 vals = lookup_fp16_avx2(TBL, r * 2 * split_width(b), b, c)
-                for q in range(4):
+                for q in range(tail):
                     T.buffer_store(WB, vals[q], [T.ramp(r * GROUP + 32 * i + 8 * q, 1, 8)])
             else:
                 look = lookup_f32_avx2 if s.isa == "avx2" else lookup_f32_generic
-                for q in range(4):
+                for q in range(tail):
                     idx = T.Cast("int32x8", CB[T.ramp(32 * i + 8 * q, 1, 8)])
                     T.buffer_store(WB, look(TBL, r * E, b, idx), [T.ramp(r * GROUP + 32 * i + 8 * q, 1, 8)])
 
@@ -268,7 +268,7 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                                    SX[m, T.ramp(16 * g + 8 * h, 1, 8)], [T.ramp((m * R + r) * 8, 1, 8)])
         else:
             for i in range(8):
-                for q in range(4):
+                for q in range(tail):
                     x = XP[m, T.ramp(xo + 32 * i + 8 * q, 1, 8)]
                     for r in range(R):
                         a = ACC[T.ramp((m * R + r) * 8, 1, 8)]
