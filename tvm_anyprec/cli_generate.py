@@ -67,7 +67,7 @@ def run_text(sess, args) -> int:
     extra = ""
     if getattr(gen, "speculative", None):
         st = gen.speculative
-        extra = f" | drafts at {args.draft_bits} bits: {st['accepted']}/{st['drafted']} accepted"
+        extra = f" | drafts at {draft_bits} bits: {st['accepted']}/{st['drafted']} accepted"
     print(f"[{gen.stats.line()}{extra}; {gen.finish_reason}]", file=sys.stderr)
     return 0
 
