@@ -40,18 +40,22 @@ def make_embed(S: int, N: int, K: int, B: int, MINB: int, width: int, mode: str)
         i = T.if_then_else(i < 0, i + N, i)
         return T.Cast("int32", T.max(T.min(i, T.int64(N - 1)), T.int64(0)))
 
+    def rows(IDS, PL, NBITS, Y, value):
+        """Y[s, k] = value(n, code index into the row's tables, b - MINB) for every token s (TIR loops)."""
+        nb = T.min(T.max(NBITS[0], MINB), B)
+        off = T.shift_left(1, nb) - (1 << MINB)
+        with T.serial(0, S) as s:
+            n = row(IDS, s)
+            with T.serial(0, K) as k:
+                T.buffer_store(Y, value(n, off + code(PL, n, k, nb), nb - MINB), [s, k])
+
     if mode == "exact":
         @T.prim_func(s_tir=True)
         def embed(IDS: T.Buffer((S,), "int64"), PL: T.Buffer((B, N, RB), "uint8"),
                   LUTS: T.Buffer((N, width), "float16"), NBITS: T.Buffer((1,), "int32"),
                   Y: T.Buffer((S, K), "float32")):
             T.func_attr({"tirx.noalias": True})
-            nb = T.min(T.max(NBITS[0], MINB), B)
-            off = T.shift_left(1, nb) - (1 << MINB)
-            for s in T.serial(S):
-                n = row(IDS, s)
-                for k in T.serial(K):
-                    Y[s, k] = T.Cast("float32", LUTS[n, off + code(PL, n, k, nb)])
+            rows(IDS, PL, NBITS, Y, lambda n, c, _w: T.Cast("float32", LUTS[n, c]))
         return embed.without_attr("global_symbol")
 
     @T.prim_func(s_tir=True)
@@ -59,12 +63,7 @@ def make_embed(S: int, N: int, K: int, B: int, MINB: int, width: int, mode: str)
                    TABS: T.Buffer((N, width), "int8"), SCALES: T.Buffer((N, B - MINB + 1), "float32"),
                    NBITS: T.Buffer((1,), "int32"), Y: T.Buffer((S, K), "float32")):
         T.func_attr({"tirx.noalias": True})
-        nb = T.min(T.max(NBITS[0], MINB), B)
-        off = T.shift_left(1, nb) - (1 << MINB)
-        for s in T.serial(S):
-            n = row(IDS, s)
-            for k in T.serial(K):
-                Y[s, k] = T.Cast("float32", TABS[n, off + code(PL, n, k, nb)]) * SCALES[n, nb - MINB]
+        rows(IDS, PL, NBITS, Y, lambda n, c, w: T.Cast("float32", TABS[n, c]) * SCALES[n, w])
     return embed_int8.without_attr("global_symbol")
 
 

@@ -133,19 +133,25 @@ def _parallel_lead(sch, info, min_extent) -> bool:
     return True
 
 
-def fallback_pass():
-    """Module pass: parallelize_outer on every PrimFunc not marked scheduled (runs after dlight)."""
+def _unscheduled_pass(name: str, schedule):
+    """A module pass applying ``schedule(func)`` (a scheduled PrimFunc, or None: leave it) to every PrimFunc not
+    marked scheduled, and marking what it scheduled."""
 
-    @tvm.transform.module_pass(opt_level=0, name="AnyPrecParallelizeRemaining")
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def _pass(mod, _ctx):
         for gv, f in list(mod.functions_items()):
             if isinstance(f, tvm.tirx.PrimFunc) and "tirx.is_scheduled" not in (f.attrs or {}):
-                g = parallelize_outer(f)
+                g = schedule(f)
                 if g is not None:
                     mod[gv] = g.with_attr("tirx.is_scheduled", True)
         return mod
 
     return _pass
+
+
+def fallback_pass():
+    """Module pass: parallelize_outer on every PrimFunc not marked scheduled (runs after dlight)."""
+    return _unscheduled_pass("AnyPrecParallelizeRemaining", parallelize_outer)
 
 
 SMALL_OP_ELEMS = 1 << 15   # outputs up to this many elements run on one thread (a decode step's norms, adds)
@@ -196,14 +202,4 @@ def schedule_small(func: tvm.tirx.PrimFunc, max_elems: int = SMALL_OP_ELEMS) -> 
 
 def small_ops_pass():
     """Module pass: ``schedule_small`` on every unscheduled PrimFunc it fits (runs before dlight)."""
-
-    @tvm.transform.module_pass(opt_level=0, name="AnyPrecSmallOps")
-    def _pass(mod, _ctx):
-        for gv, f in list(mod.functions_items()):
-            if isinstance(f, tvm.tirx.PrimFunc) and "tirx.is_scheduled" not in (f.attrs or {}):
-                g = schedule_small(f)
-                if g is not None:
-                    mod[gv] = g.with_attr("tirx.is_scheduled", True)
-        return mod
-
-    return _pass
+    return _unscheduled_pass("AnyPrecSmallOps", schedule_small)
