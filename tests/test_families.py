@@ -192,3 +192,17 @@ def test_quantized_lm_head_is_the_embedding_too(tied_lm_head):
         assert np.abs(got - want).max() < 2e-3 * np.abs(want).max(), b
     kinds = profile_model(sess, 4, ids, repeat=1)[0].by_kind()
     assert kinds["embedding (bitplane rows)"][0] == 1 and "fp32 linear" not in kinds
+
+
+def test_sampling_through_the_python_api(family):
+    """``Session.generate(..., temperature=, top_p=, seed=)``: a seed reproduces the text, temperature 0 is the
+    greedy text, top_k=1 at any temperature is greedy too."""
+    fam, _model, _tok, _parent, sess = family
+    if fam != "llama":
+        pytest.skip("one family is enough")
+    greedy = sess.generate("Once upon a time", 10, bits=4)
+    a = sess.generate("Once upon a time", 10, bits=4, temperature=1.2, top_p=0.95, seed=11)
+    assert a == sess.generate("Once upon a time", 10, bits=4, temperature=1.2, top_p=0.95, seed=11)
+    assert sess.generate("Once upon a time", 10, bits=4, temperature=0.0, seed=1) == greedy
+    assert sess.generate("Once upon a time", 10, bits=4, temperature=1.5, top_k=1, seed=2) == greedy
+    assert a != greedy or sess.generate("Once upon a time", 10, bits=4, temperature=1.2, seed=12) != greedy

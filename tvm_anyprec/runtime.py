@@ -336,11 +336,18 @@ class Session:
 
     def generate(self, prompt: str, max_new_tokens: int = 32, bits: int = 8, draft_bits: int | None = None,
                  draft_len: int = 4, max_ms_per_token: float | None = None,
-                 max_bytes_per_token: float | None = None, stats: dict | None = None) -> str:
+                 max_bytes_per_token: float | None = None, stats: dict | None = None, **sampling) -> str:
         """Greedy text generation at ``bits``; with ``draft_bits``, self-speculative (same output, drafts from
-        the lower child); with a budget, the precision policy picks the bit-width (see generate_ids)."""
+        the lower child); with a budget, the precision policy picks the bit-width (see generate_ids).
+        ``sampling``: ``sampling.SamplingParams`` fields (temperature, top_k, top_p, min_p, repeat_penalty,
+        seed, stop): the text comes from ``generate.Generation`` (EOS and stop strings cut it)."""
         tok = self.tokenizer
         ids = tok(prompt)["input_ids"]
+        if sampling:
+            from .generate import Generation
+            from .sampling import SamplingParams
+            return Generation(self, ids, SamplingParams(max_new_tokens=max_new_tokens, **sampling), bits,
+                              draft_bits, draft_len).run()
         if draft_bits is not None:
             if max_ms_per_token is not None or max_bytes_per_token is not None:
                 raise ValueError("choose either speculative decoding (draft_bits) or a budget, not both")
