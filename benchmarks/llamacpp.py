@@ -173,17 +173,26 @@ def gguf_of(sess) -> Path:
     return p
 
 
+QUICK_PP, QUICK_TG = 128, 32
+
+
 def quick(threads: int, workdir="artifacts/bench-llamacpp", bits=(3, 4, 8)) -> dict:
-    """``bench --quick``'s whole-model lines: pp512 / tg128 tokens/s per bit-width, one round, and llama.cpp's
-    on the same GGUF with the ratios when llama-bench is built (else a note saying how to build it)."""
+    """``bench --quick``'s whole-model lines: prefill (pp128) and decode (tg32) tokens/s per bit-width, one
+    round, and llama.cpp's on the same GGUF with the ratios when llama-bench is built (else a note saying how
+    to build it). -> {"tokens_per_s": {config: {test: t/s}}, "vs_llama_cpp": {...}, "llama_cpp": ...}"""
     from tvm_anyprec.env import llama_bench as find_llama_bench
     from tvm_anyprec.runtime import Session
 
     sess = Session(default_artifact(workdir))
     binary = find_llama_bench()
-    rows, info = measure_rounds(sess, list(bits), 1, binary, gguf_of(sess), threads, {})
-    out = {"rows": rows, "llama_cpp": info if binary is not None else
-           "not set up: bash scripts/setup_llamacpp.sh builds llama-bench (about 8 minutes)"}
+    rows, info = measure_rounds(sess, list(bits), 1, binary, gguf_of(sess), threads, {}, QUICK_PP, QUICK_TG)
+    out = {"tokens_per_s": {}, "vs_llama_cpp": {}}
+    for r in rows:
+        out["tokens_per_s"].setdefault(r["config"], {})[r["test"]] = round(r["tokens_per_s"]["mean"], 2)
+        if "vs_llama_cpp" in r:
+            out["vs_llama_cpp"].setdefault(r["config"], {})[r["test"]] = round(r["vs_llama_cpp"]["mean"], 3)
+    out["llama_cpp"] = "llama-bench " + str((info or {}).get("build_commit")) if binary is not None else \
+        "not set up: bash scripts/setup_llamacpp.sh builds llama-bench (about 7 minutes)"
     return out
 
 

@@ -11,7 +11,9 @@
 
 Output: <out>/bench-<date>.json, PNG plots next to it, and ONE JSON line of headline ratios on stdout (the
 progress log goes to stderr). ``--quick``: the two reference shapes, GEMV only, bits 3/4/8, numpy and ORT
-4-bit, few repeats, no whole-model parts (< 60 s once the kernels are in the compile cache).
+4-bit, few repeats (< 60 s once the kernels are in the compile cache), then the whole model's prefill (pp128)
+and decode (tg32) tokens/s at 3/4/8 bits beside llama.cpp's on the same GGUF when scripts/setup_llamacpp.sh
+has built it (benchmarks/llamacpp.py; ``--no-model`` leaves them out).
 
 Every timing is the median of repeated calls, with min..max and quartiles; the thread count is fixed for
 every library (TVM_NUM_THREADS, OpenBLAS/OpenMP, onnxruntime intra-op, torch) and recorded. Kernel calls are
@@ -69,6 +71,8 @@ def parse_args(argv=None):
     ap.add_argument("--workdir", default="artifacts/bench", help="models, artifacts and per-part results")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results; quick: workdir)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--no-model", action="store_true", help="--quick without the whole-model lines (they compile "
+                    "artifacts/bench-llamacpp/anyprec-x86 once, several minutes, when it is missing)")
     return ap.parse_args(argv)
 
 
@@ -259,6 +263,14 @@ def main(argv=None) -> int:
     if "kernels" in res:
         res["bandwidth"] = res["kernels"]["bandwidth"]
     res["headline"] = headline(res)
+    if args.quick and not args.no_model:   # whole-model lines: decode / prefill per bit-width, llama.cpp's
+        from .llamacpp import quick as model_quick
+
+        log("[model] decode (tg32) and prefill (pp128) per bit-width, llama.cpp on the same GGUF")
+        res["model_quick"] = model_quick(args.threads)
+        log(f"  {res['model_quick']['llama_cpp']}")
+        res["headline"]["model_tokens_per_s"] = res["model_quick"]["tokens_per_s"]
+        res["headline"]["model_vs_llama_cpp"] = res["model_quick"]["vs_llama_cpp"] or res["model_quick"]["llama_cpp"]
     res["missing"] = ["integer W4A8/W4A4 kernels: not implemented in tvm_anyprec yet (hook in "
                       "benchmarks/kernels.py: integer_cases)"]
     res["wall_s"] = time.time() - t_start

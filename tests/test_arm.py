@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tvm_anyprec.targets import ARM_FEATURES, QEMU_CPU, arm, preset
+from tvm_anyprec.env import arm_root
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(arm.missing() is not None, reason=f"no emulated aarch64 board: {arm.missing()}")
@@ -107,7 +108,8 @@ def test_cpp_example_for_aarch64(arm_artifact, session, tmp_path):
     load is checked on x86 (test_runtime_features) and, for the ARM build, by test_real_model_under_qemu."""
     exe = tmp_path / "anyprec_generate"
     b = subprocess.run(["bash", str(ROOT / "examples/cpp/build.sh"), str(exe)], capture_output=True, text=True,
-                       env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "ARCH": "aarch64"})
+                       env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "ARCH": "aarch64",
+                            "TVM_ANYPREC_ARM_ROOT": str(arm_root())})   # the board wherever env.py finds it
     assert b.returncode == 0, b.stderr[-3000:]
     ids = session.tokenizer(PROMPT)["input_ids"]
     r = subprocess.run(["bash", str(ROOT / "examples/cpp/run_aarch64.sh"), str(exe), str(arm_artifact),
