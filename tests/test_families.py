@@ -206,3 +206,20 @@ def test_sampling_through_the_python_api(family):
     assert sess.generate("Once upon a time", 10, bits=4, temperature=0.0, seed=1) == greedy
     assert sess.generate("Once upon a time", 10, bits=4, temperature=1.5, top_k=1, seed=2) == greedy
     assert a != greedy or sess.generate("Once upon a time", 10, bits=4, temperature=1.2, seed=12) != greedy
+
+
+def test_streamed_generation_stops_at_the_context(family):
+    """``generate.Generation`` (what run, chat and serve use) near the end of the cache: the same tokens as
+    ``generate_ids``, and it stops at the context with finish reason "length"."""
+    from tvm_anyprec.generate import Generation
+    from tvm_anyprec.sampling import SamplingParams
+
+    fam, _model, _tok, _parent, sess = family
+    if fam != "llama":
+        pytest.skip("one family is enough")
+    ids = _ids(MAX_LEN - 4, 6).tolist()
+    gen = Generation(sess, ids, SamplingParams(max_new_tokens=10), bits=8)
+    gen.run()
+    want = sess.generate_ids(ids, 10, 8)
+    assert len(want) == 5          # positions MAX_LEN - 4 .. MAX_LEN - 1 fed, then one more token chosen
+    assert gen.new == want and gen.finish_reason == "length"

@@ -104,7 +104,7 @@ class Generation:
         nxt = self.sampler(logits[-1], self.ids)
         while True:
             yield nxt
-            if self._stopped or nxt in self.eos or len(self.new) >= p.max_new_tokens or pos + 1 >= self.max_len:
+            if self._stopped or nxt in self.eos or len(self.new) >= p.max_new_tokens or pos >= self.max_len:
                 return
             lg, self.cache = s.decode_step(nxt, pos, self.cache, self.bits)
             self.stats.bits.append(self.bits)
