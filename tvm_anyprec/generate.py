@@ -56,8 +56,10 @@ class Generation:
         self.on_done = on_done
         self.draft_bits, self.draft_len = draft_bits, draft_len
         sess.check_bits(bits)
-        if draft_bits is not None and not self.params.greedy:
-            raise ValueError("speculative decoding (draft_bits) keeps greedy output: use temperature 0")
+        if draft_bits is not None:
+            sess.check_bits(draft_bits)
+            if not self.params.greedy:
+                raise ValueError("speculative decoding (draft_bits) keeps greedy output: use temperature 0")
         self.ids = [int(i) for i in prompt_ids]
         if not self.ids:
             raise ValueError("the prompt is empty: give at least one token")
@@ -139,9 +141,7 @@ class Generation:
             if self._stopped or len(self.new) >= p.max_new_tokens:
                 self.finish_reason = "length" if not self._stopped else "stop"
                 break
-        else:
-            self.finish_reason = self.finish_reason or "length"
-        if self.finish_reason is None:
+        if self.finish_reason is None:          # the tokens ran out: the context is full
             self.finish_reason = "length"
         if len(self.text) > sent:
             yield self.text[sent:]

@@ -109,10 +109,7 @@ class Engine:
                 raise RequestError("give either bits or max_ms_per_token", param="bits")
             with self.policy_lock:
                 return self.sess.policy(measure=True).choose(req.max_ms_per_token).bits
-        b = self.default_bits if req.bits is None else req.bits
-        if b not in self.sess.bit_widths:
-            raise RequestError(f"bits must be one of {self.sess.bit_widths}, got {b}", param="bits")
-        return b
+        return self.default_bits if req.bits is None else req.bits   # checked by Generation
 
     def generation(self, req: _Common, ids: list[int], max_tokens: int | None):
         from .generate import Generation
@@ -127,21 +124,15 @@ class Engine:
         if max_tokens is not None and max_tokens > room:
             raise RequestError(f"max_tokens {max_tokens} + the prompt's {len(ids)} tokens exceed the context "
                                f"({self.max_len})", param="max_tokens")
-        if req.draft_bits is not None:
-            if req.draft_bits not in self.sess.bit_widths:
-                raise RequestError(f"draft_bits must be one of {self.sess.bit_widths}", param="draft_bits")
-            if req.temperature != 0:
-                raise RequestError("draft_bits (speculative decoding) is greedy: set temperature 0",
-                                   param="draft_bits")
         bits = self.bits_for(req)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        try:
+        try:   # the sampling values, the bit-widths and greedy-only speculation are checked where they are used
             params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
                                     repeat_penalty=req.repeat_penalty, seed=req.seed, stop=stop,
                                     max_new_tokens=want)
+            return Generation(self.sess, ids, params, bits, req.draft_bits, req.draft_len)
         except ValueError as e:
             raise RequestError(str(e)) from e
-        return Generation(self.sess, ids, params, bits, req.draft_bits, req.draft_len)
 
     async def on_vm(self, fn, *args):
         """Run ``fn`` on the VM's thread, in turn (the VM and the tokenizer are used from that thread only)."""
