@@ -19,7 +19,7 @@ from tvm_anyprec.quant.bitplanes import pack_bitplanes, unpack_bitplanes
 B, MINB = 8, 3
 WIDTHS = list(range(MINB, B + 1))
 HOST = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2}
-ISAS = ["generic"] + (["avx2"] if cpu_isa(HOST) == "avx2" else [])
+ISAS = ["generic"] + {"avx512": ["avx2", "avx512"], "avx2": ["avx2"]}.get(cpu_isa(HOST), [])
 
 
 def _build(M, N, K, mode, isa):
@@ -59,7 +59,9 @@ def test_byte_sliced_layout_round_trips(K):
     assert sorted(src[src >= 0].tolist()) == list(range(K))
 
 
-CASES = [(ISAS[-1], 1, 37, 576), (ISAS[-1], 5, 19, 4095), (ISAS[-1], 32, 13, 1536), ("generic", 5, 19, 4095)]
+# every SIMD body at M = 1 (the AVX-512 one is a GEMV body; M > 1 runs the AVX2 bodies there)
+CASES = [(isa, 1, 37, K) for isa in ISAS[1:] for K in (576, 1536)] + \
+    [(ISAS[-1], 5, 19, 4095), (ISAS[-1], 32, 13, 1536), ("generic", 5, 19, 4095)]
 CASES = list(dict.fromkeys(CASES))
 
 
@@ -133,7 +135,11 @@ def test_bits_outside_the_range_are_clamped():
     np.testing.assert_array_equal(_run(fn, [x, bs, padded], 12, M, N), _run(fn, [x, bs, padded], B, M, N))
 
 
-def test_avx2_is_chosen_only_where_the_cpu_has_it():
+def test_simd_bodies_are_chosen_only_where_the_cpu_has_them():
     assert cpu_isa({"kind": "llvm", "mcpu": "x86-64"}) == "generic"
     assert cpu_isa({"kind": "llvm", "mcpu": "x86-64-v3"}) == "avx2"
+    assert cpu_isa({"kind": "llvm", "mcpu": "x86-64-v4"}) == "avx2"     # AVX-512 without VBMI / VNNI
+    assert cpu_isa({"kind": "llvm", "mcpu": "skylake-avx512"}) == "avx2"
+    assert cpu_isa({"kind": "llvm", "mcpu": "znver4"}) == "avx512"
+    assert cpu_isa({"kind": "llvm", "mcpu": "icelake-server"}) == "avx512"
     assert cpu_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}) == "generic"

@@ -37,16 +37,19 @@ from typing import ClassVar
 
 from tvm.script import tirx as T
 
-from ..quant.byteslice import GROUP, INT8_MAX, blocks, groups, row_bytes
+from ..quant.byteslice import GROUP, row_bytes
 from .anyprec import lut_offset, lut_width
-from .lowering import KEEP, STACK_LOCALS
+from .lowering import STACK_LOCALS
+from . import lut_avx512
+from .lut_layout import _local, _plane_vector, _prologue, _Shape
 from .lut_isa import (_u8, decode, dot_int8_avx2, dot_int8_generic, lookup_f32_avx2, lookup_f32_generic,
                       lookup_fp16_avx2, lookup_int8_avx2, lookup_int8_generic, scalar_lookups, split_fp16_tables,
                       split_width)
 from .spec import KernelSpec, register
 
 MODES = ("exact", "int8")
-ISAS = ("avx2", "generic")
+ISAS = ("avx512", "avx2", "generic")
+AVX512 = ("avx512bw", "avx512vbmi", "avx512vnni")   # what the AVX-512 GEMV body needs
 LUT_PAD = 16
 SPLIT_MIN = 3   # exact mode on AVX2: the fp16 byte-split tables from this b (vpermps on fp32 tables below it)
 SCALAR_MIN = 8  # exact mode on AVX2: scalar lookups into an fp32 table from this b (see the module docstring)
@@ -54,14 +57,15 @@ SCALAR_MIN = 8  # exact mode on AVX2: scalar lookups into an fp32 table from thi
 
 def _form(s, b: int) -> str:
     """The exact mode's AVX2 lookup at b bits: "scalar", "split" (fp16 byte tables), or "" (vpermps / int8)."""
-    if s.mode != "exact" or s.isa != "avx2" or b < SPLIT_MIN:
+    if s.mode != "exact" or not s.avx2 or b < SPLIT_MIN:
         return ""
     return "scalar" if b >= SCALAR_MIN else "split"
 
 
 def cpu_isa(target) -> str:
-    """The instruction set of ``target`` (a target dict or tvm Target) the kernel bodies may use: "avx2" on x86
-    CPUs that have it (asked from LLVM: mcpu implies the features), else "generic"."""
+    """The instruction set of ``target`` (a target dict or tvm Target) the kernel bodies may use: "avx512" on x86
+    CPUs with AVX-512BW, VBMI and VNNI, "avx2" on those with AVX2 (asked from LLVM: mcpu implies the features),
+    else "generic"."""
     import tvm
     from tvm.target import codegen
 
@@ -69,6 +73,8 @@ def cpu_isa(target) -> str:
     if "aarch64" in str(tgt.attrs.get("mtriple", "")) or str(tgt.kind.name) != "llvm":
         return "generic"
     try:
+        if all(codegen.target_has_features(f, tgt) for f in AVX512):
+            return "avx512"
         return "avx2" if codegen.target_has_features("avx2", tgt) else "generic"
     except Exception:  # an LLVM without the query: the portable bodies
         return "generic"
@@ -88,79 +94,6 @@ def default_rows(mode: str, bits: int, M: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the kernel
-
-@dataclass(frozen=True)
-class _Shape:
-    M: int
-    N: int
-    K: int
-    B: int
-    MINB: int
-    mode: str
-    isa: str
-
-    @property
-    def G(self):
-        return groups(self.K)
-
-    @property
-    def tail(self):   # 64-weight blocks in the last group (1..4)
-        return blocks(self.K) - 4 * (self.G - 1)
-
-
-STACK_MAX = 16 << 10   # bytes of one local buffer kept on the stack (the tiles and tables are a few KiB)
-
-
-def _local(shape, dtype):
-    """A local buffer kept on the stack (``lowering``) when small; larger ones (a 32-row accumulator tile) go to
-    TVM's workspace."""
-    nbytes = int(shape[0]) * (4 if dtype.endswith("32") else 1)
-    return T.alloc_local(shape, dtype, annotations=KEEP if nbytes <= STACK_MAX else None)
-
-
-def _plane_vector(PL, p, n, g, tail: int):
-    if tail == 4:
-        return PL[p, n, T.ramp(32 * g, 1, 32)]
-    z8 = _u8(0, 8)
-    part = [PL[p, n, T.ramp(32 * g + 8 * j, 1, 8)] if j < tail else z8 for j in range(4)]
-    return T.vectorcombine("uint8x32", T.vectorcombine("uint8x16", part[0], part[1]),
-                           T.vectorcombine("uint8x16", part[2], part[3]))
-
-
-def _prologue(s: _Shape, X, XP, SX):
-    """XP [M, G*256] = X in decode order. int8 mode: quantized per block of 32 columns (llama.cpp's Q8_0; one
-    scale per 256 columns cost +4.6% perplexity at 3 bits on SmolLM2, per 64 +1.2..3.7%). Block (j, h) of group g
-    holds columns 256g + 64j + 32h + [0, 32): bits i = 4h..4h+3 of the planes' block j. The scales are laid out
-    as the int32x8 lanes of a half-group's dot products need them (lanes 2j and 2j+1 hold block j's products):
-    SX[m, 16g + 8h + t] = scale of block (t // 2, h)."""
-    loop = T.parallel if s.M > 1 else T.serial
-
-    def src(g, i, j, l):
-        return GROUP * g + 64 * j + 8 * i + l
-
-    def xval(m, k):
-        return T.if_then_else(k < s.K, X[m, T.min(k, s.K - 1)], T.float32(0))
-
-    with loop(0, s.M) as m:
-        with T.serial(0, s.G) as g:
-            if s.mode == "exact":
-                with T.grid(8, 4, 8) as (i, j, l):
-                    T.buffer_store(XP, xval(m, src(g, i, j, l)), [m, GROUP * g + 32 * i + 8 * j + l])
-            else:
-                amax = _local((1,), "float32")
-                with T.grid(4, 2) as (j, h):
-                    T.buffer_store(amax, T.float32(0), [0])
-                    with T.serial(0, 32) as q:
-                        T.buffer_store(amax, T.max(amax[0], T.abs(xval(m, GROUP * g + 64 * j + 32 * h + q))), [0])
-                    inv = T.Select(amax[0] > T.float32(0), T.float32(INT8_MAX) / T.max(amax[0], T.float32(1e-30)),
-                                   T.float32(0))
-                    for u in range(2):
-                        T.buffer_store(SX, amax[0] / T.float32(INT8_MAX), [m, 16 * g + 8 * h + 2 * j + u])
-                    with T.grid(4, 8) as (i, l):
-                        q = T.floor(xval(m, src(g, 4 * h + i, j, l)) * inv + T.float32(0.5))
-                        q = T.max(T.min(q, T.float32(INT8_MAX)), T.float32(-INT8_MAX))
-                        T.buffer_store(XP, T.Cast("int8", q), [m, GROUP * g + 32 * (4 * h + i) + 8 * j + l])
-
 
 def _each(n: int, step, unroll: bool) -> None:
     """step(i) for i in 0..n-1: unrolled in Python (constant i), or as a TIR loop."""
@@ -190,7 +123,7 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
     R = len(rows)
     off = lut_offset(b, s.MINB)
     E = max(8, 1 << b)
-    if s.M == 1 and s.mode == "int8" and s.isa == "avx2":   # GEMV: lookups feed the dot products in registers
+    if s.M == 1 and s.mode == "int8" and s.avx2:   # GEMV: lookups feed the dot products in registers
         for r, n in enumerate(rows):
             codes = _codes(PL, b, n, g, tail, VB, CB, b, direct=b <= 4)
             a = ACC[T.ramp(r * 8, 1, 8)]
@@ -202,7 +135,7 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                 a = a + T.Cast("float32x8", acc) * SX[0, T.ramp(16 * g + 8 * h, 1, 8)]
             T.buffer_store(ACC, a, [T.ramp(r * 8, 1, 8)])
         return
-    if s.M == 1 and s.mode == "exact" and s.isa == "avx2":   # GEMV: the rows of a tile share each x load
+    if s.M == 1 and s.mode == "exact" and s.avx2:   # GEMV: the rows of a tile share each x load
         for r, n in enumerate(rows):
             _codes(PL, b, n, g, tail, VB, CB, b, base=r * GROUP)
             if _form(s, b) == "scalar":
@@ -235,14 +168,14 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
         def step(i, r=r, n=n):
             c = CB[T.ramp(32 * i, 1, 32)]
             if s.mode == "int8":
-                look = lookup_int8_avx2 if s.isa == "avx2" else lookup_int8_generic
+                look = lookup_int8_avx2 if s.avx2 else lookup_int8_generic
                 T.buffer_store(WB, look(LUT, n, off, b, c), [T.ramp(r * GROUP + 32 * i, 1, 32)])
             elif _form(s, b) == "split":
                 vals = lookup_fp16_avx2(TBL, r * 2 * split_width(b), b, c)
                 for q in range(tail):
                     T.buffer_store(WB, vals[q], [T.ramp(r * GROUP + 32 * i + 8 * q, 1, 8)])
             else:
-                look = lookup_f32_avx2 if s.isa == "avx2" else lookup_f32_generic
+                look = lookup_f32_avx2 if s.avx2 else lookup_f32_generic
                 for q in range(tail):
                     idx = T.Cast("int32x8", CB[T.ramp(32 * i + 8 * q, 1, 8)])
                     T.buffer_store(WB, look(TBL, r * E, b, idx), [T.ramp(r * GROUP + 32 * i + 8 * q, 1, 8)])
@@ -259,7 +192,7 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                     x = XP[m, T.ramp(xo + 32 * i, 1, 32)]
                     for r in range(R):
                         wo = r * GROUP + 32 * i
-                        d = dot_int8_avx2(WB[T.ramp(wo, 1, 32)], x) if s.isa == "avx2" else \
+                        d = dot_int8_avx2(WB[T.ramp(wo, 1, 32)], x) if s.avx2 else \
                             dot_int8_generic(WB, wo, XP, m, xo + 32 * i)
                         T.buffer_store(AI, AI[T.ramp(8 * r, 1, 8)] + d, [T.ramp(8 * r, 1, 8)])
                 for r in range(R):
@@ -276,13 +209,15 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                                        [T.ramp((m * R + r) * 8, 1, 8)])
 
 
-def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, Y):
+def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, CORR, Y):
     """The b-bit kernel: tiles of R rows in parallel."""
+    if s.wide:
+        return lut_avx512.body(s, b, R, PL, LUT, WS, XP, SX, CORR, Y)
     NT = -(-s.N // R)
     E = max(8, 1 << b)
     with T.parallel(0, NT) as nt:
         # the GEMV paths feed the lookups straight into the dot products (scalar lookups go through WB)
-        fast = s.M == 1 and s.isa == "avx2" and _form(s, b) != "scalar"
+        fast = s.M == 1 and s.avx2 and _form(s, b) != "scalar"
         WB = None if fast else _local((R * GROUP,), "int8" if s.mode == "int8" else "float32")
         ACC = _local((s.M * R * 8,), "float32")
         CB = _local((R * GROUP,), "uint8")
@@ -358,8 +293,9 @@ def make_anyprec_cpu(M: int, N: int, K: int, max_bits: int = 8, min_bits: int = 
             T.func_attr({"tirx.noalias": True})
             XP = T.alloc_buffer((M, G * GROUP), xdt)
             SX = T.alloc_buffer((M, G * 16), "float32")
-            _prologue(s, X, XP, SX)
-            _dispatch(s, T.min(T.max(NBITS[0], MINB), B), widths, rows, (PLANES, TABS, SCALES, XP, SX, Y))
+            CORR = T.alloc_buffer((M,), "float32")
+            _prologue(s, X, XP, SX, CORR if s.wide else None)
+            _dispatch(s, T.min(T.max(NBITS[0], MINB), B), widths, rows, (PLANES, TABS, SCALES, XP, SX, CORR, Y))
 
         func = anyprec_cpu_int8
     else:
@@ -370,7 +306,7 @@ def make_anyprec_cpu(M: int, N: int, K: int, max_bits: int = 8, min_bits: int = 
             T.func_attr({"tirx.noalias": True})
             XP = T.alloc_buffer((M, G * GROUP), xdt)
             _prologue(s, X, XP, None)
-            _dispatch(s, T.min(T.max(NBITS[0], MINB), B), widths, rows, (PLANES, LUTS, None, XP, None, Y))
+            _dispatch(s, T.min(T.max(NBITS[0], MINB), B), widths, rows, (PLANES, LUTS, None, XP, None, None, Y))
 
         func = anyprec_cpu_exact
     return func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True).with_attr(STACK_LOCALS, True)

@@ -1,0 +1,195 @@
+"""The AVX-512 GEMV body of the CPU bitplane kernel (``kernels.lut_cpu``, isa "avx512": AVX-512BW + VBMI +
+VNNI, as on Zen 4/5 and Ice Lake or newer Xeons).
+
+Per row and group of 256 weights the b plane vectors (32 bytes each) are widened once to 64 lanes (the upper
+half shifted right by one bit), so one 64-lane decode yields two code vectors at once: pair q holds codes 2q
+(lanes 0..31) and 2q + 1 (lanes 32..63), the activations of pair q are 64 contiguous values of XP.
+
+The tables live in zmm registers for every bit-width: ``vpermb`` on a 64-entry table for b <= 6, ``vpermi2b`` on
+128 entries for b = 7, two ``vpermi2b`` merged by the code's top bit for b = 8.
+
+* int8 mode: the row's int8 table biased to unsigned bytes (+128), looked up and multiplied with the int8
+  activations by ``vpdpbusd`` (u8 x s8 -> int32, four products per lane); the bias adds 128 * sum(x) per call,
+  the same for every row, which the prologue computes once (CORR) and the epilogue subtracts.
+* exact mode: the fp16 LUT split into a low-byte and a high-byte table, both looked up, re-joined by the byte
+  unpacks (``vpunpck[lh]bw``) and widened by ``vcvtph2ps``; the prologue stores the activations in the order the
+  unpacks leave the values, so no cross-lane shuffle is needed; then FMA into four accumulators per row.
+"""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from ..quant.byteslice import GROUP
+from .anyprec import lut_offset
+from .lut_layout import BIAS, _local, _plane_vector
+
+VEC = 64
+
+
+def _x86(name, dtype, *args):
+    return T.call_llvm_pure_intrin(dtype, f"llvm.x86.{name}", *args)
+
+
+def _u8(v: int):
+    return T.broadcast(T.uint8(v), VEC)
+
+
+def _shift(x, s: int):
+    """uint8x64 shifted by s bits inside 32-bit lanes (s > 0: left); the caller masks so no bit crosses a byte."""
+    if s == 0:
+        return x
+    w = T.reinterpret("uint32x16", x)
+    w = T.shift_left(w, T.broadcast(T.uint32(s), 16)) if s > 0 else T.shift_right(w, T.broadcast(T.uint32(-s), 16))
+    return T.reinterpret("uint8x64", w)
+
+
+def _srl16(x, s: int, lanes: int):
+    t = f"uint16x{lanes // 2}"
+    return T.reinterpret(f"uint8x{lanes}", T.shift_right(T.reinterpret(t, x), T.broadcast(T.uint16(s), lanes // 2)))
+
+
+def widen(v):
+    """A 32-byte plane vector as 64 lanes: the bytes, then the bytes shifted right by one bit (so bit i of the
+    upper half is bit i + 1 of the plane byte: one mask then selects the bits of codes i and i + 1)."""
+    return T.vectorcombine("uint8x64", v, _srl16(v, 1, 32))
+
+
+def decode_pairs(ws, b: int) -> list:
+    """b widened plane vectors (MSB plane first) -> 4 uint8x64 code pairs: pair q lane 32c + 8j + l is the b-bit
+    code of weight 64j + 8(2q + c) + l. b <= 4: the codes of bits i and i + 4 are decoded together as nibbles."""
+    def gather(mask: int, i: int):
+        out = None
+        for p in range(b):
+            t = _shift(T.bitwise_and(ws[p], _u8(mask)), (b - 1 - p) - i)
+            out = t if out is None else T.bitwise_or(out, t)
+        return out
+
+    if b <= 4:
+        pairs = [None] * 4
+        for i in (0, 2):
+            nib = gather(0x11 << i, i)
+            pairs[i // 2] = T.bitwise_and(nib, _u8(15))
+            pairs[i // 2 + 2] = T.bitwise_and(_srl16(nib, 4, VEC), _u8(15))
+        return pairs
+    return [gather(1 << i, i) for i in (0, 2, 4, 6)]
+
+
+def lookup(table, b: int, c):
+    """int8x64: entry c of a 2^b-entry byte table for 64 codes (``table(t)``: entries 64t..64t+63 as int8x64)."""
+    idx = T.reinterpret("int8x64", c)
+    if b <= 6:
+        return _x86("avx512.permvar.qi.512", "int8x64", table(0), idx)
+    lo = _x86("avx512.vpermi2var.qi.512", "int8x64", table(0), idx, table(1))
+    if b == 7:
+        return lo
+    hi = _x86("avx512.vpermi2var.qi.512", "int8x64", table(2), idx, table(3))
+    return T.Select(idx < T.broadcast(T.int8(0), VEC), hi, lo)
+
+
+def table_bytes(b: int) -> int:
+    return max(VEC, 1 << b)
+
+
+def _store_table(TB, base: int, b: int, chunk) -> None:
+    """TB[base : base + table_bytes(b)] from ``chunk(t)`` (uint8x16 of entries 16t..16t+15) for the entries a
+    b-bit code can index (whole 16-entry chunks), zeros after them."""
+    live = max(16, 1 << b) // 16
+    for t in range(table_bytes(b) // 16):
+        T.buffer_store(TB, chunk(t) if t < live else T.broadcast(T.uint8(0), 16), [T.ramp(base + 16 * t, 1, 16)])
+
+
+def prepare_tables(s, b: int, LUT, n, TB, base: int) -> None:
+    """Row n's tables for a b-bit call: int8 mode the biased int8 table; exact mode the low-byte table then the
+    high-byte table of the fp16 LUT."""
+    off = lut_offset(b, s.MINB)
+    if s.mode == "int8":
+        _store_table(TB, base, b, lambda t: T.bitwise_xor(T.reinterpret("uint8x16", LUT[n, T.ramp(off + 16 * t, 1, 16)]),
+                                                          T.broadcast(T.uint8(BIAS), 16)))
+        return
+    half = lambda sh: lambda t: T.Cast("uint8x16", T.bitwise_and(T.shift_right(  # noqa: E731
+        T.reinterpret("uint16x16", LUT[n, T.ramp(off + 16 * t, 1, 16)]), T.broadcast(T.uint16(sh), 16)),
+        T.broadcast(T.uint16(255), 16)))
+    _store_table(TB, base, b, half(0))
+    _store_table(TB, base + table_bytes(b), b, half(8))
+
+
+def _unpack(lo, hi, upper: bool):
+    """vpunpck[lh]bw: per 128-bit lane, bytes 8u..8u+7 (u = upper) of lo and hi interleaved (fp16 values)."""
+    first = 8 if upper else 0
+    return T.Shuffle([lo, hi], [v for L in range(4) for e in range(first, first + 8) for v in (16 * L + e, VEC + 16 * L + e)])
+
+
+def _f32(v16, half: int):
+    """float32x16 from fp16 lanes 16*half.. of a 32-value vector held as int8x64."""
+    part = T.Shuffle([v16], list(range(32 * half, 32 * half + 32)))
+    return T.Cast("float32x16", T.reinterpret("float16x16", part))
+
+
+def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
+    PL, XP, SX, TB, CB, VB, ACC = bufs
+    W = table_bytes(b)
+    nt = 1 if s.mode == "int8" else 2
+    for r, n in enumerate(rows):
+        for p in range(b):
+            T.buffer_store(VB, widen(_plane_vector(PL, p, n, g, tail)), [T.ramp(VEC * p, 1, VEC)])
+        pairs = decode_pairs([VB[T.ramp(VEC * p, 1, VEC)] for p in range(b)], b)
+        for q in range(4):
+            T.buffer_store(CB, pairs[q], [T.ramp(r * GROUP + VEC * q, 1, VEC)])
+
+    def table(r, k):
+        return lambda t: T.reinterpret("int8x64", TB[T.ramp((r * nt + k) * W + VEC * t, 1, VEC)])
+
+    for r in range(len(rows)):
+        code = [CB[T.ramp(r * GROUP + VEC * q, 1, VEC)] for q in range(4)]
+        if s.mode == "int8":
+            a = ACC[T.ramp(r * VEC, 1, 16)]
+            for h in range(2):   # the two halves of the group: separate activation scales (blocks of 32)
+                acc = T.broadcast(T.int32(0), 16)
+                for q in (2 * h, 2 * h + 1):
+                    acc = _x86("avx512.vpdpbusd.512", "int32x16", acc, lookup(table(r, 0), b, code[q]),
+                               XP[0, T.ramp(GROUP * g + VEC * q, 1, VEC)])
+                sx = SX[0, T.ramp(16 * g + 8 * h, 1, 8)]
+                a = a + T.Cast("float32x16", acc) * T.vectorcombine("float32x16", sx, sx)
+            T.buffer_store(ACC, a, [T.ramp(r * VEC, 1, 16)])
+            continue
+        accs = [ACC[T.ramp(r * VEC + 16 * k, 1, 16)] for k in range(4)]
+        for q in range(4 if tail == 4 else 4):
+            lo, hi = lookup(table(r, 0), b, code[q]), lookup(table(r, 1), b, code[q])
+            ul, uh = _unpack(lo, hi, False), _unpack(lo, hi, True)
+            vals = [_f32(ul, 0), _f32(ul, 1), _f32(uh, 0), _f32(uh, 1)]
+            for k in range(4):
+                accs[k] = accs[k] + vals[k] * XP[0, T.ramp(GROUP * g + VEC * q + 16 * k, 1, 16)]
+        for k in range(4):
+            T.buffer_store(ACC, accs[k], [T.ramp(r * VEC + 16 * k, 1, 16)])
+
+
+def body(s, b: int, R: int, PL, LUT, WS, XP, SX, CORR, Y) -> None:
+    """The b-bit GEMV: tiles of R rows in parallel."""
+    NT = -(-s.N // R)
+    nt = 1 if s.mode == "int8" else 2
+    with T.parallel(0, NT) as t:
+        TB = _local((R * nt * table_bytes(b),), "uint8")
+        CB = _local((R * GROUP,), "uint8")
+        VB = _local((VEC * b,), "uint8")
+        ACC = _local((R * VEC,), "float32")
+        rows = [T.min(t * R + r, s.N - 1) for r in range(R)]
+        for r, n in enumerate(rows):
+            prepare_tables(s, b, LUT, n, TB, r * nt * table_bytes(b))
+            for k in range(4):
+                T.buffer_store(ACC, T.broadcast(T.float32(0), 16), [T.ramp(r * VEC + 16 * k, 1, 16)])
+        bufs = (PL, XP, SX, TB, CB, VB, ACC)
+        full = s.G if s.tail == 4 else s.G - 1
+        if full:
+            with T.serial(0, full) as g:
+                _group(s, b, rows, g, 4, bufs)
+        if s.tail != 4:
+            _group(s, b, rows, s.G - 1, s.tail, bufs)
+        for r in range(R):
+            with T.If(t * R + r < s.N):
+                with T.Then():
+                    total = ACC[r * VEC]
+                    for e in range(1, VEC if s.mode == "exact" else 16):
+                        total = total + ACC[r * VEC + e]
+                    if s.mode == "int8":
+                        total = (total - CORR[0]) * WS[rows[r], b - s.MINB]
+                    T.buffer_store(Y, total, [0, t * R + r])

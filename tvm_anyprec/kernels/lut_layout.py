@@ -1,0 +1,110 @@
+"""What every body of the CPU bitplane kernel shares (``kernels.lut_cpu``, ``kernels.lut_avx512``): the shape,
+the stack-local buffers, the plane loads, and the prologue that puts the activations in decode order."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.script import tirx as T
+
+from ..quant.byteslice import GROUP, INT8_MAX, blocks, groups
+from .lowering import KEEP
+from .lut_isa import _u8
+
+BIAS = 128   # int8 mode on AVX-512: tables biased to unsigned bytes for vpdpbusd (u8 x s8), undone by CORR
+
+
+@dataclass(frozen=True)
+class _Shape:
+    M: int
+    N: int
+    K: int
+    B: int
+    MINB: int
+    mode: str
+    isa: str
+
+    @property
+    def G(self):
+        return groups(self.K)
+
+    @property
+    def tail(self):   # 64-weight blocks in the last group (1..4)
+        return blocks(self.K) - 4 * (self.G - 1)
+
+    @property
+    def avx2(self) -> bool:
+        """AVX2 bodies may run (an AVX-512 target has AVX2: its M > 1 bodies are the AVX2 ones)."""
+        return self.isa in ("avx2", "avx512")
+
+    @property
+    def wide(self) -> bool:
+        """The AVX-512 GEMV body (``lut_avx512``) runs."""
+        return self.isa == "avx512" and self.M == 1
+
+
+STACK_MAX = 16 << 10   # bytes of one local buffer kept on the stack (the tiles and tables are a few KiB)
+
+
+def _local(shape, dtype):
+    """A local buffer kept on the stack (``lowering``) when small; larger ones (a 32-row accumulator tile) go to
+    TVM's workspace."""
+    nbytes = int(shape[0]) * (4 if dtype.endswith("32") else 1)
+    return T.alloc_local(shape, dtype, annotations=KEEP if nbytes <= STACK_MAX else None)
+
+
+def _plane_vector(PL, p, n, g, tail: int):
+    if tail == 4:
+        return PL[p, n, T.ramp(32 * g, 1, 32)]
+    z8 = _u8(0, 8)
+    part = [PL[p, n, T.ramp(32 * g + 8 * j, 1, 8)] if j < tail else z8 for j in range(4)]
+    return T.vectorcombine("uint8x32", T.vectorcombine("uint8x16", part[0], part[1]),
+                           T.vectorcombine("uint8x16", part[2], part[3]))
+
+
+def _prologue(s: _Shape, X, XP, SX, CORR=None):
+    """XP [M, G*256] = X in decode order. int8 mode: quantized per block of 32 columns (llama.cpp's Q8_0; one
+    scale per 256 columns cost +4.6% perplexity at 3 bits on SmolLM2, per 64 +1.2..3.7%). Block (j, h) of group g
+    holds columns 256g + 64j + 32h + [0, 32): bits i = 4h..4h+3 of the planes' block j. The scales are laid out
+    as the int32x8 lanes of a half-group's dot products need them (lanes 2j and 2j+1 hold block j's products):
+    SX[m, 16g + 8h + t] = scale of block (t // 2, h). CORR[m] = BIAS * sum_k q[m, k] * scale(k): what the biased
+    tables of the AVX-512 body add. The AVX-512 exact body reads each pair of codes (2q, 2q+1) in the order its
+    byte unpacks leave the fp16 values: position 64q + 32a + 16c + 8h + l holds code 2q + c, lane 8(a + 2h) + l."""
+    loop = T.parallel if s.M > 1 else T.serial
+
+    def src(g, i, j, l):
+        return GROUP * g + 64 * j + 8 * i + l
+
+    def xval(m, k):
+        return T.if_then_else(k < s.K, X[m, T.min(k, s.K - 1)], T.float32(0))
+
+    with loop(0, s.M) as m:
+        if CORR is not None:
+            T.buffer_store(CORR, T.float32(0), [m])
+        with T.serial(0, s.G) as g:
+            if s.mode == "exact" and s.wide:
+                with T.grid(4, 2, 2, 2, 8) as (q, a, c, h, l):
+                    T.buffer_store(XP, xval(m, src(g, 2 * q + c, a + 2 * h, l)),
+                                   [m, GROUP * g + 64 * q + 32 * a + 16 * c + 8 * h + l])
+            elif s.mode == "exact":
+                with T.grid(8, 4, 8) as (i, j, l):
+                    T.buffer_store(XP, xval(m, src(g, i, j, l)), [m, GROUP * g + 32 * i + 8 * j + l])
+            else:
+                amax = _local((1,), "float32")
+                qsum = _local((1,), "float32")
+                with T.grid(4, 2) as (j, h):
+                    T.buffer_store(amax, T.float32(0), [0])
+                    T.buffer_store(qsum, T.float32(0), [0])
+                    with T.serial(0, 32) as q:
+                        T.buffer_store(amax, T.max(amax[0], T.abs(xval(m, GROUP * g + 64 * j + 32 * h + q))), [0])
+                    inv = T.Select(amax[0] > T.float32(0), T.float32(INT8_MAX) / T.max(amax[0], T.float32(1e-30)),
+                                   T.float32(0))
+                    for u in range(2):
+                        T.buffer_store(SX, amax[0] / T.float32(INT8_MAX), [m, 16 * g + 8 * h + 2 * j + u])
+                    with T.grid(4, 8) as (i, l):
+                        q = T.floor(xval(m, src(g, 4 * h + i, j, l)) * inv + T.float32(0.5))
+                        q = T.max(T.min(q, T.float32(INT8_MAX)), T.float32(-INT8_MAX))
+                        T.buffer_store(XP, T.Cast("int8", q), [m, GROUP * g + 32 * (4 * h + i) + 8 * j + l])
+                        if CORR is not None:
+                            T.buffer_store(qsum, qsum[0] + q, [0])
+                    if CORR is not None:
+                        T.buffer_store(CORR, CORR[m] + qsum[0] * (amax[0] * T.float32(BIAS / INT8_MAX)), [m])
