@@ -136,7 +136,7 @@ def bitplane_cases(wl: Workload, target: dict, bits=range(MIN_BITS, MAX_BITS + 1
     import tvm
 
     from tvm_anyprec.kernels.lut_cpu import LUT_PAD, cpu_isa, kernel_name, make_anyprec_cpu
-    from tvm_anyprec.quant.byteslice import int8_tables, to_byte_sliced
+    from tvm_anyprec.quant.byteslice import int_tables, to_byte_sliced
 
     from .common import build_primfunc
 
@@ -154,7 +154,7 @@ def bitplane_cases(wl: Workload, target: dict, bits=range(MIN_BITS, MAX_BITS + 1
         if mode == "exact":
             tables = [tvm.runtime.tensor(np.pad(wl.luts, pad), dev)]
         else:
-            tabs, scales = int8_tables(wl.luts, range(MIN_BITS, MAX_BITS + 1))
+            tabs, scales = int_tables(wl.luts, range(MIN_BITS, MAX_BITS + 1))
             tables = [tvm.runtime.tensor(np.pad(tabs, pad), dev), tvm.runtime.tensor(scales, dev)]
         for b in bits:
             nb = tvm.runtime.tensor(np.array([b], np.int32), dev)

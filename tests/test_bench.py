@@ -42,10 +42,10 @@ def test_bytes_accounting_matches_the_buffers(M, N, K_):
         off = lut_offset(b, K.MIN_BITS)
         read = wl.planes[:b].nbytes + wl.luts[:, off:off + (1 << b)].nbytes   # what a b-bit call touches
         assert K.bitplane_bytes(M, N, K_, b) == read + io
-    from tvm_anyprec.quant.byteslice import int8_tables, to_byte_sliced
+    from tvm_anyprec.quant.byteslice import int_tables, to_byte_sliced
 
     bs = to_byte_sliced(wl.planes, K_)
-    tabs, scales = int8_tables(wl.luts, range(K.MIN_BITS, K.MAX_BITS + 1))
+    tabs, scales = int_tables(wl.luts, range(K.MIN_BITS, K.MAX_BITS + 1))
     for b in range(K.MIN_BITS, K.MAX_BITS + 1):
         off = lut_offset(b, K.MIN_BITS)
         assert K.lut_cpu_bytes(M, N, K_, b, "exact") == bs[:b].nbytes + wl.luts[:, off:off + (1 << b)].nbytes + io

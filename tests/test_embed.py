@@ -15,7 +15,7 @@ from tvm_anyprec.kernels.lut_cpu import LUT_PAD
 from tvm_anyprec.kernels.spec import spec_of
 from tvm_anyprec.passes.anyprec_rewrite import AnyPrecRewrite
 from tvm_anyprec.quant.bitplanes import pack_bitplanes
-from tvm_anyprec.quant.byteslice import codes_from_byte_sliced, int8_tables, to_byte_sliced
+from tvm_anyprec.quant.byteslice import codes_from_byte_sliced, int_tables, to_byte_sliced
 
 B, MINB = 8, 3
 
@@ -28,7 +28,7 @@ def test_embedding_rows_decoded_from_the_planes(mode):
     codes = rng.integers(0, 1 << B, (N, K)).astype(np.uint8)
     planes = to_byte_sliced(pack_bitplanes(codes, B), K)
     luts = rng.standard_normal((N, lut_width(B, MINB))).astype(np.float16)
-    tabs, scales = int8_tables(luts, range(MINB, B + 1))
+    tabs, scales = int_tables(luts, range(MINB, B + 1))
     width = luts.shape[1] + LUT_PAD
     tables = [np.pad(luts, ((0, 0), (0, LUT_PAD)))] if mode == "exact" else \
         [np.pad(tabs, ((0, 0), (0, LUT_PAD))), scales]

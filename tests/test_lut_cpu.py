@@ -81,16 +81,16 @@ def test_exact_mode_matches_numpy(isa, M, N, K):
 
 @pytest.mark.parametrize("isa,M,N,K", CASES)
 def test_int8_mode_integer_sums_are_exact(isa, M, N, K):
-    """Tables with max |q| = 127 and scale 1, activations with max |x| = 127 per block of 32: every float step is
-    exact, so Y must equal the numpy integer reference exactly."""
+    """int16 tables with |q| <= 1000 (both bytes used, negative values included) and scale 1, activations with
+    max |x| = 127 per block of 32: every float step is exact, so Y must equal the numpy integer reference."""
     rng = np.random.default_rng(M * 11 + K)
     _planes, bs, _luts = _layer(rng, N, K)
     L = lut_width(B, MINB)
-    tabs = np.zeros((N, L + LUT_PAD), np.int8)
+    tabs = np.zeros((N, L + LUT_PAD), np.int16)
     for b in WIDTHS:
         o = lut_offset(b, MINB)
-        q = rng.integers(-127, 128, (N, 1 << b))
-        q[:, 0] = 127
+        q = rng.integers(-1000, 1001, (N, 1 << b))
+        q[:, 0] = 1000
         tabs[:, o:o + (1 << b)] = q
     scales = np.ones((N, len(WIDTHS)), np.float32)
     xp_int = rng.integers(-9, 10, (M, bsl.groups(K) * bsl.GROUP))
@@ -114,7 +114,7 @@ def test_int8_mode_matches_numpy_quantization(isa):
     rng = np.random.default_rng(3)
     _planes, bs, luts = _layer(rng, N, K)
     x = rng.standard_normal((M, K)).astype(np.float32)
-    tabs, scales = bsl.int8_tables(luts, WIDTHS)
+    tabs, scales = bsl.int_tables(luts, WIDTHS)
     fn = _build(M, N, K, "int8", isa)
     for b in WIDTHS:
         y = _run(fn, [x, bs, np.pad(tabs, ((0, 0), (0, LUT_PAD))), scales], b, M, N)

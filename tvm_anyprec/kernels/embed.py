@@ -8,7 +8,7 @@ embedding costs no memory of its own and a b-bit call embeds with the same b-bit
 
 Buffers: IDS int64 [S] (negative ids count from the end, as ONNX Gather's; then clipped to 0..N-1); PLANES
 uint8 [B, N, 8*ceil(K/64)] (byte-sliced, ``quant.byteslice``: bit (k % 64) // 8 of byte 8*(k // 64) + k % 8
-of a row); NBITS int32 [1]; Y fp32 [S, K]; and the mode's tables: LUTS fp16 [N, W] (``exact``) or TABS int8
+of a row); NBITS int32 [1]; Y fp32 [S, K]; and the mode's tables: LUTS fp16 [N, W] (``exact``) or TABS int16
 [N, W] + SCALES fp32 [N, B - min_bits + 1] (``int8``: the centroid is table value x the row's scale, the
 values the int8 lm_head multiplies with).
 """
@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from tvm.script import tirx as T
 
-from ..quant.byteslice import row_bytes
+from ..quant.byteslice import TABLE_DTYPE, row_bytes
 from .spec import KernelSpec, register
 
 
@@ -60,7 +60,7 @@ def make_embed(S: int, N: int, K: int, B: int, MINB: int, width: int, mode: str)
 
     @T.prim_func(s_tir=True)
     def embed_int8(IDS: T.Buffer((S,), "int64"), PL: T.Buffer((B, N, RB), "uint8"),
-                   TABS: T.Buffer((N, width), "int8"), SCALES: T.Buffer((N, B - MINB + 1), "float32"),
+                   TABS: T.Buffer((N, width), TABLE_DTYPE), SCALES: T.Buffer((N, B - MINB + 1), "float32"),
                    NBITS: T.Buffer((1,), "int32"), Y: T.Buffer((S, K), "float32")):
         T.func_attr({"tirx.noalias": True})
         rows(IDS, PL, NBITS, Y, lambda n, c, w: T.Cast("float32", TABS[n, c]) * SCALES[n, w])

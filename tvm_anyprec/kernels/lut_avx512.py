@@ -8,12 +8,17 @@ half shifted right by one bit), so one 64-lane decode yields two code vectors at
 The tables live in zmm registers for every bit-width: ``vpermb`` on a 64-entry table for b <= 6, ``vpermi2b`` on
 128 entries for b = 7, two ``vpermi2b`` merged by the code's top bit for b = 8.
 
-* int8 mode: the row's int8 table biased to unsigned bytes (+128), looked up and multiplied with the int8
-  activations by ``vpdpbusd`` (u8 x s8 -> int32, four products per lane); the bias adds 128 * sum(x) per call,
-  the same for every row, which the prologue computes once (CORR) and the epilogue subtracts.
-* exact mode: the fp16 LUT split into a low-byte and a high-byte table, both looked up, re-joined by the byte
-  unpacks (``vpunpck[lh]bw``) and widened by ``vcvtph2ps``; the prologue stores the activations in the order the
-  unpacks leave the values, so no cross-lane shuffle is needed; then FMA into four accumulators per row.
+Both modes split the row's 16-bit table (fp16 LUT, or int16 table) into a low-byte and a high-byte table, look
+both up and re-join the bytes:
+
+* int8 mode: not re-joined. The int16 table value q is taken as the unsigned u = q + 32768 = 256 uh + ul (the
+  high-byte table XOR 0x80), and each byte table is multiplied with the int8 activations by ``vpdpbusd`` (u8 x s8,
+  four products per int32 lane): sum u x = sum lo x + 256 sum hi x, exact in int32. The bias adds
+  32768 * sum(x) to each int32 lane, the same for every row: the prologue sums it once per call (XC) and each
+  half-group subtracts it before the int32 sums are scaled, so they stay exact. (Re-joining into int16 for ``vpdpwssd`` cost 1.5x more at 3 bits.)
+* exact mode: re-joined by the byte unpacks (``vpunpck[lh]bw``) and widened by ``vcvtph2ps``; the prologue stores
+  the activations in the order the unpacks leave the values, so no cross-lane shuffle is needed; then FMA into
+  four accumulators per row.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from tvm.script import tirx as T
 
 from ..quant.byteslice import GROUP
 from .anyprec import lut_offset
-from .lut_layout import BIAS, _local, _plane_vector
+from .lut_layout import _local, _plane_vector
 
 VEC = 64
 
@@ -99,18 +104,16 @@ def _store_table(TB, base: int, b: int, chunk) -> None:
 
 
 def prepare_tables(s, b: int, LUT, n, TB, base: int) -> None:
-    """Row n's tables for a b-bit call: int8 mode the biased int8 table; exact mode the low-byte table then the
-    high-byte table of the fp16 LUT."""
+    """Row n's tables for a b-bit call: the low-byte table then the high-byte table of its 16-bit values."""
     off = lut_offset(b, s.MINB)
-    if s.mode == "int8":
-        _store_table(TB, base, b, lambda t: T.bitwise_xor(T.reinterpret("uint8x16", LUT[n, T.ramp(off + 16 * t, 1, 16)]),
-                                                          T.broadcast(T.uint8(BIAS), 16)))
-        return
     half = lambda sh: lambda t: T.Cast("uint8x16", T.bitwise_and(T.shift_right(  # noqa: E731
         T.reinterpret("uint16x16", LUT[n, T.ramp(off + 16 * t, 1, 16)]), T.broadcast(T.uint16(sh), 16)),
         T.broadcast(T.uint16(255), 16)))
     _store_table(TB, base, b, half(0))
-    _store_table(TB, base + table_bytes(b), b, half(8))
+    if s.mode == "int8":   # the high bytes of q + 32768
+        _store_table(TB, base + table_bytes(b), b, lambda t: T.bitwise_xor(half(8)(t), T.broadcast(T.uint8(0x80), 16)))
+    else:
+        _store_table(TB, base + table_bytes(b), b, half(8))
 
 
 def _unpack(lo, hi, upper: bool):
@@ -126,9 +129,8 @@ def _f32(v16, half: int):
 
 
 def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
-    PL, XP, SX, TB, CB, VB, ACC = bufs
+    PL, XP, SX, XC, TB, CB, VB, ACC = bufs
     W = table_bytes(b)
-    nt = 1 if s.mode == "int8" else 2
     for r, n in enumerate(rows):
         for p in range(b):
             T.buffer_store(VB, widen(_plane_vector(PL, p, n, g, tail)), [T.ramp(VEC * p, 1, VEC)])
@@ -137,23 +139,25 @@ def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
             T.buffer_store(CB, pairs[q], [T.ramp(r * GROUP + VEC * q, 1, VEC)])
 
     def table(r, k):
-        return lambda t: T.reinterpret("int8x64", TB[T.ramp((r * nt + k) * W + VEC * t, 1, VEC)])
+        return lambda t: T.reinterpret("int8x64", TB[T.ramp((2 * r + k) * W + VEC * t, 1, VEC)])
 
     for r in range(len(rows)):
         code = [CB[T.ramp(r * GROUP + VEC * q, 1, VEC)] for q in range(4)]
         if s.mode == "int8":
             a = ACC[T.ramp(r * VEC, 1, 16)]
             for h in range(2):   # the two halves of the group: separate activation scales (blocks of 32)
-                acc = T.broadcast(T.int32(0), 16)
-                for q in (2 * h, 2 * h + 1):
-                    acc = _x86("avx512.vpdpbusd.512", "int32x16", acc, lookup(table(r, 0), b, code[q]),
-                               XP[0, T.ramp(GROUP * g + VEC * q, 1, VEC)])
-                sx = SX[0, T.ramp(16 * g + 8 * h, 1, 8)]
-                a = a + T.Cast("float32x16", acc) * T.vectorcombine("float32x16", sx, sx)
+                acc = [T.broadcast(T.int32(0), 16)] * 2
+                for q in (2 * h, 2 * h + 1):   # int32 lane t: bytes 4t..4t+3 of the pair (block (t % 8) // 2)
+                    x = XP[0, T.ramp(GROUP * g + VEC * q, 1, VEC)]
+                    for k in range(2):
+                        acc[k] = _x86("avx512.vpdpbusd.512", "int32x16", acc[k], lookup(table(r, k), b, code[q]), x)
+                total = acc[0] + T.shift_left(acc[1], T.broadcast(T.int32(8), 16)) - \
+                    XC[0, T.ramp(32 * g + 16 * h, 1, 16)]
+                a = a + T.Cast("float32x16", total) * SX[0, T.ramp(32 * g + 16 * h, 1, 16)]
             T.buffer_store(ACC, a, [T.ramp(r * VEC, 1, 16)])
             continue
         accs = [ACC[T.ramp(r * VEC + 16 * k, 1, 16)] for k in range(4)]
-        for q in range(4 if tail == 4 else 4):
+        for q in range(4):
             lo, hi = lookup(table(r, 0), b, code[q]), lookup(table(r, 1), b, code[q])
             ul, uh = _unpack(lo, hi, False), _unpack(lo, hi, True)
             vals = [_f32(ul, 0), _f32(ul, 1), _f32(uh, 0), _f32(uh, 1)]
@@ -163,21 +167,20 @@ def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
             T.buffer_store(ACC, accs[k], [T.ramp(r * VEC + 16 * k, 1, 16)])
 
 
-def body(s, b: int, R: int, PL, LUT, WS, XP, SX, CORR, Y) -> None:
+def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
     """The b-bit GEMV: tiles of R rows in parallel."""
     NT = -(-s.N // R)
-    nt = 1 if s.mode == "int8" else 2
     with T.parallel(0, NT) as t:
-        TB = _local((R * nt * table_bytes(b),), "uint8")
+        TB = _local((R * 2 * table_bytes(b),), "uint8")
         CB = _local((R * GROUP,), "uint8")
         VB = _local((VEC * b,), "uint8")
         ACC = _local((R * VEC,), "float32")
         rows = [T.min(t * R + r, s.N - 1) for r in range(R)]
         for r, n in enumerate(rows):
-            prepare_tables(s, b, LUT, n, TB, r * nt * table_bytes(b))
+            prepare_tables(s, b, LUT, n, TB, r * 2 * table_bytes(b))
             for k in range(4):
                 T.buffer_store(ACC, T.broadcast(T.float32(0), 16), [T.ramp(r * VEC + 16 * k, 1, 16)])
-        bufs = (PL, XP, SX, TB, CB, VB, ACC)
+        bufs = (PL, XP, SX, XC, TB, CB, VB, ACC)
         full = s.G if s.tail == 4 else s.G - 1
         if full:
             with T.serial(0, full) as g:
@@ -191,5 +194,5 @@ def body(s, b: int, R: int, PL, LUT, WS, XP, SX, CORR, Y) -> None:
                     for e in range(1, VEC if s.mode == "exact" else 16):
                         total = total + ACC[r * VEC + e]
                     if s.mode == "int8":
-                        total = (total - CORR[0]) * WS[rows[r], b - s.MINB]
+                        total = total * WS[rows[r], b - s.MINB]
                     T.buffer_store(Y, total, [0, t * R + r])

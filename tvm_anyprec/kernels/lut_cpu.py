@@ -7,7 +7,7 @@ Y fp32 [M, N]; and per accuracy mode:
 
 * ``exact``: LUTS fp16 [N, L + 16] (the per-bit LUTs concatenated as today, zero-padded by 16 entries so a
   16-lane table load never leaves the buffer). fp32 math on the fp16 centroids.
-* ``int8``: TABS int8 [N, L + 16] (each bit-width's centroids / its per-row scale, ``byteslice.int8_tables``),
+* ``int8``: TABS int16 [N, L + 16] (each bit-width's centroids / its per-row scale, ``byteslice.int_tables``),
   SCALES fp32 [N, B - min_bits + 1]. The activations are quantized per call to int8 with one scale per block of
   32 columns (llama.cpp's Q8_0 granularity); each block's dot product is an exact int32 sum.
 
@@ -20,13 +20,15 @@ call into the decode order (and quantized, in int8 mode) before the parallel loo
 Instruction sets (``isa``, chosen from the target's features by ``cpu_isa``; an instruction the CPU lacks
 would kill the process):
 
-* ``avx2``: int8 lookups by ``vpshufb`` on 16-entry tables (b <= 4: one; b = 5..8: 2^(b-4) tables merged by a
-  ``vpblendvb`` tree on the code's high bits), dot products by ``vpsignb`` + ``vpmaddubsw`` + ``vpmaddwd``
-  (llama.cpp's sign trick: |w| unsigned times x with w's sign); exact lookups on the fp16 LUT split into a
-  low-byte and a high-byte table, both looked up like int8 tables, re-interleaved into fp16 and widened
+* ``avx2``: byte lookups by ``vpshufb`` on 16-entry tables (b <= 4: one; b = 5..8: 2^(b-4) tables merged by a
+  ``vpblendvb`` tree on the code's high bits). Both modes look up 16-bit values split into a low-byte and a
+  high-byte table and re-join them: int8 mode into int16 table values, multiplied with the activations by
+  ``vpmaddwd`` (int8 centroid tables by ``vpmaddubsw`` cost up to +1.2% perplexity); exact mode into fp16, widened
   (``vcvtph2ps``), then FMA (faster here than ``vpermps``/``vblendvps`` trees on fp32 tables and than gathers);
-  at b = 8 the 16-table trees lose to scalar loads from an fp32 table in L1 (``SCALAR_MIN``; 4096x4096 GEMV,
-  2 threads, Zen 3: 7.2 ms against 11.7 ms; equal at b = 7).
+  at b = 8 exact mode's 16-table trees lose to scalar loads from an fp32 table in L1 (``SCALAR_MIN``; 4096x4096
+  GEMV, 2 threads, Zen 3: 7.2 ms against 11.7 ms; equal at b = 7).
+* ``avx512`` (AVX-512BW + VBMI + VNNI): the GEMV body of ``kernels.lut_avx512`` (64-lane decode, ``vpermb`` /
+  ``vpermi2b`` tables for every b, ``vpdpwssd``); M > 1 runs the AVX2 bodies.
 * ``generic``: the same decode with portable vector code; the lookups are gathers (LLVM picks the
   instructions). Any LLVM CPU target, aarch64 included.
 """
@@ -37,13 +39,13 @@ from typing import ClassVar
 
 from tvm.script import tirx as T
 
-from ..quant.byteslice import GROUP, row_bytes
+from ..quant.byteslice import GROUP, TABLE_DTYPE, row_bytes
 from .anyprec import lut_offset, lut_width
 from .lowering import STACK_LOCALS
 from . import lut_avx512
 from .lut_layout import _local, _plane_vector, _prologue, _Shape
-from .lut_isa import (_u8, decode, dot_int8_avx2, dot_int8_generic, lookup_f32_avx2, lookup_f32_generic,
-                      lookup_fp16_avx2, lookup_int8_avx2, lookup_int8_generic, scalar_lookups, split_fp16_tables,
+from .lut_isa import (decode, dot_int16_avx2, dot_int16_generic, lookup_f32_avx2, lookup_f32_generic,
+                      lookup_fp16_avx2, lookup_int16_avx2, lookup_int16_generic, scalar_lookups, split_fp16_tables,
                       split_width)
 from .spec import KernelSpec, register
 
@@ -118,21 +120,33 @@ def _codes(PL, p_count: int, n, g, tail: int, VB, CB, b: int, direct: bool = Fal
     return [CB[T.ramp(base + 32 * i, 1, 32)] for i in range(8)]
 
 
+def _half_int(s: _Shape, h: int, g, m, weights, XP, SX):
+    """float32x8: half h of group g of int8 mode (codes i = 4h..4h+3; ``weights(i)``: their int16 table values
+    as two int16x16) times row m of the activations, the int32 sums of each block of 32 scaled by its scale.
+    Lane t of the first (second) int32x8 sums codes 2t, 2t+1 (16 + 2t, 17 + 2t): block t // 4 (2 + t // 4)."""
+    dot = dot_int16_avx2 if s.avx2 else dot_int16_generic
+    acc = [None, None]
+    for i in range(4 * h, 4 * h + 4):
+        w = weights(i)
+        for u in range(2):
+            d = dot(w[u], XP[m, T.ramp(GROUP * g + 32 * i + 16 * u, 1, 16)])
+            acc[u] = d if acc[u] is None else acc[u] + d
+    scaled = [T.Cast("float32x8", acc[u]) * SX[m, T.ramp(32 * g + 16 * h + 8 * u, 1, 8)] for u in range(2)]
+    return scaled[0] + scaled[1]
+
+
 def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
-    PL, LUT, XP, SX, WB, CB, TBL, ACC, AI, VB = bufs
+    PL, LUT, XP, SX, WB, CB, TBL, ACC, VB = bufs
     R = len(rows)
     off = lut_offset(b, s.MINB)
     E = max(8, 1 << b)
     if s.M == 1 and s.mode == "int8" and s.avx2:   # GEMV: lookups feed the dot products in registers
         for r, n in enumerate(rows):
-            codes = _codes(PL, b, n, g, tail, VB, CB, b, direct=b <= 4)
+            codes = _codes(PL, b, n, g, tail, VB, CB, b)
             a = ACC[T.ramp(r * 8, 1, 8)]
-            for h in range(2):   # the two halves of the group: separate activation scales (blocks of 32)
-                acc = None
-                for i in range(4 * h, 4 * h + 4):
-                    d = dot_int8_avx2(lookup_int8_avx2(LUT, n, off, b, codes[i]), XP[0, T.ramp(GROUP * g + 32 * i, 1, 32)])
-                    acc = d if acc is None else acc + d
-                a = a + T.Cast("float32x8", acc) * SX[0, T.ramp(16 * g + 8 * h, 1, 8)]
+            for h in range(2):
+                a = a + _half_int(s, h, g, 0, lambda i, r=r: lookup_int16_avx2(
+                    TBL, r * 2 * split_width(b), b, codes[i]), XP, SX)
             T.buffer_store(ACC, a, [T.ramp(r * 8, 1, 8)])
         return
     if s.M == 1 and s.mode == "exact" and s.avx2:   # GEMV: the rows of a tile share each x load
@@ -168,8 +182,10 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
         def step(i, r=r, n=n):
             c = CB[T.ramp(32 * i, 1, 32)]
             if s.mode == "int8":
-                look = lookup_int8_avx2 if s.avx2 else lookup_int8_generic
-                T.buffer_store(WB, look(LUT, n, off, b, c), [T.ramp(r * GROUP + 32 * i, 1, 32)])
+                vals = lookup_int16_avx2(TBL, r * 2 * split_width(b), b, c) if s.avx2 else \
+                    lookup_int16_generic(LUT, n, off, b, c)
+                for u in range(2):
+                    T.buffer_store(WB, vals[u], [T.ramp(r * GROUP + 32 * i + 16 * u, 1, 16)])
             elif _form(s, b) == "split":
                 vals = lookup_fp16_avx2(TBL, r * 2 * split_width(b), b, c)
                 for q in range(tail):
@@ -185,20 +201,12 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
     with T.serial(0, s.M) as m:
         xo = GROUP * g
         if s.mode == "int8":
-            for h in range(2):   # the two halves of the group: separate activation scales (blocks of 32)
-                for r in range(R):
-                    T.buffer_store(AI, T.broadcast(T.int32(0), 8), [T.ramp(8 * r, 1, 8)])
-                for i in range(4 * h, 4 * h + 4):
-                    x = XP[m, T.ramp(xo + 32 * i, 1, 32)]
-                    for r in range(R):
-                        wo = r * GROUP + 32 * i
-                        d = dot_int8_avx2(WB[T.ramp(wo, 1, 32)], x) if s.avx2 else \
-                            dot_int8_generic(WB, wo, XP, m, xo + 32 * i)
-                        T.buffer_store(AI, AI[T.ramp(8 * r, 1, 8)] + d, [T.ramp(8 * r, 1, 8)])
-                for r in range(R):
-                    a = ACC[T.ramp((m * R + r) * 8, 1, 8)]
-                    T.buffer_store(ACC, a + T.Cast("float32x8", AI[T.ramp(8 * r, 1, 8)]) *
-                                   SX[m, T.ramp(16 * g + 8 * h, 1, 8)], [T.ramp((m * R + r) * 8, 1, 8)])
+            for r in range(R):
+                a = ACC[T.ramp((m * R + r) * 8, 1, 8)]
+                for h in range(2):
+                    a = a + _half_int(s, h, g, m, lambda i, r=r: [WB[T.ramp(r * GROUP + 32 * i + 16 * u, 1, 16)]
+                                                                  for u in range(2)], XP, SX)
+                T.buffer_store(ACC, a, [T.ramp((m * R + r) * 8, 1, 8)])
         else:
             for i in range(8):
                 for q in range(tail):
@@ -209,35 +217,35 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                                        [T.ramp((m * R + r) * 8, 1, 8)])
 
 
-def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, CORR, Y):
+def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y):
     """The b-bit kernel: tiles of R rows in parallel."""
     if s.wide:
-        return lut_avx512.body(s, b, R, PL, LUT, WS, XP, SX, CORR, Y)
+        return lut_avx512.body(s, b, R, PL, LUT, WS, XP, SX, XC, Y)
     NT = -(-s.N // R)
     E = max(8, 1 << b)
     with T.parallel(0, NT) as nt:
         # the GEMV paths feed the lookups straight into the dot products (scalar lookups go through WB)
         fast = s.M == 1 and s.avx2 and _form(s, b) != "scalar"
-        WB = None if fast else _local((R * GROUP,), "int8" if s.mode == "int8" else "float32")
+        WB = None if fast else _local((R * GROUP,), "int16" if s.mode == "int8" else "float32")
         ACC = _local((s.M * R * 8,), "float32")
         CB = _local((R * GROUP,), "uint8")
         VB = _local((32 * b,), "uint8")
-        TBL = (_local((R * 2 * split_width(b),), "uint8") if _form(s, b) == "split" else _local((R * E,), "float32")) \
-            if s.mode == "exact" else None
-        AI = _local((R * 8,), "int32") if s.mode == "int8" else None
+        split = _form(s, b) == "split" or (s.mode == "int8" and s.avx2)   # byte tables of fp16 / int16 values
+        TBL = _local((R * 2 * split_width(b),), "uint8") if split else \
+            _local((R * E,), "float32") if s.mode == "exact" else None
         rows = [T.min(nt * R + r, s.N - 1) for r in range(R)]
         with T.serial(0, s.M * R) as z:
             T.buffer_store(ACC, T.broadcast(T.float32(0), 8), [T.ramp(z * 8, 1, 8)])
-        if s.mode == "exact":
+        if TBL is not None:
             off = lut_offset(b, s.MINB)
             for r, n in enumerate(rows):
-                if _form(s, b) == "split":
+                if split:
                     split_fp16_tables(LUT, n, off, b, TBL, r * 2 * split_width(b))
                     continue
                 for t in range(E // 8):
                     T.buffer_store(TBL, T.Cast("float32x8", LUT[n, T.ramp(off + 8 * t, 1, 8)]),
                                    [T.ramp(r * E + 8 * t, 1, 8)])
-        bufs = (PL, LUT, XP, SX, WB, CB, TBL, ACC, AI, VB)
+        bufs = (PL, LUT, XP, SX, WB, CB, TBL, ACC, VB)
         full = s.G if s.tail == 4 else s.G - 1
         if full:
             with T.serial(0, full) as g:
@@ -283,19 +291,20 @@ def make_anyprec_cpu(M: int, N: int, K: int, max_bits: int = 8, min_bits: int = 
     RB, L = row_bytes(K), table_width(max_bits, min_bits)
     widths = list(range(MINB, B + 1))
     rows = dict(rows or {})
-    xdt = "int8" if mode == "int8" else "float32"
+    # int8 mode: int8 values, widened for the int16 products (the AVX-512 body multiplies bytes)
+    xdt = "float32" if mode == "exact" else "int8" if s.wide else "int16"
 
     if mode == "int8":
         @T.prim_func
         def anyprec_cpu_int8(X: T.Buffer((M, K), "float32"), PLANES: T.Buffer((B, N, RB), "uint8"),
-                             TABS: T.Buffer((N, L), "int8"), SCALES: T.Buffer((N, B - MINB + 1), "float32"),
+                             TABS: T.Buffer((N, L), TABLE_DTYPE), SCALES: T.Buffer((N, B - MINB + 1), "float32"),
                              NBITS: T.Buffer((1,), "int32"), Y: T.Buffer((M, N), "float32")):
             T.func_attr({"tirx.noalias": True})
             XP = T.alloc_buffer((M, G * GROUP), xdt)
-            SX = T.alloc_buffer((M, G * 16), "float32")
-            CORR = T.alloc_buffer((M,), "float32")
-            _prologue(s, X, XP, SX, CORR if s.wide else None)
-            _dispatch(s, T.min(T.max(NBITS[0], MINB), B), widths, rows, (PLANES, TABS, SCALES, XP, SX, CORR, Y))
+            SX = T.alloc_buffer((M, G * 32), "float32")
+            XC = T.alloc_buffer((M, G * 32), "int32")
+            _prologue(s, X, XP, SX, XC if s.wide else None)
+            _dispatch(s, T.min(T.max(NBITS[0], MINB), B), widths, rows, (PLANES, TABS, SCALES, XP, SX, XC, Y))
 
         func = anyprec_cpu_int8
     else:

@@ -66,15 +66,6 @@ def lookup_bytes_avx2(table, b: int, c):
     return vals[0]
 
 
-def lookup_int8_avx2(TAB, n, off, b: int, c):
-    """int8x32: TAB[n, off + c] for 32 codes (``lookup_bytes_avx2`` on the row's int8 table)."""
-    def table(t):
-        t16 = TAB[n, T.ramp(off + 16 * t, 1, 16)]
-        return T.vectorcombine("int8x32", t16, t16)
-
-    return lookup_bytes_avx2(table, b, c)
-
-
 def split_width(b: int) -> int:
     return max(16, 1 << b)
 
@@ -108,26 +99,33 @@ def lookup_fp16_avx2(TB, base: int, b: int, c) -> list:
     return out
 
 
-def lookup_int8_generic(TAB, n, off, b: int, c):
-    return TAB[n, off + T.Cast("int32x32", c)]
+def lookup_int16_avx2(TB, base: int, b: int, c) -> list:
+    """The int16 table entries of 32 codes as two int16x16 (codes 0..15, 16..31): the table split into a
+    low-byte and a high-byte table (``split_fp16_tables`` on the int16 table), both looked up like int8 tables."""
+    def table(half):
+        def get(t):
+            t16 = T.reinterpret("int8x16", TB[T.ramp(base + half * split_width(b) + 16 * t, 1, 16)])
+            return T.vectorcombine("int8x32", t16, t16)
+        return get
+
+    lo, hi = lookup_bytes_avx2(table(0), b, c), lookup_bytes_avx2(table(1), b, c)
+    return [T.reinterpret("int16x16", T.Shuffle([lo, hi], [v for e in range(16 * u, 16 * u + 16) for v in (e, 32 + e)]))
+            for u in range(2)]
 
 
-def dot_int8_avx2(w, x):
-    """int32x8 partial sums of 32 int8 products (w, x int8x32; |w| <= 127): llama.cpp's sign trick, |w| as the
-    unsigned operand of vpmaddubsw and w's sign moved onto x."""
-    aw = _x86("avx2.psign.b", "int8x32", w, w)
-    sx = _x86("avx2.psign.b", "int8x32", x, w)
-    p16 = _x86("avx2.pmadd.ub.sw", "int16x16", aw, sx)
-    return _x86("avx2.pmadd.wd", "int32x8", p16, T.broadcast(T.int16(1), 16))
+def lookup_int16_generic(TAB, n, off, b: int, c) -> list:
+    c32 = T.Cast("int32x32", c)
+    return [T.Shuffle([TAB[n, off + c32]], list(range(16 * u, 16 * u + 16))) for u in range(2)]
 
 
-def dot_int8_generic(WB, wo, XP, m, xo):
-    """The lanes of ``dot_int8_avx2``: lane t sums the products of bytes 4t..4t+3."""
-    total = None
-    for u in range(4):
-        p = T.Cast("int32x8", WB[T.ramp(wo + u, 4, 8)]) * T.Cast("int32x8", XP[m, T.ramp(xo + u, 4, 8)])
-        total = p if total is None else total + p
-    return total
+def dot_int16_avx2(w, x):
+    """int32x8: lane t = w[2t] x[2t] + w[2t+1] x[2t+1] (w, x int16x16; vpmaddwd)."""
+    return _x86("avx2.pmadd.wd", "int32x8", w, x)
+
+
+def dot_int16_generic(w, x):
+    p = T.Cast("int32x16", w) * T.Cast("int32x16", x)
+    return T.Shuffle([p], list(range(0, 16, 2))) + T.Shuffle([p], list(range(1, 16, 2)))
 
 
 def lookup_f32_avx2(TBL, base, b: int, idx):

@@ -10,7 +10,7 @@ from ..quant.byteslice import GROUP, INT8_MAX, blocks, groups
 from .lowering import KEEP
 from .lut_isa import _u8
 
-BIAS = 128   # int8 mode on AVX-512: tables biased to unsigned bytes for vpdpbusd (u8 x s8), undone by CORR
+BIAS16 = 32768   # the AVX-512 int8 body's tables are q + BIAS16 (unsigned bytes for vpdpbusd); XC undoes it
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,15 @@ def _plane_vector(PL, p, n, g, tail: int):
                            T.vectorcombine("uint8x16", part[2], part[3]))
 
 
-def _prologue(s: _Shape, X, XP, SX, CORR=None):
+def _prologue(s: _Shape, X, XP, SX, XC=None):
     """XP [M, G*256] = X in decode order. int8 mode: quantized per block of 32 columns (llama.cpp's Q8_0; one
     scale per 256 columns cost +4.6% perplexity at 3 bits on SmolLM2, per 64 +1.2..3.7%). Block (j, h) of group g
-    holds columns 256g + 64j + 32h + [0, 32): bits i = 4h..4h+3 of the planes' block j. The scales are laid out
-    as the int32x8 lanes of a half-group's dot products need them (lanes 2j and 2j+1 hold block j's products):
-    SX[m, 16g + 8h + t] = scale of block (t // 2, h). CORR[m] = BIAS * sum_k q[m, k] * scale(k): what the biased
-    tables of the AVX-512 body add. The AVX-512 exact body reads each pair of codes (2q, 2q+1) in the order its
+    holds columns 256g + 64j + 32h + [0, 32): bits i = 4h..4h+3 of the planes' block j. The int8 values are stored
+    as int16 (the products are int16 table value x activation). The scales are laid out as the int32 lanes of a
+    half-group's dot products need them (lane t sums codes 2t and 2t + 1 of a code vector: block t // 4):
+    SX[m, 32g + 16h + t] = scale of block (t // 4, h). The AVX-512 int8 body keeps the values int8 (vpdpbusd: lane
+    t sums bytes 4t..4t+3 of a pair of codes, block (t % 8) // 2), and XC (int32, laid out like SX) is what its
+    biased tables add to each lane: BIAS16 * the sum of the activations the lane multiplies. The AVX-512 exact body reads each pair of codes (2q, 2q+1) in the order its
     byte unpacks leave the fp16 values: position 64q + 32a + 16c + 8h + l holds code 2q + c, lane 8(a + 2h) + l."""
     loop = T.parallel if s.M > 1 else T.serial
 
@@ -78,8 +80,6 @@ def _prologue(s: _Shape, X, XP, SX, CORR=None):
         return T.if_then_else(k < s.K, X[m, T.min(k, s.K - 1)], T.float32(0))
 
     with loop(0, s.M) as m:
-        if CORR is not None:
-            T.buffer_store(CORR, T.float32(0), [m])
         with T.serial(0, s.G) as g:
             if s.mode == "exact" and s.wide:
                 with T.grid(4, 2, 2, 2, 8) as (q, a, c, h, l):
@@ -90,21 +90,22 @@ def _prologue(s: _Shape, X, XP, SX, CORR=None):
                     T.buffer_store(XP, xval(m, src(g, i, j, l)), [m, GROUP * g + 32 * i + 8 * j + l])
             else:
                 amax = _local((1,), "float32")
-                qsum = _local((1,), "float32")
                 with T.grid(4, 2) as (j, h):
                     T.buffer_store(amax, T.float32(0), [0])
-                    T.buffer_store(qsum, T.float32(0), [0])
                     with T.serial(0, 32) as q:
                         T.buffer_store(amax, T.max(amax[0], T.abs(xval(m, GROUP * g + 64 * j + 32 * h + q))), [0])
                     inv = T.Select(amax[0] > T.float32(0), T.float32(INT8_MAX) / T.max(amax[0], T.float32(1e-30)),
                                    T.float32(0))
-                    for u in range(2):
-                        T.buffer_store(SX, amax[0] / T.float32(INT8_MAX), [m, 16 * g + 8 * h + 2 * j + u])
+                    for u in range(4):
+                        lane = 8 * (u // 2) + 2 * j + u % 2 if s.wide else 4 * j + u
+                        T.buffer_store(SX, amax[0] / T.float32(INT8_MAX), [m, 32 * g + 16 * h + lane])
                     with T.grid(4, 8) as (i, l):
                         q = T.floor(xval(m, src(g, 4 * h + i, j, l)) * inv + T.float32(0.5))
                         q = T.max(T.min(q, T.float32(INT8_MAX)), T.float32(-INT8_MAX))
-                        T.buffer_store(XP, T.Cast("int8", q), [m, GROUP * g + 32 * (4 * h + i) + 8 * j + l])
-                        if CORR is not None:
-                            T.buffer_store(qsum, qsum[0] + q, [0])
-                    if CORR is not None:
-                        T.buffer_store(CORR, CORR[m] + qsum[0] * (amax[0] * T.float32(BIAS / INT8_MAX)), [m])
+                        T.buffer_store(XP, T.Cast(XP.dtype, q), [m, GROUP * g + 32 * (4 * h + i) + 8 * j + l])
+                if XC is not None:   # lane t of half h: bytes 4t..4t+3 of pairs 2h and 2h + 1
+                    with T.grid(2, 16) as (h, t):
+                        T.buffer_store(XC, T.int32(0), [m, 32 * g + 16 * h + t])
+                        with T.grid(2, 4) as (c, u):
+                            T.buffer_store(XC, XC[m, 32 * g + 16 * h + t] + T.Cast("int32", XP[
+                                m, GROUP * g + 64 * (2 * h + c) + 4 * t + u]) * BIAS16, [m, 32 * g + 16 * h + t])

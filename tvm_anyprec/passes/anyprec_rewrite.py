@@ -29,7 +29,7 @@ from ..kernels.anyprec import AnyPrecLinear, lut_width
 from ..kernels.dense import DenseNT
 from ..kernels.embed import AnyPrecEmbed
 from ..kernels.lut_cpu import AnyPrecCPU, table_width
-from ..quant.byteslice import row_bytes
+from ..quant.byteslice import TABLE_DTYPE, row_bytes
 from ..quant.bitplanes import num_words
 from ..quant.patterns import matches_any
 
@@ -164,7 +164,7 @@ class _Rewriter(relax.PyExprMutator):
         gv = self._kernel(AnyPrecEmbed(S, N, K, o.max_bits, o.min_bits, width, mode))
         planes = self._param(f"{w.name}.planes", [o.max_bits, N, row_bytes(K)], "uint8")
         tables = [self._param(f"{w.name}.luts", [N, width], "float16")] if mode == "exact" else \
-            [self._param(f"{w.name}.tabs", [N, width], "int8"),
+            [self._param(f"{w.name}.tabs", [N, width], TABLE_DTYPE),
              self._param(f"{w.name}.scales", [N, o.max_bits - o.min_bits + 1], "float32")]
         flat = self.builder_.emit(relax.op.reshape(ids, [S]))
         if ids.ty.dtype != "int64":
@@ -220,7 +220,7 @@ class _Rewriter(relax.PyExprMutator):
         if mode == "exact":
             tables = [self._param(f"{name}.luts", [N, width], "float16")]
         else:
-            tables = [self._param(f"{name}.tabs", [N, width], "int8"),
+            tables = [self._param(f"{name}.tabs", [N, width], TABLE_DTYPE),
                       self._param(f"{name}.scales", [N, o.max_bits - o.min_bits + 1], "float32")]
         return self._emit(gv, x, xs, [planes, *tables, self.nbits], M, N, K)
 

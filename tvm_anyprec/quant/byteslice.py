@@ -1,5 +1,5 @@
-"""The byte-sliced plane layout the CPU kernels read (numpy only), its activation order, the int8 centroid
-tables, and a numpy reference of both kernel modes.
+"""The byte-sliced plane layout the CPU kernels read (numpy only), its activation order, the int16 centroid
+tables of int8 mode, and a numpy reference of both kernel modes.
 
 Layout ("bs64", per plane p, row n): K is padded to whole blocks of 64 weights; block j of a row is 8 bytes,
 and bit i of byte l holds plane p's bit of the code of weight k = 64*j + 8*i + l. Rows are ``8*ceil(K/64)``
@@ -20,6 +20,8 @@ from .bitplanes import unpack_bitplanes
 BLOCK = 64      # weights per 8-byte block of a plane row
 GROUP = 256     # weights per 32-byte vector of a plane (4 blocks); the activation scale group of int8 mode
 INT8_MAX = 127
+TABLE_MAX = 32767   # int8 mode's centroid tables are int16: int8 tables cost +0.9..1.2% perplexity (see int_tables)
+TABLE_DTYPE = "int16"
 
 
 def blocks(k: int) -> int:
@@ -76,18 +78,20 @@ def permute_activations(x: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def int8_tables(luts: np.ndarray, widths) -> tuple[np.ndarray, np.ndarray]:
-    """fp16 LUTs [N, L] (the per-bit LUTs of ``widths`` concatenated) -> (int8 tables [N, L], fp32 scales
-    [N, len(widths)]): per row and bit-width, q = round(centroid / scale), scale = max |centroid| / 127."""
+def int_tables(luts: np.ndarray, widths) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 LUTs [N, L] (the per-bit LUTs of ``widths`` concatenated) -> (int16 tables [N, L], fp32 scales
+    [N, len(widths)]): per row and bit-width, q = round(centroid / scale), scale = max |centroid| / 32767.
+    (int8 tables, scale max / 127, cost +0.9% perplexity at 3, 6 and 7 bits and +1.2% at 8 on SmolLM2-135M, 16 x
+    128 tokens of Hamlet, torch; int16 tables are within 0.01%: the rounding of the int8 activations is left.)"""
     luts = np.asarray(luts, np.float32)
-    tab = np.zeros(luts.shape, np.int8)
+    tab = np.zeros(luts.shape, np.int16)
     scales = np.ones((luts.shape[0], len(widths)), np.float32)
     off = 0
     for t, b in enumerate(widths):
         part = luts[:, off:off + (1 << b)]
         amax = np.abs(part).max(1)
-        s = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
-        tab[:, off:off + (1 << b)] = np.clip(np.rint(part / s[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
+        s = np.where(amax > 0, amax / TABLE_MAX, 1.0).astype(np.float32)
+        tab[:, off:off + (1 << b)] = np.clip(np.rint(part / s[:, None]), -TABLE_MAX, TABLE_MAX).astype(np.int16)
         scales[:, t] = s
         off += 1 << b
     return tab, scales
@@ -114,7 +118,7 @@ def reference_exact(x: np.ndarray, bs: np.ndarray, luts: np.ndarray, k: int, bit
 
 
 def reference_int8_acc(xq: np.ndarray, bs: np.ndarray, tab: np.ndarray, k: int, bits: int, lut_off: int) -> np.ndarray:
-    """int8 mode's int32 accumulators [M, N, G, 2, 4]: per block of 32, sum of table value x quantized activation."""
+    """int8 mode's integer accumulators [M, N, G, 2, 4]: per block of 32, sum of table value x quantized activation."""
     codes = codes_from_byte_sliced(bs, k, bits).astype(np.int64)
     w = np.take_along_axis(tab.astype(np.int64), lut_off + codes, axis=1)              # [N, K]
     wp = permute_activations(w, k)                                                    # same order as xq

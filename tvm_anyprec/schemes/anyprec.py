@@ -17,7 +17,7 @@ DEFAULT_ACCURACY = "exact"   # int8 is faster but +0.6..1.6% perplexity on SmolL
 def layer_tensors(site, layer, min_bits: int, max_bits: int, kernel: dict | None = None) -> dict:
     """One any-precision layer's tensors. ``kernel`` None (GPU kernel): ``<W>.planes`` (uint32 bitplanes) and
     ``<W>.luts`` (the per-bit LUTs concatenated, fp16). ``kernel`` {"mode", "isa"} (the CPU kernel,
-    ``kernels.lut_cpu``): the planes byte-sliced (uint8), and ``<W>.luts`` fp16 (exact) or ``<W>.tabs`` int8 +
+    ``kernels.lut_cpu``): the planes byte-sliced (uint8), and ``<W>.luts`` fp16 (exact) or ``<W>.tabs`` int16 +
     ``<W>.scales`` fp32 (int8), each table padded by 16 entries."""
     if tuple(layer.shape) != (site.N, site.K):
         raise CompileError(f"{site.name}: parent layer shape {tuple(layer.shape)} != graph weight "
@@ -27,7 +27,7 @@ def layer_tensors(site, layer, min_bits: int, max_bits: int, kernel: dict | None
     if kernel is None:
         return {f"{site.name}.planes": layer.planes, f"{site.name}.luts": luts}
     from ..kernels.lut_cpu import LUT_PAD
-    from ..quant.byteslice import int8_tables, to_byte_sliced
+    from ..quant.byteslice import int_tables, to_byte_sliced
 
     if not np.isfinite(luts).all():   # the kernels multiply padding by 0: the tables must be finite
         raise CompileError(f"{site.name}: the LUTs hold non-finite values (fp16 overflow?)")
@@ -36,7 +36,7 @@ def layer_tensors(site, layer, min_bits: int, max_bits: int, kernel: dict | None
     if kernel["mode"] == "exact":
         out[f"{site.name}.luts"] = np.pad(luts, pad)
     else:
-        tabs, scales = int8_tables(luts, range(min_bits, max_bits + 1))
+        tabs, scales = int_tables(luts, range(min_bits, max_bits + 1))
         out[f"{site.name}.tabs"] = np.pad(tabs, pad)
         out[f"{site.name}.scales"] = scales
     return out
