@@ -43,10 +43,10 @@ def bitplane_bytes(M: int, N: int, K: int, bits: int, lut_bytes: int = 2) -> int
 
 def lut_cpu_bytes(M: int, N: int, K: int, bits: int, mode: str) -> int:
     """What a b-bit call of the CPU kernel reads: b byte-sliced plane rows (8 bytes per 64 weights), the b-bit
-    table (fp16 exact / int8, plus the row's fp32 scale in int8 mode), the activations and the outputs."""
+    table (fp16 exact / int16, plus the row's fp32 scale in int8 mode), the activations and the outputs."""
     from tvm_anyprec.quant.byteslice import row_bytes
 
-    table = N * (1 << bits) * 2 if mode == "exact" else N * (1 << bits) + N * 4
+    table = N * (1 << bits) * 2 + (0 if mode == "exact" else N * 4)   # fp16 LUT or int16 table (+ row scale)
     return bits * N * row_bytes(K) + table + io_bytes(M, N, K)
 
 

@@ -5,7 +5,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from tvm_anyprec.kernels.anyprec import lut_width, make_anyprec_linear  # noqa: E402
-from tvm_anyprec.kernels.dense import make_dense_nt  # noqa: E402
+from tvm_anyprec.kernels.dense import make_dense_nt, make_dense_nt_cpu  # noqa: E402
 from tvm_anyprec.quant import quantize_nonuniform  # noqa: E402
 from tvm_anyprec.testing import concat_luts  # noqa: E402
 from tvm_anyprec.schedules.cpu import schedule_linear_cpu  # noqa: E402
@@ -57,12 +57,14 @@ def test_anyprec_kernel_clamps_out_of_range_bits():
     np.testing.assert_allclose(y.numpy(), x @ layer.dequantize(8).T, rtol=RTOL, atol=1e-3)
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 40, 70), (5, 64, 128)])
-def test_dense_nt_matches_numpy(M, N, K):
+@pytest.mark.parametrize("M,N,K,tiled", [(1, 40, 70, False), (5, 64, 128, False), (5, 37, 100, True),
+                                         (32, 19, 576, True), (2, 4, 16, True)])
+def test_dense_nt_matches_numpy(M, N, K, tiled):
+    """The scheduled form and the CPU's register-tiled form (M > 1; partial tiles of rows, K % 16 != 0)."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((M, K)).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
-    fn = _build(schedule_linear_cpu(make_dense_nt(M, N, K)))
+    fn = _build(make_dense_nt_cpu(M, N, K) if tiled else schedule_linear_cpu(make_dense_nt(M, N, K)))
     dev = tvm.cpu()
     y = tvm.runtime.empty((M, N), "float32", dev)
     fn(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev), y)

@@ -74,3 +74,79 @@ class DenseNT(KernelSpec):
 
     def make(self):
         return make_dense_nt(self.M, self.N, self.K)
+
+
+MR, NR, KV = 4, 4, 16   # the CPU GEMM micro-tile: rows of X x rows of W, accumulators of KV lanes over k
+
+
+def _lanes_sum(v, n: int):
+    """The sum of the n lanes of v by halving (a shuffle and an add per step, not n - 1 scalar adds)."""
+    while n > 1:
+        n //= 2
+        v = T.Shuffle([v], list(range(n))) + T.Shuffle([v], list(range(n, 2 * n)))
+    return v
+
+
+def make_dense_nt_cpu(M: int, N: int, K: int):
+    """``make_dense_nt`` for CPUs at M > 1 (prefill, verify) as explicit loops: tiles of NR rows of W in
+    parallel; per tile, MR x NR accumulators of KV lanes over k (each loaded x and w vector feeds NR or MR FMAs)
+    for every tile of MR rows of X, then one lane sum per output. The W tile (NR x K) stays in L1 across the
+    rows of X. LLVM splits the KV lanes into the target's vectors (AVX-512: one, AVX2: two, NEON: four)."""
+    from .lowering import STACK_LOCALS
+    from .lut_layout import _local
+
+    KF = K // KV
+    NT, MT = -(-N // NR), -(-M // MR)
+
+    def body(X, W, Y):
+        with T.parallel(0, NT) as nt:
+            ACC = _local((MR * NR * KV,), "float32")
+            ns = [T.min(nt * NR + j, N - 1) for j in range(NR)]
+            with T.serial(0, MT) as mt:
+                ms = [T.min(mt * MR + i, M - 1) for i in range(MR)]
+                for z in range(MR * NR):
+                    T.buffer_store(ACC, T.broadcast(T.float32(0), KV), [T.ramp(z * KV, 1, KV)])
+                with T.serial(0, KF) as kf:
+                    ws = [W[n, T.ramp(kf * KV, 1, KV)] for n in ns]
+                    for i, m in enumerate(ms):
+                        x = X[m, T.ramp(kf * KV, 1, KV)]
+                        for j in range(NR):
+                            a = ACC[T.ramp((i * NR + j) * KV, 1, KV)]
+                            T.buffer_store(ACC, a + x * ws[j], [T.ramp((i * NR + j) * KV, 1, KV)])
+                for i, m in enumerate(ms):
+                    for j, n in enumerate(ns):
+                        total = _lanes_sum(ACC[T.ramp((i * NR + j) * KV, 1, KV)], KV)
+                        for k in range(KF * KV, K):   # the last K % KV columns
+                            total = total + X[m, k] * W[n, k]
+                        with T.If(T.And(mt * MR + i < M, nt * NR + j < N)):
+                            with T.Then():
+                                T.buffer_store(Y, total, [m, n])
+
+    @T.prim_func
+    def dense_nt_cpu(X: T.Buffer((M, K), "float32"), W: T.Buffer((N, K), "float32"),
+                     Y: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        body(X, W, Y)
+
+    return dense_nt_cpu.without_attr("global_symbol").with_attr("tirx.is_scheduled", True) \
+        .with_attr(STACK_LOCALS, True)
+
+
+def kernel_name_cpu(M: int, N: int, K: int) -> str:
+    return f"dense_nt_cpu_m{M}_n{N}_k{K}"
+
+
+@register
+@dataclass(frozen=True)
+class DenseNTCPU(KernelSpec):
+    """fp32 Y = X W^T on CPUs at M > 1: explicit register-tiled loops (``make_dense_nt_cpu``)."""
+    family: ClassVar[str] = "dense_nt_cpu"
+    M: int
+    N: int
+    K: int
+
+    def name(self) -> str:
+        return kernel_name_cpu(self.M, self.N, self.K)
+
+    def make(self):
+        return make_dense_nt_cpu(self.M, self.N, self.K)
