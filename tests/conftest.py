@@ -90,16 +90,17 @@ def real_onnx(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_artifact(real_onnx, real_parent, tmp_path_factory):
-    """The real model compiled for x86 from the parent above."""
+    """The real model compiled for x86 from the parent above, in exact mode (the tests compare its numbers with
+    torch and onnxruntime closely; the default int8 mode has ``real_artifact_int8``)."""
     from tvm_anyprec import api
 
     return _shared(tmp_path_factory, "smollm2-x86",
-                   lambda d: api.compile(real_onnx, d, "x86", parent=real_parent))
+                   lambda d: api.compile(real_onnx, d, "x86", parent=real_parent, accuracy="exact"))
 
 
 @pytest.fixture(scope="session")
 def real_artifact_int8(real_onnx, real_parent, tmp_path_factory):
-    """The prefill graph in the CPU kernel's int8 mode (int8 activations and centroid tables)."""
+    """The prefill graph in the CPU kernel's int8 mode (int8 activations, int16 centroid tables)."""
     from tvm_anyprec import api
 
     return _shared(tmp_path_factory, "smollm2-x86-int8",

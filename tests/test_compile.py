@@ -26,7 +26,7 @@ K, H, H2, N = MLP_DIMS   # odd sizes on purpose: K and N are not multiples of 32
 def mlp(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlp")
     weights, xshape = _mlp_onnx(d / "mlp.onnx")
-    manifest = compile_model(d / "mlp.onnx", d / "art")      # the default: exact mode
+    manifest = compile_model(d / "mlp.onnx", d / "art", accuracy="exact")
     assert manifest["accuracy"] == "exact"
     return d, weights, xshape, manifest
 
@@ -69,10 +69,10 @@ def test_matches_onnxruntime_every_bit_width(mlp):
 
 
 def test_int8_mode_close_to_onnxruntime(tmp_path):
-    """The CPU kernel's int8 mode (int8 activations per block of 32, int8 centroid tables) against ORT's fp32 on
+    """The CPU kernel's int8 mode (int8 activations per block of 32, int16 centroid tables) against ORT's fp32 on
     the dequantized graph: the error is the two int8 roundings, a few percent of the output scale at most."""
     weights, xshape = _mlp_onnx(tmp_path / "mlp.onnx")
-    manifest = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", accuracy="int8")
+    manifest = compile_model(tmp_path / "mlp.onnx", tmp_path / "art")      # the default: int8 mode
     assert manifest["accuracy"] == "int8" and manifest["plane_layout"] == "byte_sliced64"
     for b, out, ref in _against_onnxruntime(tmp_path / "mlp.onnx", tmp_path / "art", weights, manifest, xshape,
                                             (3, 6, 8), 5):

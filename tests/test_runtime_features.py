@@ -64,7 +64,7 @@ def test_cli_run_speculative(session, real_artifact):
 
 def test_weight_bytes_per_token_from_the_parent(session, real_parent):
     """The policy's byte count vs. the parent's own arrays: b planes (byte-sliced: whole blocks of 64 weights)
-    + the b-bit LUT per layer (fp16 in the default exact mode), plus every fp32 tensor the decode graph reads."""
+    + the b-bit LUT per layer (fp16 in exact mode, the fixture's), plus every fp32 tensor the decode graph reads."""
     parent = Parent.load(real_parent)
     assert session.manifest["accuracy"] == "exact"
     fp32 = sum(int(np.prod(session.weights[n].shape)) * 4 for n in session.functions["decode"]["params"]

@@ -106,9 +106,9 @@ def _add_compile(sub):
     p.add_argument("--tuning-log", help="MetaSchedule database directory (default: tuning_logs/<target>/)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--accuracy", choices=("int8", "exact"), default=None,
-                   help="CPU bitplane kernel: exact (fp32 math on the fp16 LUTs; the default) or int8 (int8 "
-                   "activations per block of 32 x int8 centroid tables: faster, +0.6..1.6%% perplexity on "
-                   "SmolLM2). GPU targets compute exactly")
+                   help="CPU bitplane kernel: int8 (the default: int8 activations per block of 32 x int16 "
+                   "centroid tables; faster, within 0.5%% of exact's perplexity on SmolLM2) or exact (fp32 math on "
+                   "the fp16 LUTs). GPU targets compute exactly")
     p.add_argument("--act-bits", type=int, choices=(8, 4), help="low-bit activations instead of any-precision "
                    "weights: INT4 weights x per-token INT8 activations (8), or INT4 activations after "
                    "self-attention (4); the artifact then runs at --bits 4 only")
