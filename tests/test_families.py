@@ -53,7 +53,7 @@ def family(request, tmp_path_factory):
     tok.save_pretrained(src)
     api.quantize(d / "parent", model=src, calib_windows=2, seqlen=32, progress=False)
     api.export(d / "art.onnx", src, verify_chunk=0)          # decode + prefill: the two graphs these tests run
-    api.compile(d / "art.onnx", d / "art", parent=d / "parent", tokenizer=str(src))
+    api.compile(d / "art.onnx", d / "art", parent=d / "parent", tokenizer=str(src), accuracy="exact")
     return fam, model, tok, d / "parent", Session(d / "art")
 
 
@@ -168,7 +168,8 @@ def tied_lm_head(tmp_path_factory):
     tok.save_pretrained(d / "model")
     api.quantize(d / "parent", model=d / "model", calib_windows=2, seqlen=32, progress=False, exclude=())
     api.export(d / "art.onnx", d / "model", verify_chunk=0)
-    api.compile(d / "art.onnx", d / "art", parent=d / "parent", tokenizer=str(d / "model"), exclude=())
+    api.compile(d / "art.onnx", d / "art", parent=d / "parent", tokenizer=str(d / "model"), exclude=(),
+                accuracy="exact")
     return model, d / "parent", Session(d / "art")
 
 

@@ -26,7 +26,7 @@ def test_names_are_the_ones_artifacts_and_logs_use():
                                          "cache_attention_h9_kv3_s1_t8192_d64", "cache_attention_h4_kv1_s5_t512_d256_w512",
                                          "anyprec_embed_s1_n49152_k576_b3to8_exact"]
     assert set(FAMILIES) == {"anyprec_linear", "anyprec_cpu", "dense_nt", "act_quant", "int_gemm", "cache_attention",
-                             "anyprec_embed"}
+                             "anyprec_embed", "dense_nt_cpu"}
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.family)

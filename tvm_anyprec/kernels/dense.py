@@ -77,6 +77,7 @@ class DenseNT(KernelSpec):
 
 
 MR, NR, KV = 4, 4, 16   # the CPU GEMM micro-tile: rows of X x rows of W, accumulators of KV lanes over k
+TILED_MIN_M = 2 * MR    # from this M on the graph rewrite uses make_dense_nt_cpu on CPUs
 
 
 def _lanes_sum(v, n: int):

@@ -88,9 +88,9 @@ class LutCPU(ScheduleRule):
 
 
 class AttentionCPU(ScheduleRule):
-    """The in-place cache write and attention (kernels.attention), and the embedding lookup of a tied lm_head
-    (kernels.embed): explicit loops, scheduled as built."""
-    families = ("cache_attention", "anyprec_embed")
+    """The in-place cache write and attention (kernels.attention), the embedding lookup of a tied lm_head
+    (kernels.embed) and the fp32 dense GEMM at M > 1 (kernels.dense): explicit loops, scheduled as built."""
+    families = ("cache_attention", "anyprec_embed", "dense_nt_cpu")
 
     def apply(self, func, ctx):
         return func, "default"

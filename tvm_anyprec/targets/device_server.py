@@ -18,8 +18,8 @@ import numpy as np
 import tvm
 from tvm.rpc import _ffi_api, server
 
-_DTYPES = {"F32": "float32", "F16": "float16", "U32": "uint32", "U8": "uint8", "I8": "int8", "I32": "int32",
-           "I64": "int64"}
+_DTYPES = {"F32": "float32", "F16": "float16", "U32": "uint32", "U8": "uint8", "I8": "int8", "I16": "int16",
+           "I32": "int32", "I64": "int64"}
 _files: dict = {}
 
 
