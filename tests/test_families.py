@@ -170,7 +170,25 @@ def tied_lm_head(tmp_path_factory):
     api.export(d / "art.onnx", d / "model", verify_chunk=0)
     api.compile(d / "art.onnx", d / "art", parent=d / "parent", tokenizer=str(d / "model"), exclude=(),
                 accuracy="exact")
-    return model, d / "parent", Session(d / "art")
+    api.compile(d / "art.onnx", d / "art8", parent=d / "parent", tokenizer=str(d / "model"), exclude=(),
+                accuracy="exact", lm_head_bits=8)
+    return model, d / "parent", Session(d / "art"), Session(d / "art8")
+
+
+def test_lm_head_pinned_at_8_bits(tied_lm_head):
+    """``lm_head_bits=8``: a 3-bit call runs every layer at 3 bits but the tied lm_head/embedding at 8 (the
+    logits equal torch's with those weights), and the bytes per token count it at 8 bits."""
+    from tvm_anyprec.quant.model import Parent
+
+    model, parent_dir, sess, pinned = tied_lm_head
+    parent = Parent.load(parent_dir)
+    ids = _ids(20, 6)
+    got, _ = pinned.forward_tokens(ids, 3)
+    want = _torch_logits(model, ids, {**parent.dequantized(3), "lm_head": parent.dequantized(8)["lm_head"]})
+    assert np.abs(got - want).max() < 2e-3 * np.abs(want).max()
+    assert pinned.manifest["layers"]["model.embed_tokens.weight"]["bits"] == 8
+    assert pinned.weight_bytes_per_token(8) == sess.weight_bytes_per_token(8)
+    assert pinned.weight_bytes_per_token(3) > sess.weight_bytes_per_token(3)
 
 
 def test_quantized_lm_head_is_the_embedding_too(tied_lm_head):
@@ -180,7 +198,7 @@ def test_quantized_lm_head_is_the_embedding_too(tied_lm_head):
     from tvm_anyprec.profile import profile_model
     from tvm_anyprec.quant.model import Parent
 
-    model, parent_dir, sess = tied_lm_head
+    model, parent_dir, sess, _ = tied_lm_head
     parent = Parent.load(parent_dir)
     assert "lm_head" in parent.layers and parent.tied == {"model.embed_tokens.weight": "lm_head.weight"}
     layers = sess.manifest["layers"]

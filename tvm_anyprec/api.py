@@ -203,9 +203,11 @@ def _check_graph_pruning(source, prune_ratio, prune_layer) -> None:
 def compile(source, out, target: str = "x86", parent=None, exclude=None, force: bool = False,
             tuning_log=None, tokenizer=None, act_bits: int | None = None,
             act_outlier: str = "smooth", act_int4_all: bool = False, prune_ratio: float | None = None,
-            prune_layer: int | None = None, accuracy: str | None = None, input_shapes: dict | None = None) -> dict:
-    """ONNX file/dir -> artifact. ``accuracy`` (CPU targets): "exact" (default) or "int8", see
-    ``schemes.anyprec.AnyPrec``. ``source`` may also be a model ('smollm2', .gguf, HF dir): then the ONNX
+            prune_layer: int | None = None, accuracy: str | None = None, input_shapes: dict | None = None,
+            lm_head_bits: int | None = None) -> dict:
+    """ONNX file/dir -> artifact. ``accuracy`` (CPU targets): "int8" (default) or "exact", see
+    ``schemes.anyprec.AnyPrec``. ``lm_head_bits``: the quantized tied lm_head/embedding runs at this
+    bit-width whatever bits a call asks for (needs the lm_head in the parent: ``exclude=()``). ``source`` may also be a model ('smollm2', .gguf, HF dir): then the ONNX
     export (``<out>.onnx/``) and the quantized parent (``<out>.parent/``) are made first when missing.
     ``act_bits`` 8|4: low-bit activations (W4A8, or W4A4 after self-attention / everywhere with
     ``act_int4_all``) instead of the bitplane operator; no parent is needed, the outlier handling is calibrated
@@ -261,7 +263,7 @@ def compile(source, out, target: str = "x86", parent=None, exclude=None, force: 
             stats = calibrate_activations(tokenizer, exclude)
     return compile_model(src, out, target=target, parent=parent, exclude=exclude, force=force,
                          tuning_log=tuning_log, tokenizer=tokenizer, act_quant=act, act_stats=stats,
-                         accuracy=accuracy, input_shapes=input_shapes)
+                         accuracy=accuracy, input_shapes=input_shapes, lm_head_bits=lm_head_bits)
 
 
 _CALIB_MEMO: dict = {}

@@ -42,7 +42,7 @@ def _exclude(args, default=None):
     from .quant.patterns import DEFAULT_EXCLUDE
 
     pats = tuple(args.exclude) if args.exclude else (default if default is not None else DEFAULT_EXCLUDE)
-    if args.quantize_lm_head:
+    if args.quantize_lm_head or getattr(args, "lm_head_bits", None):
         pats = tuple(p for p in (pats or ()) if p != "lm_head")
     return pats
 
@@ -105,6 +105,9 @@ def _add_compile(sub):
                    help="static shape of a graph input with dynamic dimensions (repeatable; ONNX from elsewhere)")
     p.add_argument("--tuning-log", help="MetaSchedule database directory (default: tuning_logs/<target>/)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--lm-head-bits", type=int, default=None, help="quantize the tied lm_head/embedding too and run "
+                   "it at this bit-width whatever --bits a call uses (8: about fp32's perplexity, a quarter of its "
+                   "bytes per token)")
     p.add_argument("--accuracy", choices=("int8", "exact"), default=None,
                    help="CPU bitplane kernel: int8 (the default: int8 activations per block of 32 x int16 "
                    "centroid tables; faster, within 0.5%% of exact's perplexity on SmolLM2) or exact (fp32 math on "
@@ -295,10 +298,11 @@ def main(argv=None) -> int:
                        prune_layer=args.prune_layer)
         elif args.cmd == "compile":
             api.compile(args.source, args.out, target=args.target, parent=args.parent,
-                        exclude=_exclude(args) if args.exclude or args.quantize_lm_head else None, force=args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer,
+                        exclude=_exclude(args) if args.exclude or args.quantize_lm_head or args.lm_head_bits else None,
+                        force=args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer,
                         act_bits=args.act_bits, act_outlier=args.act_outlier, act_int4_all=args.act_int4_all,
                         prune_ratio=args.prune_ratio, prune_layer=args.prune_layer, accuracy=args.accuracy,
-                        input_shapes=_shapes(args.input_shape))
+                        input_shapes=_shapes(args.input_shape), lm_head_bits=args.lm_head_bits)
         elif args.cmd == "tune":
             _tune(args)
         elif args.cmd == "run" and args.inputs:

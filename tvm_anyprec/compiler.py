@@ -54,28 +54,30 @@ def relax_pipeline(target):
     return _pipeline
 
 
-def make_scheme(parent=None, seed_bits: int = 3, max_bits: int = 8, act_quant=None, act_stats=None, accuracy=None):
+def make_scheme(parent=None, seed_bits: int = 3, max_bits: int = 8, act_quant=None, act_stats=None, accuracy=None,
+                lm_head_bits=None):
     """The weight scheme of a compile: low-bit activations when ``act_quant`` (an ActQuantConfig) is given,
     else any-precision bitplanes (from the ``parent`` directory, or the graph's weights)."""
     if act_quant is not None:
         if parent is not None:
             raise CompileError("low-bit activations quantize the graph's own weights to INT4: a parent is not "
                                "used with them (drop --parent, or --act-bits)")
-        if accuracy is not None:
-            raise CompileError("--accuracy chooses the bitplane kernel's mode; --act-bits uses the integer GEMM")
+        if accuracy is not None or lm_head_bits is not None:
+            raise CompileError("--accuracy and --lm-head-bits are the bitplane kernel's; --act-bits uses the "
+                               "integer GEMM")
         from .schemes.lowbit_act import LowBitActivations
         return LowBitActivations(act_quant, act_stats)
     from .schemes.anyprec import AnyPrec
     if parent is None:
-        return AnyPrec(seed_bits, max_bits, accuracy=accuracy)
+        return AnyPrec(seed_bits, max_bits, accuracy=accuracy, lm_head_bits=lm_head_bits)
     from .quant.model import Parent
-    return AnyPrec(parent=Parent.load(parent), parent_path=parent, accuracy=accuracy)
+    return AnyPrec(parent=Parent.load(parent), parent_path=parent, accuracy=accuracy, lm_head_bits=lm_head_bits)
 
 
 def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_head",), seed_bits: int = 3,
                   max_bits: int = 8, force: bool = False, tuning_log=None, tokenizer=None,
                   require_rewrite: bool = True, act_quant=None, act_stats=None, accuracy=None,
-                  attention: str | None = None, input_shapes: dict | None = None) -> dict:
+                  attention: str | None = None, input_shapes: dict | None = None, lm_head_bits=None) -> dict:
     """The graph-level compile (``api.compile`` is the user's: it also exports and quantizes a model, and its
     ``exclude`` default quantizes the lm_head too). ``tuning_log``: a MetaSchedule JSON database directory (default: ``env.default_log_dir(target)``,
     used when present). ``require_rewrite=False`` allows an all-fp32 artifact (a baseline for benchmarks).
@@ -86,7 +88,7 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
     out = Path(out)
     refuse_overwrite(out, force)
     tp = preset(target)
-    scheme = make_scheme(parent, seed_bits, max_bits, act_quant, act_stats, accuracy)
+    scheme = make_scheme(parent, seed_bits, max_bits, act_quant, act_stats, accuracy, lm_head_bits)
     return compile_with(scheme, source, out, tp, exclude, tuning_log, tokenizer, require_rewrite, attention,
                         input_shapes)
 

@@ -169,7 +169,7 @@ class _Rewriter(relax.PyExprMutator):
         flat = self.builder_.emit(relax.op.reshape(ids, [S]))
         if ids.ty.dtype != "int64":
             flat = self.builder_.emit(relax.op.astype(flat, "int64"))
-        y = self.builder_.emit(relax.call_tir(gv, [flat, planes, *tables, self.nbits],
+        y = self.builder_.emit(relax.call_tir(gv, [flat, planes, *tables, self._bits_of(w.name)],
                                               relax.TensorType([S, K], "float32")))
         return relax.op.reshape(y, list(ishape) + [K])
 
@@ -222,7 +222,14 @@ class _Rewriter(relax.PyExprMutator):
         else:
             tables = [self._param(f"{name}.tabs", [N, width], TABLE_DTYPE),
                       self._param(f"{name}.scales", [N, o.max_bits - o.min_bits + 1], "float32")]
-        return self._emit(gv, x, xs, [planes, *tables, self.nbits], M, N, K)
+        return self._emit(gv, x, xs, [planes, *tables, self._bits_of(name)], M, N, K)
+
+    def _bits_of(self, name: str):
+        """The bits input of a rewritten weight's kernel: the call's, or a pinned tied embedding/lm_head's."""
+        o = self.owner
+        if o.tied_bits is not None and name in o.report.tied:
+            return relax.const(np.array([o.tied_bits], np.int32))
+        return self.nbits
 
     def _kernel(self, spec):
         """One PrimFunc per kernel spec (``kernels.spec``), shared by every call site and function."""
@@ -257,10 +264,12 @@ class AnyPrecRewrite:
     rewriter = None   # the mutator class (default _Rewriter); subclasses (passes.act_quant) put their own
 
     def __init__(self, min_bits: int = 3, max_bits: int = 8, exclude=(), functions=None, cpu=None,
-                 available=None):
+                 available=None, tied_bits=None):
         """``cpu``: None, the bitplane kernel of ``kernels.anyprec`` (GPU targets: uint32 planes, fp16 LUTs);
         {"mode": "int8"|"exact", "isa": ...}: the CPU kernel of ``kernels.lut_cpu`` (byte-sliced planes).
-        ``available(name, tied)``: None, or why the weight cannot be rewritten (a parent without the layer)."""
+        ``available(name, tied)``: None, or why the weight cannot be rewritten (a parent without the layer).
+        ``tied_bits``: a tied embedding/lm_head gets this bit-width as a constant instead of the call's."""
+        self.tied_bits = tied_bits
         self.min_bits, self.max_bits, self.cpu, self.available = min_bits, max_bits, cpu, available
         self.exclude, self.functions = tuple(exclude or ()), functions
         self.report = RewriteReport()

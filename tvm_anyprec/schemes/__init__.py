@@ -21,4 +21,5 @@ def from_manifest(manifest: dict) -> Scheme:
         from .lowbit_act import LowBitActivations
         return LowBitActivations.from_manifest(manifest)
     from .anyprec import AnyPrec
-    return AnyPrec(manifest["seed_bits"], manifest["max_bits"])
+    pinned = {n: e["bits"] for n, e in manifest.get("layers", {}).items() if "bits" in e}
+    return AnyPrec(manifest["seed_bits"], manifest["max_bits"], pinned=pinned)

@@ -45,10 +45,13 @@ def layer_tensors(site, layer, min_bits: int, max_bits: int, kernel: dict | None
 class AnyPrec:
     name = "anyprec"
 
-    def __init__(self, seed_bits: int = 3, max_bits: int = 8, parent=None, parent_path=None, accuracy=None):
+    def __init__(self, seed_bits: int = 3, max_bits: int = 8, parent=None, parent_path=None, accuracy=None,
+                 lm_head_bits=None, pinned=None):
         """``parent``: a loaded ``quant.model.Parent`` (its bit-widths win); None: quantize each layer here.
         ``accuracy`` (CPU targets): "int8" (the default: int8 activations per block of 32 x int16 centroid
-        tables per row; faster) or "exact" (fp32 math on the fp16 LUTs). GPU targets run exact math only."""
+        tables per row; faster) or "exact" (fp32 math on the fp16 LUTs). GPU targets run exact math only.
+        ``lm_head_bits``: the tied lm_head/embedding (quantized in the parent) runs at this bit-width on every
+        call. ``pinned``: {weight name: bits} of a compiled artifact (``from_manifest``)."""
         if accuracy is not None and accuracy not in ACCURACY:
             raise CompileError(f"accuracy must be one of {', '.join(ACCURACY)}, got {accuracy!r}")
         self.accuracy = accuracy
@@ -60,6 +63,9 @@ class AnyPrec:
             seed_bits, max_bits = parent.seed_bits, parent.max_bits
         check_bits(seed_bits, max_bits)
         self.seed_bits, self.max_bits = seed_bits, max_bits
+        if lm_head_bits is not None and not seed_bits <= lm_head_bits <= max_bits:
+            raise CompileError(f"--lm-head-bits {lm_head_bits}: the parent has bit-widths {seed_bits}..{max_bits}")
+        self.lm_head_bits, self.pinned, self._rw = lm_head_bits, dict(pinned or {}), None
         self.parent, self.parent_path = parent, parent_path
         self.describe = "packing weights" if parent is not None else "quantizing weights"
 
@@ -77,7 +83,9 @@ class AnyPrec:
             self.kernel = None
         else:
             self.kernel = {"mode": self.accuracy or DEFAULT_ACCURACY, "isa": cpu_isa(tp["target"])}
-        return AnyPrecRewrite(self.seed_bits, self.max_bits, exclude, cpu=self.kernel, available=self._available)
+        self._rw = AnyPrecRewrite(self.seed_bits, self.max_bits, exclude, cpu=self.kernel, available=self._available,
+                                  tied_bits=self.lm_head_bits)
+        return self._rw
 
     def _parent_layer(self, name: str):
         """The parent's layer of a graph weight: by its name, or by the weight it is tied to (an embedding
@@ -112,10 +120,16 @@ class AnyPrec:
         return layer_tensors(site, layer, self.seed_bits, self.max_bits, self.kernel)
 
     def layer_entry(self, site, rw) -> dict:
+        if site.tied and self.lm_head_bits is not None:
+            self.pinned[site.name] = self.lm_head_bits
         return {"N": site.N, "K": site.K, "layout": site.layout, "rows": site.M,
-                **({"embedding": True} if site.tied else {})}
+                **({"embedding": True} if site.tied else {}),
+                **({"bits": self.lm_head_bits} if site.tied and self.lm_head_bits is not None else {})}
 
     def manifest(self) -> dict:
+        if self.lm_head_bits is not None and not self.pinned:
+            raise CompileError(f"--lm-head-bits {self.lm_head_bits}: no tied lm_head/embedding was quantized (it "
+                               f"needs one, in the parent: quantize with --quantize-lm-head)")
         par = self.parent
         return {"parent": None if par is None else {"path": str(self.parent_path), **par.info.get("source", {}),
                                                     "calibration": par.info.get("calibration")},
@@ -125,12 +139,13 @@ class AnyPrec:
     def default_tokenizer(self):
         return None if self.parent is None else self.parent.info.get("source", {}).get("model")
 
-    def bytes_per_token(self, bits: int, params: dict) -> int:
+    def bytes_per_token(self, call_bits: int, params: dict) -> int:
         """b of B planes and the b-bit table (fp16 LUT, or int16 table and its scale) of every rewritten layer,
-        plus every other parameter whole (the tied embedding/lm_head is read whole)."""
+        plus every other parameter whole (the tied embedding/lm_head is read whole; a pinned one at its bits)."""
         total = 0
         for name, (shape, dtype) in params.items():
             item = np.dtype(dtype).itemsize
+            bits = self.pinned.get(name.rsplit(".", 1)[0], call_bits)
             if name.endswith(".planes"):
                 total += bits * int(np.prod(shape[1:])) * item
             elif name.endswith((".luts", ".tabs")):
