@@ -1,6 +1,7 @@
 """Whole-model speed against llama.cpp on the same GGUF file, in llama-bench's method and columns.
 
     python -m benchmarks.llamacpp [--artifact ART] [--rounds 3] [--threads 2] [--bits 3,4,8] [--no-ort]
+                                  [--lm-head-bits 8]
 
 llama.cpp's `llama-bench` (built by scripts/setup_llamacpp.sh from the PyPI llama-cpp-python sdist) runs on
 the GGUF the artifact's parent came from; tvm-anyprec runs the artifact at each bit-width; onnxruntime fp32
@@ -116,11 +117,13 @@ def _summary(samples: list[float]) -> dict:
             "samples": samples}
 
 
-def measure_rounds(sess, bits, rounds: int, binary, gguf, threads: int, ort: dict, pp: int = PP, tg: int = TG):
-    """Interleaved rounds of llama-bench (when built), ours per bit-width and onnxruntime -> (rows, llama-bench
-    info). Rows: {"config", "test", "tokens_per_s": {mean, sd, samples}, "vs_llama_cpp": per-round ratios}."""
+def measure_rounds(sessions, bits, rounds: int, binary, gguf, threads: int, ort: dict, pp: int = PP,
+                   tg: int = TG):
+    """Interleaved rounds of llama-bench (when built), ours per artifact (``sessions``: a Session, or
+    [(label suffix, Session)]) and bit-width, and onnxruntime -> (rows, llama-bench info). Rows: {"config", "test", "tokens_per_s": {mean, sd, samples}, "vs_llama_cpp": per-round ratios}."""
     samples: dict = {}
     info = None
+    sessions = [("", sessions)] if not isinstance(sessions, list) else sessions
     ptest, ttest = f"pp{pp}", f"tg{tg}"
     for r in range(rounds):
         log(f"[round {r + 1}/{rounds}]")
@@ -130,11 +133,13 @@ def measure_rounds(sess, bits, rounds: int, binary, gguf, threads: int, ort: dic
             for k, v in lb.items():
                 samples.setdefault(("llama.cpp", k), []).append(v)
             log(f"  llama.cpp: {ptest} {lb.get(ptest, 0):.1f}, {ttest} {lb.get(ttest, 0):.1f} tokens/s")
-        for b in bits:
-            p, t = ours_pp(sess, b, pp), ours_tg(sess, b, tg)
-            samples.setdefault((f"tvm-anyprec {b}-bit", ptest), []).append(p)
-            samples.setdefault((f"tvm-anyprec {b}-bit", ttest), []).append(t)
-            log(f"  tvm-anyprec {b}-bit: {ptest} {p:.1f}, {ttest} {t:.1f} tokens/s")
+        for suffix, sess in sessions:
+            for b in bits:
+                p, t = ours_pp(sess, b, pp), ours_tg(sess, b, tg)
+                label = f"tvm-anyprec {b}-bit{suffix}"
+                samples.setdefault((label, ptest), []).append(p)
+                samples.setdefault((label, ttest), []).append(t)
+                log(f"  {label}: {ptest} {p:.1f}, {ttest} {t:.1f} tokens/s")
         for label, (ppf, tgf) in ort.items():
             p, t = ppf(), tgf()
             samples.setdefault((label, ptest), []).append(p)
@@ -150,14 +155,18 @@ def measure_rounds(sess, bits, rounds: int, binary, gguf, threads: int, ort: dic
     return rows, info
 
 
-def default_artifact(workdir) -> Path:
-    """The artifact these benchmarks run: <workdir>/anyprec-x86, compiled from smollm2 when missing."""
+def default_artifact(workdir, lm_head_bits: int | None = None) -> Path:
+    """The artifact these benchmarks run: <workdir>/anyprec-x86, compiled from smollm2 when missing (with
+    ``lm_head_bits``: anyprec-x86-lm<B>, the lm_head quantized and run at B bits; its own parent)."""
     from tvm_anyprec import api
 
-    art = Path(workdir) / "anyprec-x86"
+    art = Path(workdir) / ("anyprec-x86" + (f"-lm{lm_head_bits}" if lm_head_bits else ""))
     if not (art / "manifest.json").exists():
         log(f"compiling {art} from smollm2 (once; several minutes) ...")
-        api.compile("smollm2", art)
+        if lm_head_bits:
+            api.compile("smollm2", art, exclude=(), lm_head_bits=lm_head_bits)
+        else:
+            api.compile("smollm2", art)
     return art
 
 
@@ -207,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     ap.add_argument("--no-ort", action="store_true", help="leave out the onnxruntime rows")
+    ap.add_argument("--lm-head-bits", type=int, default=None, help="also an artifact with the lm_head quantized "
+                    "and pinned at this bit-width (compile --lm-head-bits), rows '<b>-bit, lm_head <B>-bit'")
     ap.add_argument("--workdir", default="artifacts/bench-llamacpp")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -223,7 +234,10 @@ def main(argv=None) -> int:
         log("llama-bench is not built (bash scripts/setup_llamacpp.sh): measuring tvm-anyprec and onnxruntime only")
     bits = [int(b) for b in args.bits.split(",")]
     ort = {} if args.no_ort else ort_rows(wd, args.threads)
-    rows, info = measure_rounds(sess, bits, args.rounds, binary, gguf, args.threads, ort)
+    sessions = [("", sess)]
+    if args.lm_head_bits:
+        sessions.append((f", lm_head {args.lm_head_bits}-bit", Session(default_artifact(wd, args.lm_head_bits))))
+    rows, info = measure_rounds(sessions, bits, args.rounds, binary, gguf, args.threads, ort)
     result = {"machine": machine_info(args.threads), "command": "python -m benchmarks.llamacpp " + " ".join(argv),
               "method": "llama-bench -r 1 per round (pp512, tg128); ours: forward_tokens of 512 tokens / 128 "
                         "decode_step calls from an empty cache; rounds interleaved; tokens/s mean +- sd",
