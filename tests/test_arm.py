@@ -114,8 +114,8 @@ def test_cpp_example_for_aarch64(arm_artifact, session, tmp_path):
     ids = session.tokenizer(PROMPT)["input_ids"]
     r = subprocess.run(["bash", str(ROOT / "examples/cpp/run_aarch64.sh"), str(exe), str(arm_artifact),
                         "--prompt-ids", ",".join(map(str, ids)), "--bits", "3", "--max-new-tokens", "2",
-                        "--prompt-fn", "decode"], capture_output=True, text=True, env={"QEMU_CPU": "cortex-a76",
-                                                                                      "PATH": "/usr/bin:/bin"})
+                        "--prompt-fn", "decode"], capture_output=True, text=True,
+                       env={"QEMU_CPU": "cortex-a76", "PATH": "/usr/bin:/bin", "TVM_ANYPREC_ARM_ROOT": str(arm_root())})
     assert r.returncode == 0, r.stderr[-2000:]
     lines = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
     got = [int(t) for t in lines["bits=3"].removeprefix("ids=").split()]

@@ -82,10 +82,13 @@ def test_compile_applies_log_and_says_which(tuned, tmp_path):
     d, _f, _t, _ = tuned
     _mlp_onnx(tmp_path / "mlp.onnx")
     m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", tuning_log=d / "log")
-    assert m["kernels"] == {"anyprec_cpu_exact_avx2_m3_n96_k77_b3to8": "default:exact/avx2",
-                            "anyprec_cpu_exact_avx2_m3_n50_k96_b3to8": "default:exact/avx2",
-                            "anyprec_cpu_exact_avx2_m3_n33_k50_b3to8": "default:exact/avx2",
-                            "dense_nt_m3_n33_k33": "tuned"}
+    from tvm_anyprec.kernels.lut_cpu import cpu_isa
+    from tvm_anyprec.schemes.anyprec import DEFAULT_ACCURACY
+    from tvm_anyprec.targets import preset
+
+    how = f"default:{DEFAULT_ACCURACY}/{cpu_isa(preset('x86')['target'])}"   # this CPU's bodies, default mode
+    assert m["kernels"] == {f"anyprec_cpu_{how[8:].replace('/', '_')}_m3_n{n}_k{k}_b3to8": how
+                            for n, k in ((96, 77), (50, 96), (33, 50))} | {"dense_nt_m3_n33_k33": "tuned"}
     plain = compile_model(tmp_path / "mlp.onnx", tmp_path / "art0", tuning_log=tmp_path / "none")
     assert not any(v.startswith("tuned") for v in plain["kernels"].values())
     x = np.random.default_rng(1).standard_normal((3, K)).astype(np.float32)
