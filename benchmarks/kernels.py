@@ -282,7 +282,7 @@ INTEGER_KERNELS_STATUS = "not implemented in tvm_anyprec yet: no W4A8/W4A4 rows 
 
 def build_cases(wl: Workload, target: dict, threads: int, families=None, bits=range(MIN_BITS, MAX_BITS + 1),
                 nbits_configs=NBITS_CONFIGS):
-    """Generator of the cases at ``wl`` (built lazily: one ORT session alive at a time)."""
+    """Generator of the cases at ``wl``."""
     fam = set(families or ("bitplane", "tvm-dense", "numpy", "ort-fp32", "ort-nbits", "integer"))
     if "bitplane" in fam:
         yield from bitplane_cases(wl, target, bits)
@@ -299,25 +299,45 @@ def build_cases(wl: Workload, target: dict, threads: int, families=None, bits=ra
         yield from integer_cases(wl, target)
 
 
-SETTLE_S = 0.25   # pause before each case: the previous runtime's spinning worker threads go idle
+SETTLE_S = 0.25   # pause before each case's block of calls: the previous runtime's spinning threads go idle
+BLOCK = 3         # timed calls per case and round (after one untimed call: the case's thread pool wakes up)
 
 
 def bench_workload(wl: Workload, target: dict, threads: int, reps: int, flush, dram_GBps: float | None = None,
                    families=None, bits=range(MIN_BITS, MAX_BITS + 1), nbits_configs=NBITS_CONFIGS,
                    log=print) -> list[dict]:
-    """Check then time every case at ``wl``; -> JSON rows (``bw_fraction`` against ``dram_GBps`` if given)."""
+    """Check then time every case at ``wl``, rounds interleaved (each round times every case BLOCK times,
+    caches flushed before each call; about ``reps`` calls per case in all), so a noisy neighbour or a frequency
+    change hits every row alike. Calling each runtime in turn call by call would measure their thread pools
+    spinning against each other (numpy, onnxruntime and TVM each keep one). -> JSON rows (``bw_fraction``
+    against ``dram_GBps`` if given)."""
     import time
 
-    from .common import measure
+    from .common import stats
 
-    rows = []
-    for case in build_cases(wl, target, threads, families, bits, nbits_configs):
+    cases = list(build_cases(wl, target, threads, families, bits, nbits_configs))   # all alive: interleaved
+    errs = []
+    for case in cases:
         err = case.check(wl)
-        ok = err <= case.rtol
-        if not ok and case.family in ("bitplane", "tvm-dense"):
+        if err > case.rtol and case.family in ("bitplane", "tvm-dense"):
             raise RuntimeError(f"{case.label} at {wl.name} M={wl.M}: output differs from numpy (rel err {err:.2e})")
-        time.sleep(SETTLE_S)
-        st = measure(case.run, reps, warmup=3, flush=flush)
+        errs.append(err)
+        for _ in range(3):   # warm-up
+            case.run()
+    times = [[] for _ in cases]
+    for _ in range(-(-reps // BLOCK)):
+        for i, case in enumerate(cases):
+            time.sleep(SETTLE_S)
+            case.run()
+            for _ in range(BLOCK):
+                if flush is not None:
+                    flush()
+                t0 = time.perf_counter()
+                case.run()
+                times[i].append(time.perf_counter() - t0)
+    rows = []
+    for case, err, ts in zip(cases, errs, times):
+        st, ok = stats(ts), err <= case.rtol
         gbps = case.bytes_read / st["median_s"] / 1e9
         rows.append({"shape": wl.name, "M": wl.M, "N": wl.N, "K": wl.K, "family": case.family, "label": case.label,
                      "bits": case.bits, **case.info, "bytes_read": case.bytes_read, **st,
@@ -327,8 +347,8 @@ def bench_workload(wl: Workload, target: dict, threads: int, reps: int, flush, d
         log(f"  {wl.name:>11} M={wl.M:<3} {case.label:<36} {st['median_s'] * 1e3:9.3f} ms "
             f"[{st['min_s'] * 1e3:.3f}..{st['max_s'] * 1e3:.3f}]  {gbps:6.1f} GB/s{frac}"
             + ("" if ok else f"  CHECK FAILED (err {err:.2e})"))
+    for case in cases:
         case.close()
-        del case
     return rows
 
 
