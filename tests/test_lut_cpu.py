@@ -124,6 +124,27 @@ def test_int8_mode_matches_numpy_quantization(isa):
         assert np.abs(y - exact).max() <= 5e-2 * np.abs(exact).max(), b  # and close to the exact product
 
 
+@pytest.mark.skipif("avx512" not in ISAS, reason="this CPU has no AVX-512 VBMI/VNNI body")
+@pytest.mark.parametrize("mode", ["int8", "exact"])
+def test_avx512_verify_rows_equal_decode_calls(mode):
+    """The AVX-512 body at M = 5 (the verify graph) gives each row of X bit for bit what an M = 1 call on that
+    row gives: self-speculative decoding then keeps plain greedy decoding's tokens, int8 mode included."""
+    M, N, K = 5, 23, 576
+    rng = np.random.default_rng(5)
+    _planes, bs, luts = _layer(rng, N, K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    if mode == "exact":
+        tables = [np.pad(luts, ((0, 0), (0, LUT_PAD)))]
+    else:
+        tabs, scales = bsl.int_tables(luts, WIDTHS)
+        tables = [np.pad(tabs, ((0, 0), (0, LUT_PAD))), scales]
+    many, one = _build(M, N, K, mode, "avx512"), _build(1, N, K, mode, "avx512")
+    for b in (3, 6, 8):
+        y = _run(many, [x, bs, *tables], b, M, N)
+        for m in range(M):
+            np.testing.assert_array_equal(y[m], _run(one, [x[m:m + 1], bs, *tables], b, 1, N)[0])
+
+
 def test_bits_outside_the_range_are_clamped():
     M, N, K = 1, 9, 576
     rng = np.random.default_rng(1)

@@ -26,9 +26,11 @@ from tvm.script import tirx as T
 
 from ..quant.byteslice import GROUP
 from .anyprec import lut_offset
+from .lut_isa import _shift, _srl16
 from .lut_layout import _local, _plane_vector
 
 VEC = 64
+WIDE_MAX_M = 8   # rows of X up to which this body runs (decode, verify); prefill chunks run the AVX2 bodies
 
 
 def _x86(name, dtype, *args):
@@ -37,20 +39,6 @@ def _x86(name, dtype, *args):
 
 def _u8(v: int):
     return T.broadcast(T.uint8(v), VEC)
-
-
-def _shift(x, s: int):
-    """uint8x64 shifted by s bits inside 32-bit lanes (s > 0: left); the caller masks so no bit crosses a byte."""
-    if s == 0:
-        return x
-    w = T.reinterpret("uint32x16", x)
-    w = T.shift_left(w, T.broadcast(T.uint32(s), 16)) if s > 0 else T.shift_right(w, T.broadcast(T.uint32(-s), 16))
-    return T.reinterpret("uint8x64", w)
-
-
-def _srl16(x, s: int, lanes: int):
-    t = f"uint16x{lanes // 2}"
-    return T.reinterpret(f"uint8x{lanes}", T.shift_right(T.reinterpret(t, x), T.broadcast(T.uint16(s), lanes // 2)))
 
 
 def widen(v):
@@ -65,7 +53,7 @@ def decode_pairs(ws, b: int) -> list:
     def gather(mask: int, i: int):
         out = None
         for p in range(b):
-            t = _shift(T.bitwise_and(ws[p], _u8(mask)), (b - 1 - p) - i)
+            t = _shift(T.bitwise_and(ws[p], _u8(mask)), (b - 1 - p) - i, VEC)
             out = t if out is None else T.bitwise_or(out, t)
         return out
 
@@ -141,45 +129,48 @@ def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
     def table(r, k):
         return lambda t: T.reinterpret("int8x64", TB[T.ramp((2 * r + k) * W + VEC * t, 1, VEC)])
 
-    for r in range(len(rows)):
+    for r, m in [(r, m) for r in range(len(rows)) for m in range(s.M)]:   # every row of X: the M = 1 order
         code = [CB[T.ramp(r * GROUP + VEC * q, 1, VEC)] for q in range(4)]
+        base = (r * s.M + m) * VEC
         if s.mode == "int8":
-            a = ACC[T.ramp(r * VEC, 1, 16)]
+            a = ACC[T.ramp(base, 1, 16)]
             for h in range(2):   # the two halves of the group: separate activation scales (blocks of 32)
                 acc = [T.broadcast(T.int32(0), 16)] * 2
                 for q in (2 * h, 2 * h + 1):   # int32 lane t: bytes 4t..4t+3 of the pair (block (t % 8) // 2)
-                    x = XP[0, T.ramp(GROUP * g + VEC * q, 1, VEC)]
+                    x = XP[m, T.ramp(GROUP * g + VEC * q, 1, VEC)]
                     for k in range(2):
                         acc[k] = _x86("avx512.vpdpbusd.512", "int32x16", acc[k], lookup(table(r, k), b, code[q]), x)
                 total = acc[0] + T.shift_left(acc[1], T.broadcast(T.int32(8), 16)) - \
-                    XC[0, T.ramp(32 * g + 16 * h, 1, 16)]
-                a = a + T.Cast("float32x16", total) * SX[0, T.ramp(32 * g + 16 * h, 1, 16)]
-            T.buffer_store(ACC, a, [T.ramp(r * VEC, 1, 16)])
+                    XC[m, T.ramp(32 * g + 16 * h, 1, 16)]
+                a = a + T.Cast("float32x16", total) * SX[m, T.ramp(32 * g + 16 * h, 1, 16)]
+            T.buffer_store(ACC, a, [T.ramp(base, 1, 16)])
             continue
-        accs = [ACC[T.ramp(r * VEC + 16 * k, 1, 16)] for k in range(4)]
+        accs = [ACC[T.ramp(base + 16 * k, 1, 16)] for k in range(4)]
         for q in range(4):
             lo, hi = lookup(table(r, 0), b, code[q]), lookup(table(r, 1), b, code[q])
             ul, uh = _unpack(lo, hi, False), _unpack(lo, hi, True)
             vals = [_f32(ul, 0), _f32(ul, 1), _f32(uh, 0), _f32(uh, 1)]
             for k in range(4):
-                accs[k] = accs[k] + vals[k] * XP[0, T.ramp(GROUP * g + VEC * q + 16 * k, 1, 16)]
+                accs[k] = accs[k] + vals[k] * XP[m, T.ramp(GROUP * g + VEC * q + 16 * k, 1, 16)]
         for k in range(4):
-            T.buffer_store(ACC, accs[k], [T.ramp(r * VEC + 16 * k, 1, 16)])
+            T.buffer_store(ACC, accs[k], [T.ramp(base + 16 * k, 1, 16)])
 
 
 def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
-    """The b-bit GEMV: tiles of R rows in parallel."""
+    """The b-bit GEMV, tiles of R rows in parallel; M <= WIDE_MAX_M rows of X (the verify graph) each decoded
+    group serves every row of X, and each row's sums run in the M = 1 order, so a verify call's outputs equal
+    decode calls' on the same rows bit for bit (self-speculative decoding's output is plain greedy's)."""
     NT = -(-s.N // R)
     with T.parallel(0, NT) as t:
         TB = _local((R * 2 * table_bytes(b),), "uint8")
         CB = _local((R * GROUP,), "uint8")
         VB = _local((VEC * b,), "uint8")
-        ACC = _local((R * VEC,), "float32")
+        ACC = _local((R * s.M * VEC,), "float32")
         rows = [T.min(t * R + r, s.N - 1) for r in range(R)]
         for r, n in enumerate(rows):
             prepare_tables(s, b, LUT, n, TB, r * 2 * table_bytes(b))
-            for k in range(4):
-                T.buffer_store(ACC, T.broadcast(T.float32(0), 16), [T.ramp(r * VEC + 16 * k, 1, 16)])
+            for k in range(4 * s.M):
+                T.buffer_store(ACC, T.broadcast(T.float32(0), 16), [T.ramp(r * s.M * VEC + 16 * k, 1, 16)])
         bufs = (PL, XP, SX, XC, TB, CB, VB, ACC)
         full = s.G if s.tail == 4 else s.G - 1
         if full:
@@ -187,12 +178,13 @@ def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
                 _group(s, b, rows, g, 4, bufs)
         if s.tail != 4:
             _group(s, b, rows, s.G - 1, s.tail, bufs)
-        for r in range(R):
+        for r, m in [(r, m) for r in range(R) for m in range(s.M)]:
             with T.If(t * R + r < s.N):
                 with T.Then():
-                    total = ACC[r * VEC]
+                    base = (r * s.M + m) * VEC
+                    total = ACC[base]
                     for e in range(1, VEC if s.mode == "exact" else 16):
-                        total = total + ACC[r * VEC + e]
+                        total = total + ACC[base + e]
                     if s.mode == "int8":
                         total = total * WS[rows[r], b - s.MINB]
-                    T.buffer_store(Y, total, [0, t * R + r])
+                    T.buffer_store(Y, total, [m, t * R + r])

@@ -267,7 +267,7 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y):
 
 def _dispatch(s: _Shape, nbits, widths, rows, bufs):
     b = widths[0]
-    R = rows.get(b) or default_rows(s.mode, b, s.M)
+    R = rows.get(b) or default_rows(s.mode, b, 1 if s.wide else s.M)   # the AVX-512 body: GEMV's tiles
     if len(widths) == 1:
         _body(s, b, R, *bufs)
         return

@@ -9,17 +9,20 @@ def _u8(v: int, lanes: int = 32):
     return T.broadcast(T.uint8(v), lanes)
 
 
-def _shift(x, s: int):
-    """uint8x32 shifted by s bits inside 32-bit lanes (s > 0: left); the caller masks so no bit crosses a byte."""
+def _shift(x, s: int, lanes: int = 32):
+    """uint8 x lanes shifted by s bits inside 32-bit lanes (s > 0: left); the caller masks so no bit crosses a
+    byte."""
     if s == 0:
         return x
-    w = T.reinterpret("uint32x8", x)
-    w = T.shift_left(w, T.broadcast(T.uint32(s), 8)) if s > 0 else T.shift_right(w, T.broadcast(T.uint32(-s), 8))
-    return T.reinterpret("uint8x32", w)
+    n = lanes // 4
+    w = T.reinterpret(f"uint32x{n}", x)
+    w = T.shift_left(w, T.broadcast(T.uint32(s), n)) if s > 0 else T.shift_right(w, T.broadcast(T.uint32(-s), n))
+    return T.reinterpret(f"uint8x{lanes}", w)
 
 
-def _srl16(x, s: int):
-    return T.reinterpret("uint8x32", T.shift_right(T.reinterpret("uint16x16", x), T.broadcast(T.uint16(s), 16)))
+def _srl16(x, s: int, lanes: int = 32):
+    n = lanes // 2
+    return T.reinterpret(f"uint8x{lanes}", T.shift_right(T.reinterpret(f"uint16x{n}", x), T.broadcast(T.uint16(s), n)))
 
 
 def _sll16(x, s: int):
@@ -82,16 +85,22 @@ def split_fp16_tables(LUT, n, off, b: int, TB, base: int) -> None:
                        [T.ramp(base + w + 16 * t, 1, 16)])
 
 
-def lookup_fp16_avx2(TB, base: int, b: int, c) -> list:
-    """The fp16 LUT entries of 32 codes as four float32x8 (codes 8q..8q+7): low and high bytes looked up like
-    int8 tables (``lookup_bytes_avx2``), interleaved into fp16 and widened (vcvtph2ps)."""
+def _split_lookup(TB, base: int, b: int, c):
+    """(low bytes, high bytes) of the 16-bit table entries of 32 codes: the split tables at TB[base] (from
+    ``split_fp16_tables``), each looked up like an int8 table (``lookup_bytes_avx2``)."""
     def table(half):
         def get(t):
             t16 = T.reinterpret("int8x16", TB[T.ramp(base + half * split_width(b) + 16 * t, 1, 16)])
             return T.vectorcombine("int8x32", t16, t16)
         return get
 
-    lo, hi = lookup_bytes_avx2(table(0), b, c), lookup_bytes_avx2(table(1), b, c)
+    return lookup_bytes_avx2(table(0), b, c), lookup_bytes_avx2(table(1), b, c)
+
+
+def lookup_fp16_avx2(TB, base: int, b: int, c) -> list:
+    """The fp16 LUT entries of 32 codes as four float32x8 (codes 8q..8q+7): the bytes (``_split_lookup``)
+    interleaved into fp16 and widened (vcvtph2ps)."""
+    lo, hi = _split_lookup(TB, base, b, c)
     out = []
     for q in range(4):
         pair = T.Shuffle([lo, hi], [v for e in range(8) for v in (8 * q + e, 32 + 8 * q + e)])
@@ -100,15 +109,9 @@ def lookup_fp16_avx2(TB, base: int, b: int, c) -> list:
 
 
 def lookup_int16_avx2(TB, base: int, b: int, c) -> list:
-    """The int16 table entries of 32 codes as two int16x16 (codes 0..15, 16..31): the table split into a
-    low-byte and a high-byte table (``split_fp16_tables`` on the int16 table), both looked up like int8 tables."""
-    def table(half):
-        def get(t):
-            t16 = T.reinterpret("int8x16", TB[T.ramp(base + half * split_width(b) + 16 * t, 1, 16)])
-            return T.vectorcombine("int8x32", t16, t16)
-        return get
-
-    lo, hi = lookup_bytes_avx2(table(0), b, c), lookup_bytes_avx2(table(1), b, c)
+    """The int16 table entries of 32 codes as two int16x16 (codes 0..15, 16..31): the bytes (``_split_lookup``
+    on the int16 table split by ``split_fp16_tables``) re-joined."""
+    lo, hi = _split_lookup(TB, base, b, c)
     return [T.reinterpret("int16x16", T.Shuffle([lo, hi], [v for e in range(16 * u, 16 * u + 16) for v in (e, 32 + e)]))
             for u in range(2)]
 

@@ -38,8 +38,8 @@ class _Shape:
 
     @property
     def wide(self) -> bool:
-        """The AVX-512 GEMV body (``lut_avx512``) runs."""
-        return self.isa == "avx512" and self.M == 1
+        """The AVX-512 GEMV body (``lut_avx512``) runs: decode and verify (M <= 8) on AVX-512 targets."""
+        return self.isa == "avx512" and self.M <= 8
 
 
 STACK_MAX = 16 << 10   # bytes of one local buffer kept on the stack (the tiles and tables are a few KiB)
