@@ -28,7 +28,7 @@ would kill the process):
   at b = 8 exact mode's 16-table trees lose to scalar loads from an fp32 table in L1 (``SCALAR_MIN``; 4096x4096
   GEMV, 2 threads, Zen 3: 7.2 ms against 11.7 ms; equal at b = 7).
 * ``avx512`` (AVX-512BW + VBMI + VNNI): the GEMV body of ``kernels.lut_avx512`` (64-lane decode, ``vpermb`` /
-  ``vpermi2b`` tables for every b, ``vpdpwssd``); M > 1 runs the AVX2 bodies.
+  ``vpermi2b`` tables for every b, ``vpdpbusd``), M <= 8 (decode, verify); prefill chunks run the AVX2 bodies.
 * ``generic``: the same decode with portable vector code; the lookups are gathers (LLVM picks the
   instructions). Any LLVM CPU target, aarch64 included.
 """
