@@ -120,7 +120,8 @@ def _summary(samples: list[float]) -> dict:
 def measure_rounds(sessions, bits, rounds: int, binary, gguf, threads: int, ort: dict, pp: int = PP,
                    tg: int = TG):
     """Interleaved rounds of llama-bench (when built), ours per artifact (``sessions``: a Session, or
-    [(label suffix, Session)]) and bit-width, and onnxruntime -> (rows, llama-bench info). Rows: {"config", "test", "tokens_per_s": {mean, sd, samples}, "vs_llama_cpp": per-round ratios}."""
+    [(label suffix, Session)]) and bit-width, and onnxruntime -> (rows, llama-bench info). Rows: {"config", "test",
+    "tokens_per_s": {mean, sd, samples}, "vs_llama_cpp": per-round ratios}."""
     samples: dict = {}
     info = None
     sessions = [("", sessions)] if not isinstance(sessions, list) else sessions

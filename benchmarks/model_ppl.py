@@ -5,7 +5,8 @@
 Quantizes the model into an any-precision parent (Fisher from the calibration text, as ``quantize`` does),
 evaluates it in torch (fp32, then each child's dequantized weights swapped in), exports the prefill graph only
 (the perplexity windows need no decode graph) with a cache of one window, compiles it with the parent and
-evaluates the artifact on the same windows, once per CPU accuracy mode (``--modes``). Writes ``benchmarks/results/ppl-<model>-<date>.json``.
+evaluates the artifact on the same windows, once per CPU accuracy mode (``--modes``). Writes
+``benchmarks/results/ppl-<model>-<date>.json``.
 """
 from __future__ import annotations
 

@@ -207,8 +207,9 @@ def compile(source, out, target: str = "x86", parent=None, exclude=None, force: 
             lm_head_bits: int | None = None) -> dict:
     """ONNX file/dir -> artifact. ``accuracy`` (CPU targets): "int8" (default) or "exact", see
     ``schemes.anyprec.AnyPrec``. ``lm_head_bits``: the quantized tied lm_head/embedding runs at this
-    bit-width whatever bits a call asks for (needs the lm_head in the parent: ``exclude=()``). ``source`` may also be a model ('smollm2', .gguf, HF dir): then the ONNX
-    export (``<out>.onnx/``) and the quantized parent (``<out>.parent/``) are made first when missing.
+    bit-width whatever bits a call asks for (needs the lm_head in the parent: ``exclude=()``). ``source`` may also
+    be a model ('smollm2', .gguf, HF dir): then the ONNX export (``<out>.onnx/``) and the quantized parent
+    (``<out>.parent/``) are made first when missing.
     ``act_bits`` 8|4: low-bit activations (W4A8, or W4A4 after self-attention / everywhere with
     ``act_int4_all``) instead of the bitplane operator; no parent is needed, the outlier handling is calibrated
     on the calibration text with the source model (see README "Low-bit activations").

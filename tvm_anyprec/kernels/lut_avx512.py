@@ -15,7 +15,8 @@ both up and re-join the bytes:
   high-byte table XOR 0x80), and each byte table is multiplied with the int8 activations by ``vpdpbusd`` (u8 x s8,
   four products per int32 lane): sum u x = sum lo x + 256 sum hi x, exact in int32. The bias adds
   32768 * sum(x) to each int32 lane, the same for every row: the prologue sums it once per call (XC) and each
-  half-group subtracts it before the int32 sums are scaled, so they stay exact. (Re-joining into int16 for ``vpdpwssd`` cost 1.5x more at 3 bits.)
+  half-group subtracts it before the int32 sums are scaled, so they stay exact. (Re-joining into int16 for
+  ``vpdpwssd`` was 1.12x slower at 3 bits, equal at 8.)
 * exact mode: re-joined by the byte unpacks (``vpunpck[lh]bw``) and widened by ``vcvtph2ps``; the prologue stores
   the activations in the order the unpacks leave the values, so no cross-lane shuffle is needed; then FMA into
   four accumulators per row.
@@ -30,7 +31,6 @@ from .lut_isa import _shift, _srl16
 from .lut_layout import _local, _plane_vector
 
 VEC = 64
-WIDE_MAX_M = 8   # rows of X up to which this body runs (decode, verify); prefill chunks run the AVX2 bodies
 
 
 def _x86(name, dtype, *args):
@@ -107,7 +107,8 @@ def prepare_tables(s, b: int, LUT, n, TB, base: int) -> None:
 def _unpack(lo, hi, upper: bool):
     """vpunpck[lh]bw: per 128-bit lane, bytes 8u..8u+7 (u = upper) of lo and hi interleaved (fp16 values)."""
     first = 8 if upper else 0
-    return T.Shuffle([lo, hi], [v for L in range(4) for e in range(first, first + 8) for v in (16 * L + e, VEC + 16 * L + e)])
+    return T.Shuffle([lo, hi], [v for L in range(4) for e in range(first, first + 8)
+                                for v in (16 * L + e, VEC + 16 * L + e)])
 
 
 def _f32(v16, half: int):

@@ -10,6 +10,7 @@ from ..quant.byteslice import GROUP, INT8_MAX, blocks, groups
 from .lowering import KEEP
 from .lut_isa import _u8
 
+WIDE_MAX_M = 8   # rows of X up to which the AVX-512 body runs (decode, verify); prefill chunks: the AVX2 bodies
 BIAS16 = 32768   # the AVX-512 int8 body's tables are q + BIAS16 (unsigned bytes for vpdpbusd); XC undoes it
 
 
@@ -38,8 +39,8 @@ class _Shape:
 
     @property
     def wide(self) -> bool:
-        """The AVX-512 GEMV body (``lut_avx512``) runs: decode and verify (M <= 8) on AVX-512 targets."""
-        return self.isa == "avx512" and self.M <= 8
+        """The AVX-512 GEMV body (``lut_avx512``) runs: decode and verify (M <= WIDE_MAX_M) on AVX-512 targets."""
+        return self.isa == "avx512" and self.M <= WIDE_MAX_M
 
 
 STACK_MAX = 16 << 10   # bytes of one local buffer kept on the stack (the tiles and tables are a few KiB)
@@ -69,8 +70,9 @@ def _prologue(s: _Shape, X, XP, SX, XC=None):
     half-group's dot products need them (lane t sums codes 2t and 2t + 1 of a code vector: block t // 4):
     SX[m, 32g + 16h + t] = scale of block (t // 4, h). The AVX-512 int8 body keeps the values int8 (vpdpbusd: lane
     t sums bytes 4t..4t+3 of a pair of codes, block (t % 8) // 2), and XC (int32, laid out like SX) is what its
-    biased tables add to each lane: BIAS16 * the sum of the activations the lane multiplies. The AVX-512 exact body reads each pair of codes (2q, 2q+1) in the order its
-    byte unpacks leave the fp16 values: position 64q + 32a + 16c + 8h + l holds code 2q + c, lane 8(a + 2h) + l."""
+    biased tables add to each lane: BIAS16 * the sum of the activations the lane multiplies. The AVX-512 exact body
+    reads each pair of codes (2q, 2q+1) in the order its byte unpacks leave the fp16 values: position 64q + 32a +
+    16c + 8h + l holds code 2q + c, lane 8(a + 2h) + l."""
     loop = T.parallel if s.M > 1 else T.serial
 
     def src(g, i, j, l):
