@@ -28,7 +28,7 @@ from tvm.script import tirx as T
 from ..quant.byteslice import GROUP
 from .anyprec import lut_offset
 from .lut_isa import _shift, _srl16
-from .lut_layout import _local, _plane_vector
+from .lut_layout import _local, _plane_vector, each_group
 
 VEC = 64
 
@@ -173,12 +173,7 @@ def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
             for k in range(4 * s.M):
                 T.buffer_store(ACC, T.broadcast(T.float32(0), 16), [T.ramp(r * s.M * VEC + 16 * k, 1, 16)])
         bufs = (PL, XP, SX, XC, TB, CB, VB, ACC)
-        full = s.G if s.tail == 4 else s.G - 1
-        if full:
-            with T.serial(0, full) as g:
-                _group(s, b, rows, g, 4, bufs)
-        if s.tail != 4:
-            _group(s, b, rows, s.G - 1, s.tail, bufs)
+        each_group(s, lambda g, tail: _group(s, b, rows, g, tail, bufs))
         for r, m in [(r, m) for r in range(R) for m in range(s.M)]:
             with T.If(t * R + r < s.N):
                 with T.Then():

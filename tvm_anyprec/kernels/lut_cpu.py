@@ -43,7 +43,7 @@ from ..quant.byteslice import GROUP, TABLE_DTYPE, row_bytes
 from .anyprec import lut_offset, lut_width
 from .lowering import STACK_LOCALS
 from . import lut_avx512
-from .lut_layout import _local, _plane_vector, _prologue, _Shape
+from .lut_layout import _local, _plane_vector, _prologue, _Shape, each_group
 from .lut_isa import (decode, dot_int16_avx2, dot_int16_generic, lookup_f32_avx2, lookup_f32_generic,
                       lookup_fp16_avx2, lookup_int16_avx2, lookup_int16_generic, scalar_lookups, split_fp16_tables,
                       split_width)
@@ -246,12 +246,7 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y):
                     T.buffer_store(TBL, T.Cast("float32x8", LUT[n, T.ramp(off + 8 * t, 1, 8)]),
                                    [T.ramp(r * E + 8 * t, 1, 8)])
         bufs = (PL, LUT, XP, SX, WB, CB, TBL, ACC, VB)
-        full = s.G if s.tail == 4 else s.G - 1
-        if full:
-            with T.serial(0, full) as g:
-                _group(s, b, rows, g, 4, bufs)
-        if s.tail != 4:
-            _group(s, b, rows, s.G - 1, s.tail, bufs)
+        each_group(s, lambda g, tail: _group(s, b, rows, g, tail, bufs))
         with T.serial(0, s.M) as m:
             for r in range(R):
                 with T.If(nt * R + r < s.N):

@@ -53,6 +53,17 @@ def _local(shape, dtype):
     return T.alloc_local(shape, dtype, annotations=KEEP if nbytes <= STACK_MAX else None)
 
 
+def each_group(s: _Shape, step) -> None:
+    """step(g, tail) over the groups of 256 weights: the whole groups in a TIR loop (tail 4 blocks of 64), then
+    a partial last group with its own constant block count."""
+    full = s.G if s.tail == 4 else s.G - 1
+    if full:
+        with T.serial(0, full) as g:
+            step(g, 4)
+    if s.tail != 4:
+        step(s.G - 1, s.tail)
+
+
 def _plane_vector(PL, p, n, g, tail: int):
     if tail == 4:
         return PL[p, n, T.ramp(32 * g, 1, 32)]
