@@ -89,9 +89,9 @@ def _lanes_sum(v, n: int):
 
 
 def make_dense_nt_cpu(M: int, N: int, K: int):
-    """``make_dense_nt`` for CPUs at M > 1 (prefill, verify) as explicit loops: tiles of NR rows of W in
-    parallel; per tile, MR x NR accumulators of KV lanes over k (each loaded x and w vector feeds NR or MR FMAs)
-    for every tile of MR rows of X, then one lane sum per output. The W tile (NR x K) stays in L1 across the
+    """``make_dense_nt`` for CPUs at M > 1 (the graph rewrite uses it from TILED_MIN_M rows: prefill chunks) as
+    explicit loops: tiles of NR rows of W in parallel; per tile, MR x NR accumulators of KV lanes over k (each
+    loaded x and w vector feeds NR or MR FMAs) for every tile of MR rows of X, then one lane sum per output. The W tile (NR x K) stays in L1 across the
     rows of X. LLVM splits the KV lanes into the target's vectors (AVX-512: one, AVX2: two, NEON: four)."""
     from .lowering import STACK_LOCALS
     from .lut_layout import _local

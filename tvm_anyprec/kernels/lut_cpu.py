@@ -106,12 +106,10 @@ def _each(n: int, step, unroll: bool) -> None:
         step(i)
 
 
-def _codes(PL, p_count: int, n, g, tail: int, VB, CB, b: int, direct: bool = False, base: int = 0) -> list:
+def _codes(PL, p_count: int, n, g, tail: int, VB, CB, b: int, base: int = 0) -> list:
     """Decode one row's group into CB (8 x 32 codes) through VB (the b plane vectors): the intermediate vectors
     live in (stack) buffers, so no expression tree repeats a decode (TIR passes visit trees, not DAGs, and a
-    b > 4 lookup reads its code b - 3 times). ``direct``: the code expressions themselves (each used once)."""
-    if direct:
-        return decode([_plane_vector(PL, p, n, g, tail) for p in range(p_count)], b)
+    b > 4 lookup reads its code b - 3 times)."""
     for p in range(p_count):
         T.buffer_store(VB, _plane_vector(PL, p, n, g, tail), [T.ramp(32 * p, 1, 32)])
     codes = decode([VB[T.ramp(32 * p, 1, 32)] for p in range(p_count)], b)

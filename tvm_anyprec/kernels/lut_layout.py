@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import tvm
 from tvm.script import tirx as T
 
 from ..quant.byteslice import GROUP, INT8_MAX, blocks, groups
@@ -49,7 +50,7 @@ STACK_MAX = 16 << 10   # bytes of one local buffer kept on the stack (the tiles 
 def _local(shape, dtype):
     """A local buffer kept on the stack (``lowering``) when small; larger ones (a 32-row accumulator tile) go to
     TVM's workspace."""
-    nbytes = int(shape[0]) * (4 if dtype.endswith("32") else 1)
+    nbytes = int(shape[0]) * tvm.DataType(dtype).bits // 8
     return T.alloc_local(shape, dtype, annotations=KEEP if nbytes <= STACK_MAX else None)
 
 

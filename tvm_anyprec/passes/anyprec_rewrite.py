@@ -163,9 +163,7 @@ class _Rewriter(relax.PyExprMutator):
         width = table_width(o.max_bits, o.min_bits)
         gv = self._kernel(AnyPrecEmbed(S, N, K, o.max_bits, o.min_bits, width, mode))
         planes = self._param(f"{w.name}.planes", [o.max_bits, N, row_bytes(K)], "uint8")
-        tables = [self._param(f"{w.name}.luts", [N, width], "float16")] if mode == "exact" else \
-            [self._param(f"{w.name}.tabs", [N, width], TABLE_DTYPE),
-             self._param(f"{w.name}.scales", [N, o.max_bits - o.min_bits + 1], "float32")]
+        tables = self._cpu_tables(w.name, N)
         flat = self.builder_.emit(relax.op.reshape(ids, [S]))
         if ids.ty.dtype != "int64":
             flat = self.builder_.emit(relax.op.astype(flat, "int64"))
@@ -216,13 +214,17 @@ class _Rewriter(relax.PyExprMutator):
         mode = o.cpu["mode"]
         gv = self._kernel(AnyPrecCPU(M, N, K, o.max_bits, o.min_bits, mode, o.cpu["isa"]))
         planes = self._param(f"{name}.planes", [o.max_bits, N, row_bytes(K)], "uint8")
+        return self._emit(gv, x, xs, [planes, *self._cpu_tables(name, N), self._bits_of(name)], M, N, K)
+
+    def _cpu_tables(self, name: str, N: int) -> list:
+        """The CPU kernels' table parameters of a rewritten weight (linear layer and embedding alike): the fp16
+        LUTs (exact mode), or the int16 tables and their per-row scales (int8 mode)."""
+        o = self.owner
         width = table_width(o.max_bits, o.min_bits)
-        if mode == "exact":
-            tables = [self._param(f"{name}.luts", [N, width], "float16")]
-        else:
-            tables = [self._param(f"{name}.tabs", [N, width], TABLE_DTYPE),
-                      self._param(f"{name}.scales", [N, o.max_bits - o.min_bits + 1], "float32")]
-        return self._emit(gv, x, xs, [planes, *tables, self._bits_of(name)], M, N, K)
+        if o.cpu["mode"] == "exact":
+            return [self._param(f"{name}.luts", [N, width], "float16")]
+        return [self._param(f"{name}.tabs", [N, width], TABLE_DTYPE),
+                self._param(f"{name}.scales", [N, o.max_bits - o.min_bits + 1], "float32")]
 
     def _bits_of(self, name: str):
         """The bits input of a rewritten weight's kernel: the call's, or a pinned tied embedding/lm_head's."""

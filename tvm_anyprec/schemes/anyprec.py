@@ -65,7 +65,7 @@ class AnyPrec:
         self.seed_bits, self.max_bits = seed_bits, max_bits
         if lm_head_bits is not None and not seed_bits <= lm_head_bits <= max_bits:
             raise CompileError(f"--lm-head-bits {lm_head_bits}: the parent has bit-widths {seed_bits}..{max_bits}")
-        self.lm_head_bits, self.pinned, self._rw = lm_head_bits, dict(pinned or {}), None
+        self.lm_head_bits, self.pinned = lm_head_bits, dict(pinned or {})
         self.parent, self.parent_path = parent, parent_path
         self.describe = "packing weights" if parent is not None else "quantizing weights"
 
@@ -83,9 +83,8 @@ class AnyPrec:
             self.kernel = None
         else:
             self.kernel = {"mode": self.accuracy or DEFAULT_ACCURACY, "isa": cpu_isa(tp["target"])}
-        self._rw = AnyPrecRewrite(self.seed_bits, self.max_bits, exclude, cpu=self.kernel, available=self._available,
-                                  tied_bits=self.lm_head_bits)
-        return self._rw
+        return AnyPrecRewrite(self.seed_bits, self.max_bits, exclude, cpu=self.kernel, available=self._available,
+                              tied_bits=self.lm_head_bits)
 
     def _parent_layer(self, name: str):
         """The parent's layer of a graph weight: by its name, or by the weight it is tied to (an embedding
