@@ -164,4 +164,87 @@ def test_simd_bodies_are_chosen_only_where_the_cpu_has_them():
     assert cpu_isa({"kind": "llvm", "mcpu": "skylake-avx512"}) == "avx2"
     assert cpu_isa({"kind": "llvm", "mcpu": "znver4"}) == "avx512"
     assert cpu_isa({"kind": "llvm", "mcpu": "icelake-server"}) == "avx512"
-    assert cpu_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}) == "generic"
+    assert cpu_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}) == "neon"
+    assert cpu_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}) == "neon"
+
+
+# ------------------------------------------------------------------ the NEON bodies on the emulated board
+
+NEON_CASES = [(1, 37, 576), (1, 21, 1536), (5, 19, 4095)]
+
+
+def _int_layer(rng, M, N, K):
+    """Integer int16 tables (|q| <= 1000, both bytes used) with unit scales and integer activations with one
+    |x| = 127 per block of 32: every float step of int8 mode is exact (as in the x86 test above)."""
+    _planes, bs, _luts = _layer(rng, N, K)
+    tabs = np.zeros((N, lut_width(B, MINB) + LUT_PAD), np.int16)
+    for b in WIDTHS:
+        tabs[:, lut_offset(b, MINB):lut_offset(b, MINB) + (1 << b)] = rng.integers(-1000, 1001, (N, 1 << b))
+    src = bsl.decode_order(K)
+    xp = rng.integers(-9, 10, (M, src.size))
+    xp[:, src < 0] = 0
+    first = (np.arange(0, src.size, 256)[:, None] + np.array([128 * h + 8 * j for h in (0, 1) for j in range(4)]))
+    first = first.ravel()[src[first.ravel()] >= 0]
+    xp[:, first] = 127
+    x = np.zeros((M, K), np.float32)
+    x[:, src[src >= 0]] = xp[:, src >= 0]
+    return x, bs, tabs, np.ones((N, len(WIDTHS)), np.float32), xp
+
+
+@pytest.fixture(scope="module")
+def neon_board(tmp_path_factory):
+    """Every NEON case in both modes in one aarch64 library (the arm-neon preset: Cortex-A72, plain NEON), loaded
+    on the emulated board of that CPU model; and the host's assembly."""
+    from tvm_anyprec.targets import arm, preset
+
+    if arm.missing():
+        pytest.skip(f"no emulated aarch64 board: {arm.missing()}")
+    p = preset("arm-neon")
+    funcs = {f"{mode}_{M}_{N}_{K}": make_anyprec_cpu(M, N, K, B, MINB, mode, cpu_isa(p["target"]))
+             for mode in ("exact", "int8") for M, N, K in NEON_CASES}
+    lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}),
+                      target=tvm.target.Target(p["target"]))
+    path = tmp_path_factory.mktemp("neon") / "lut_neon.so"
+    lib.export_library(str(path), fcompile=arm.cross_compiler())
+    sess = arm.qemu_session(p["qemu_cpu"])
+    sess.upload(str(path))
+    yield sess, sess.load_module(path.name), lib.mod.inspect_source("s")
+
+
+def _remote(sess, fn, arrays, bits, M, N):
+    dev = sess.cpu()
+    a = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in arrays]
+    a += [tvm.runtime.tensor(np.array([bits], np.int32), dev), tvm.runtime.tensor(np.zeros((M, N), np.float32), dev)]
+    fn(*a)
+    return a[-1].numpy()
+
+
+@pytest.mark.parametrize("M,N,K", NEON_CASES)
+def test_neon_bodies_match_numpy_and_x86(neon_board, M, N, K):
+    """The NEON bodies (tbl lookups) on a Cortex-A72 model: exact mode within fp32 rounding of numpy and of the
+    x86 build; int8 mode's integer sums bit for bit against numpy's integer reference and the x86 build."""
+    sess, lib, _asm = neon_board
+    rng = np.random.default_rng(M + K)
+    _planes, bs, luts = _layer(rng, N, K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    padded = np.pad(luts, ((0, 0), (0, LUT_PAD)))
+    host = _build(M, N, K, "exact", ISAS[-1])
+    xi, bsi, tabs, scales, xp = _int_layer(rng, M, N, K)
+    host_int = _build(M, N, K, "int8", ISAS[-1])
+    L = lut_width(B, MINB)
+    for b in WIDTHS:
+        y = _remote(sess, lib[f"exact_{M}_{N}_{K}"], [x, bs, padded], b, M, N)
+        ref = bsl.reference_exact(x, bs, luts, K, b, lut_offset(b, MINB))
+        scale = np.abs(x).sum(1, keepdims=True) * np.abs(luts.astype(np.float32)).max()
+        assert (np.abs(y - ref) <= 1e-6 * scale).all(), (b, np.abs(y - ref).max())
+        assert (np.abs(y - _run(host, [x, bs, padded], b, M, N)) <= 1e-6 * scale).all(), b
+        yi = _remote(sess, lib[f"int8_{M}_{N}_{K}"], [xi, bsi, tabs, scales], b, M, N)
+        acc = bsl.reference_int8_acc(xp.astype(np.int8), bsi, tabs[:, :L], K, b, lut_offset(b, MINB))
+        np.testing.assert_array_equal(yi, acc.sum((-1, -2, -3)).astype(np.float32), err_msg=str(b))
+        np.testing.assert_array_equal(yi, _run(host_int, [xi, bsi, tabs, scales], b, M, N), err_msg=str(b))
+
+
+def test_neon_bodies_look_up_with_tbl(neon_board):
+    ops = {ln.split()[0] for ln in neon_board[2].splitlines() if ln.startswith("\t") and not ln.strip().startswith(".")}
+    assert {"tbl", "fcvtl"} <= ops and ops & {"smlal", "smlal2"}, sorted(ops)
+    assert not ops & {"sdot", "smmla", "usdot"}            # plain NEON: runs on every aarch64 CPU

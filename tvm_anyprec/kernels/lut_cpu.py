@@ -29,8 +29,12 @@ would kill the process):
   GEMV, 2 threads, Zen 3: 7.2 ms against 11.7 ms; equal at b = 7).
 * ``avx512`` (AVX-512BW + VBMI + VNNI): the GEMV body of ``kernels.lut_avx512`` (64-lane decode, ``vpermb`` /
   ``vpermi2b`` tables for every b, ``vpdpbusd``), M <= 8 (decode, verify); prefill chunks run the AVX2 bodies.
+* ``neon`` (every aarch64 CPU): the AVX2 bodies' structure with NEON lookups: ``tbl`` on up to four 16-entry
+  byte tables per instruction (b > 6: one ``tbl4`` per 64 entries on the code minus 64j, ORed, since ``tbl``
+  returns 0 past its tables), the bytes re-joined into int16 (multiply-accumulate by ``smlal``) or fp16
+  (``fcvtl``, FMA).
 * ``generic``: the same decode with portable vector code; the lookups are gathers (LLVM picks the
-  instructions). Any LLVM CPU target, aarch64 included.
+  instructions). Any LLVM CPU target.
 """
 from __future__ import annotations
 
@@ -44,13 +48,13 @@ from .anyprec import lut_offset, lut_width
 from .lowering import STACK_LOCALS
 from . import lut_avx512
 from .lut_layout import _local, _plane_vector, _prologue, _Shape, each_group
-from .lut_isa import (decode, dot_int16_avx2, dot_int16_generic, lookup_f32_avx2, lookup_f32_generic,
-                      lookup_fp16_avx2, lookup_int16_avx2, lookup_int16_generic, scalar_lookups, split_fp16_tables,
+from .lut_isa import (decode, dot_int16_avx2, dot_int16_generic, dot_int16_neon, lookup_f32_avx2, lookup_f32_generic,
+                      lookup_fp16_split, lookup_int16_generic, lookup_int16_split, scalar_lookups, split_fp16_tables,
                       split_width)
 from .spec import KernelSpec, register
 
 MODES = ("exact", "int8")
-ISAS = ("avx512", "avx2", "generic")
+ISAS = ("avx512", "avx2", "neon", "generic")
 AVX512 = ("avx512bw", "avx512vbmi", "avx512vnni")   # what the AVX-512 GEMV body needs
 LUT_PAD = 16
 SPLIT_MIN = 3   # exact mode on AVX2: the fp16 byte-split tables from this b (vpermps on fp32 tables below it)
@@ -59,21 +63,23 @@ SCALAR_MIN = 8  # exact mode on AVX2: scalar lookups into an fp32 table from thi
 
 def _form(s, b: int) -> str:
     """The exact mode's AVX2 lookup at b bits: "scalar", "split" (fp16 byte tables), or "" (vpermps / int8)."""
-    if s.mode != "exact" or not s.avx2 or b < SPLIT_MIN:
+    if s.mode != "exact" or not s.tables or b < SPLIT_MIN:
         return ""
-    return "scalar" if b >= SCALAR_MIN else "split"
+    return "scalar" if b >= SCALAR_MIN and s.avx2 else "split"
 
 
 def cpu_isa(target) -> str:
     """The instruction set of ``target`` (a target dict or tvm Target) the kernel bodies may use: "avx512" on x86
     CPUs with AVX-512BW, VBMI and VNNI, "avx2" on those with AVX2 (asked from LLVM: mcpu implies the features),
-    else "generic"."""
+    "neon" on aarch64 (Advanced SIMD is part of ARMv8-A: ``tbl`` exists on every aarch64 CPU), else "generic"."""
     import tvm
     from tvm.target import codegen
 
     tgt = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    if "aarch64" in str(tgt.attrs.get("mtriple", "")) or str(tgt.kind.name) != "llvm":
+    if str(tgt.kind.name) != "llvm":
         return "generic"
+    if "aarch64" in str(tgt.attrs.get("mtriple", "")):
+        return "neon"
     try:
         if all(codegen.target_has_features(f, tgt) for f in AVX512):
             return "avx512"
@@ -122,7 +128,7 @@ def _half_int(s: _Shape, h: int, g, m, weights, XP, SX):
     """float32x8: half h of group g of int8 mode (codes i = 4h..4h+3; ``weights(i)``: their int16 table values
     as two int16x16) times row m of the activations, the int32 sums of each block of 32 scaled by its scale.
     Lane t of the first (second) int32x8 sums codes 2t, 2t+1 (16 + 2t, 17 + 2t): block t // 4 (2 + t // 4)."""
-    dot = dot_int16_avx2 if s.avx2 else dot_int16_generic
+    dot = dot_int16_avx2 if s.avx2 else dot_int16_neon if s.isa == "neon" else dot_int16_generic
     acc = [None, None]
     for i in range(4 * h, 4 * h + 4):
         w = weights(i)
@@ -138,16 +144,16 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
     R = len(rows)
     off = lut_offset(b, s.MINB)
     E = max(8, 1 << b)
-    if s.M == 1 and s.mode == "int8" and s.avx2:   # GEMV: lookups feed the dot products in registers
+    if s.M == 1 and s.mode == "int8" and s.tables:   # GEMV: lookups feed the dot products in registers
         for r, n in enumerate(rows):
             codes = _codes(PL, b, n, g, tail, VB, CB, b)
             a = ACC[T.ramp(r * 8, 1, 8)]
             for h in range(2):
-                a = a + _half_int(s, h, g, 0, lambda i, r=r: lookup_int16_avx2(
-                    TBL, r * 2 * split_width(b), b, codes[i]), XP, SX)
+                a = a + _half_int(s, h, g, 0, lambda i, r=r: lookup_int16_split(
+                    TBL, r * 2 * split_width(b), b, codes[i], s.isa), XP, SX)
             T.buffer_store(ACC, a, [T.ramp(r * 8, 1, 8)])
         return
-    if s.M == 1 and s.mode == "exact" and s.avx2:   # GEMV: the rows of a tile share each x load
+    if s.M == 1 and s.mode == "exact" and s.tables:   # GEMV: the rows of a tile share each x load
         for r, n in enumerate(rows):
             _codes(PL, b, n, g, tail, VB, CB, b, base=r * GROUP)
             if _form(s, b) == "scalar":
@@ -160,7 +166,7 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                 if _form(s, b) == "scalar":
                     vals = [WB[T.ramp(r * GROUP + 32 * i + 8 * q, 1, 8)] for q in range(tail)]
                 elif _form(s, b) == "split":
-                    vals = lookup_fp16_avx2(TBL, r * 2 * split_width(b), b, c)
+                    vals = lookup_fp16_split(TBL, r * 2 * split_width(b), b, c, s.isa)
                 else:
                     vals = [lookup_f32_avx2(TBL, r * E, b, T.Cast("int32x8", CB[T.ramp(r * GROUP + 32 * i + 8 * q,
                                                                                           1, 8)])) for q in range(tail)]
@@ -180,12 +186,12 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
         def step(i, r=r, n=n):
             c = CB[T.ramp(32 * i, 1, 32)]
             if s.mode == "int8":
-                vals = lookup_int16_avx2(TBL, r * 2 * split_width(b), b, c) if s.avx2 else \
+                vals = lookup_int16_split(TBL, r * 2 * split_width(b), b, c, s.isa) if s.tables else \
                     lookup_int16_generic(LUT, n, off, b, c)
                 for u in range(2):
                     T.buffer_store(WB, vals[u], [T.ramp(r * GROUP + 32 * i + 16 * u, 1, 16)])
             elif _form(s, b) == "split":
-                vals = lookup_fp16_avx2(TBL, r * 2 * split_width(b), b, c)
+                vals = lookup_fp16_split(TBL, r * 2 * split_width(b), b, c, s.isa)
                 for q in range(tail):
                     T.buffer_store(WB, vals[q], [T.ramp(r * GROUP + 32 * i + 8 * q, 1, 8)])
             else:
@@ -223,12 +229,12 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y):
     E = max(8, 1 << b)
     with T.parallel(0, NT) as nt:
         # the GEMV paths feed the lookups straight into the dot products (scalar lookups go through WB)
-        fast = s.M == 1 and s.avx2 and _form(s, b) != "scalar"
+        fast = s.M == 1 and s.tables and _form(s, b) != "scalar"
         WB = None if fast else _local((R * GROUP,), "int16" if s.mode == "int8" else "float32")
         ACC = _local((s.M * R * 8,), "float32")
         CB = _local((R * GROUP,), "uint8")
         VB = _local((32 * b,), "uint8")
-        split = _form(s, b) == "split" or (s.mode == "int8" and s.avx2)   # byte tables of fp16 / int16 values
+        split = _form(s, b) == "split" or (s.mode == "int8" and s.tables)   # byte tables of fp16 / int16 values
         TBL = _local((R * 2 * split_width(b),), "uint8") if split else \
             _local((R * E,), "float32") if s.mode == "exact" else None
         rows = [T.min(nt * R + r, s.N - 1) for r in range(R)]
@@ -321,7 +327,7 @@ def kernel_name(M, N, K, max_bits, min_bits, mode, isa) -> str:
 @register
 @dataclass(frozen=True)
 class AnyPrecCPU(KernelSpec):
-    """The CPU bitplane operator on the byte-sliced planes (``mode``: exact | int8; ``isa``: avx2 | generic)."""
+    """The CPU bitplane operator on the byte-sliced planes (``mode``: exact | int8; ``isa``: one of ``ISAS``)."""
     family: ClassVar[str] = "anyprec_cpu"
     M: int
     N: int

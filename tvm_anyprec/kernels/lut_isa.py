@@ -85,22 +85,42 @@ def split_fp16_tables(LUT, n, off, b: int, TB, base: int) -> None:
                        [T.ramp(base + w + 16 * t, 1, 16)])
 
 
-def _split_lookup(TB, base: int, b: int, c):
+def lookup_bytes_neon(table, b: int, c):
+    """int8x32: entry c of a 2^b-entry byte table for 32 codes, by NEON ``tbl`` on up to four 16-entry tables per
+    instruction (``table(t)``: entries 16t..16t+15 as int8x16). b > 6: one ``tbl4`` per 64 entries on the code
+    minus 64j, ORed (``tbl`` gives 0 for an index past its tables). Plain ARMv8 NEON: every aarch64 CPU has it."""
+    n = max(1, (1 << b) // 16)
+    halves = []
+    for h in range(2):
+        idx = T.Shuffle([c], list(range(16 * h, 16 * h + 16)))
+        out = None
+        for j in range(0, n, 4):
+            ix = idx if j == 0 else idx - T.broadcast(T.uint8(16 * j), 16)
+            ts = [table(t) for t in range(j, min(n, j + 4))]
+            v = T.call_llvm_pure_intrin("int8x16", f"llvm.aarch64.neon.tbl{len(ts)}.v16i8", *ts,
+                                        T.reinterpret("int8x16", ix))
+            out = v if out is None else T.bitwise_or(out, v)
+        halves.append(out)
+    return T.vectorcombine("int8x32", halves[0], halves[1])
+
+
+def _split_lookup(TB, base: int, b: int, c, isa: str):
     """(low bytes, high bytes) of the 16-bit table entries of 32 codes: the split tables at TB[base] (from
-    ``split_fp16_tables``), each looked up like an int8 table (``lookup_bytes_avx2``)."""
+    ``split_fp16_tables``), each looked up like an int8 table (``lookup_bytes_avx2`` / ``lookup_bytes_neon``)."""
     def table(half):
         def get(t):
             t16 = T.reinterpret("int8x16", TB[T.ramp(base + half * split_width(b) + 16 * t, 1, 16)])
-            return T.vectorcombine("int8x32", t16, t16)
+            return t16 if isa == "neon" else T.vectorcombine("int8x32", t16, t16)
         return get
 
-    return lookup_bytes_avx2(table(0), b, c), lookup_bytes_avx2(table(1), b, c)
+    look = lookup_bytes_neon if isa == "neon" else lookup_bytes_avx2
+    return look(table(0), b, c), look(table(1), b, c)
 
 
-def lookup_fp16_avx2(TB, base: int, b: int, c) -> list:
+def lookup_fp16_split(TB, base: int, b: int, c, isa: str) -> list:
     """The fp16 LUT entries of 32 codes as four float32x8 (codes 8q..8q+7): the bytes (``_split_lookup``)
-    interleaved into fp16 and widened (vcvtph2ps)."""
-    lo, hi = _split_lookup(TB, base, b, c)
+    interleaved into fp16 and widened (vcvtph2ps, fcvtl)."""
+    lo, hi = _split_lookup(TB, base, b, c, isa)
     out = []
     for q in range(4):
         pair = T.Shuffle([lo, hi], [v for e in range(8) for v in (8 * q + e, 32 + 8 * q + e)])
@@ -108,10 +128,10 @@ def lookup_fp16_avx2(TB, base: int, b: int, c) -> list:
     return out
 
 
-def lookup_int16_avx2(TB, base: int, b: int, c) -> list:
+def lookup_int16_split(TB, base: int, b: int, c, isa: str) -> list:
     """The int16 table entries of 32 codes as two int16x16 (codes 0..15, 16..31): the bytes (``_split_lookup``
     on the int16 table split by ``split_fp16_tables``) re-joined."""
-    lo, hi = _split_lookup(TB, base, b, c)
+    lo, hi = _split_lookup(TB, base, b, c, isa)
     return [T.reinterpret("int16x16", T.Shuffle([lo, hi], [v for e in range(16 * u, 16 * u + 16) for v in (e, 32 + e)]))
             for u in range(2)]
 
@@ -129,6 +149,14 @@ def dot_int16_avx2(w, x):
 def dot_int16_generic(w, x):
     p = T.Cast("int32x16", w) * T.Cast("int32x16", x)
     return T.Shuffle([p], list(range(0, 16, 2))) + T.Shuffle([p], list(range(1, 16, 2)))
+
+
+def dot_int16_neon(w, x):
+    """int32x8: lane t < 4 = w[t] x[t] + w[t+4] x[t+4], lane 4 + t = the same on lanes 8..15 (the blocks of 32 stay
+    apart as in ``dot_int16_avx2``): two ``smull`` and two ``smlal`` on 4-lane halves."""
+    def part(idx):
+        return T.Cast("int32x8", T.Shuffle([w], idx)) * T.Cast("int32x8", T.Shuffle([x], idx))
+    return part([0, 1, 2, 3, 8, 9, 10, 11]) + part([4, 5, 6, 7, 12, 13, 14, 15])
 
 
 def lookup_f32_avx2(TBL, base, b: int, idx):

@@ -39,6 +39,11 @@ class _Shape:
         return self.isa in ("avx2", "avx512")
 
     @property
+    def tables(self) -> bool:
+        """The row's 16-bit tables are split into byte tables held in registers (``vpshufb`` / NEON ``tbl``)."""
+        return self.avx2 or self.isa == "neon"
+
+    @property
     def wide(self) -> bool:
         """The AVX-512 GEMV body (``lut_avx512``) runs: decode and verify (M <= WIDE_MAX_M) on AVX-512 targets."""
         return self.isa == "avx512" and self.M <= WIDE_MAX_M
