@@ -35,12 +35,32 @@ def _layer(rng, N, K):
     return planes, bsl.to_byte_sliced(planes, K), luts
 
 
-def _run(fn, arrays, bits, M, N):
-    dev = tvm.cpu()
+def _run(fn, arrays, bits, M, N, dev=None):
+    dev = dev or tvm.cpu()
     a = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in arrays]
     a += [tvm.runtime.tensor(np.array([bits], np.int32), dev), tvm.runtime.tensor(np.zeros((M, N), np.float32), dev)]
     fn(*a)
     return a[-1].numpy()
+
+
+def _int_layer(rng, M, N, K):
+    """Integer int16 tables (|q| <= 1000, both bytes used) with unit scales and integer activations with one
+    |x| = 127 per block of 32: every float step of int8 mode is exact."""
+    _planes, bs, _luts = _layer(rng, N, K)
+    tabs = np.zeros((N, lut_width(B, MINB) + LUT_PAD), np.int16)
+    for b in WIDTHS:
+        q = rng.integers(-1000, 1001, (N, 1 << b))
+        q[:, 0] = 1000
+        tabs[:, lut_offset(b, MINB):lut_offset(b, MINB) + (1 << b)] = q
+    src = bsl.decode_order(K)
+    xp = rng.integers(-9, 10, (M, src.size))
+    xp[:, src < 0] = 0
+    first = (np.arange(0, src.size, 256)[:, None] + np.array([128 * h + 8 * j for h in (0, 1) for j in range(4)]))
+    first = first.ravel()[src[first.ravel()] >= 0]
+    xp[:, first] = 127
+    x = np.zeros((M, K), np.float32)
+    x[:, src[src >= 0]] = xp[:, src >= 0]
+    return x, bs, tabs, np.ones((N, len(WIDTHS)), np.float32), xp
 
 
 @pytest.mark.parametrize("K", [576, 1536, 4095])
@@ -84,23 +104,8 @@ def test_int8_mode_integer_sums_are_exact(isa, M, N, K):
     """int16 tables with |q| <= 1000 (both bytes used, negative values included) and scale 1, activations with
     max |x| = 127 per block of 32: every float step is exact, so Y must equal the numpy integer reference."""
     rng = np.random.default_rng(M * 11 + K)
-    _planes, bs, _luts = _layer(rng, N, K)
+    x, bs, tabs, scales, xp_int = _int_layer(rng, M, N, K)
     L = lut_width(B, MINB)
-    tabs = np.zeros((N, L + LUT_PAD), np.int16)
-    for b in WIDTHS:
-        o = lut_offset(b, MINB)
-        q = rng.integers(-1000, 1001, (N, 1 << b))
-        q[:, 0] = 1000
-        tabs[:, o:o + (1 << b)] = q
-    scales = np.ones((N, len(WIDTHS)), np.float32)
-    xp_int = rng.integers(-9, 10, (M, bsl.groups(K) * bsl.GROUP))
-    src = bsl.decode_order(K)
-    xp_int[:, src < 0] = 0
-    first = (np.arange(0, src.size, 256)[:, None] + np.array([128 * h + 8 * j for h in (0, 1) for j in range(4)]))
-    first = first.ravel()[src[first.ravel()] >= 0]          # the first column of every block of 32
-    xp_int[:, first] = 127        # one |x| = 127 in every block of 32: scale 1
-    x = np.zeros((M, K), np.float32)
-    x[:, src[src >= 0]] = xp_int[:, src >= 0]
     fn = _build(M, N, K, "int8", isa)
     for b in WIDTHS:
         y = _run(fn, [x, bs, tabs, scales], b, M, N)
@@ -173,24 +178,6 @@ def test_simd_bodies_are_chosen_only_where_the_cpu_has_them():
 NEON_CASES = [(1, 37, 576), (1, 21, 1536), (5, 19, 4095)]
 
 
-def _int_layer(rng, M, N, K):
-    """Integer int16 tables (|q| <= 1000, both bytes used) with unit scales and integer activations with one
-    |x| = 127 per block of 32: every float step of int8 mode is exact (as in the x86 test above)."""
-    _planes, bs, _luts = _layer(rng, N, K)
-    tabs = np.zeros((N, lut_width(B, MINB) + LUT_PAD), np.int16)
-    for b in WIDTHS:
-        tabs[:, lut_offset(b, MINB):lut_offset(b, MINB) + (1 << b)] = rng.integers(-1000, 1001, (N, 1 << b))
-    src = bsl.decode_order(K)
-    xp = rng.integers(-9, 10, (M, src.size))
-    xp[:, src < 0] = 0
-    first = (np.arange(0, src.size, 256)[:, None] + np.array([128 * h + 8 * j for h in (0, 1) for j in range(4)]))
-    first = first.ravel()[src[first.ravel()] >= 0]
-    xp[:, first] = 127
-    x = np.zeros((M, K), np.float32)
-    x[:, src[src >= 0]] = xp[:, src >= 0]
-    return x, bs, tabs, np.ones((N, len(WIDTHS)), np.float32), xp
-
-
 @pytest.fixture(scope="module")
 def neon_board(tmp_path_factory):
     """Every NEON case in both modes in one aarch64 library (the arm-neon preset: Cortex-A72, plain NEON), loaded
@@ -211,14 +198,6 @@ def neon_board(tmp_path_factory):
     yield sess, sess.load_module(path.name), lib.mod.inspect_source("s")
 
 
-def _remote(sess, fn, arrays, bits, M, N):
-    dev = sess.cpu()
-    a = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in arrays]
-    a += [tvm.runtime.tensor(np.array([bits], np.int32), dev), tvm.runtime.tensor(np.zeros((M, N), np.float32), dev)]
-    fn(*a)
-    return a[-1].numpy()
-
-
 @pytest.mark.parametrize("M,N,K", NEON_CASES)
 def test_neon_bodies_match_numpy_and_x86(neon_board, M, N, K):
     """The NEON bodies (tbl lookups) on a Cortex-A72 model: exact mode within fp32 rounding of numpy and of the
@@ -233,12 +212,12 @@ def test_neon_bodies_match_numpy_and_x86(neon_board, M, N, K):
     host_int = _build(M, N, K, "int8", ISAS[-1])
     L = lut_width(B, MINB)
     for b in WIDTHS:
-        y = _remote(sess, lib[f"exact_{M}_{N}_{K}"], [x, bs, padded], b, M, N)
+        y = _run(lib[f"exact_{M}_{N}_{K}"], [x, bs, padded], b, M, N, sess.cpu())
         ref = bsl.reference_exact(x, bs, luts, K, b, lut_offset(b, MINB))
         scale = np.abs(x).sum(1, keepdims=True) * np.abs(luts.astype(np.float32)).max()
         assert (np.abs(y - ref) <= 1e-6 * scale).all(), (b, np.abs(y - ref).max())
         assert (np.abs(y - _run(host, [x, bs, padded], b, M, N)) <= 1e-6 * scale).all(), b
-        yi = _remote(sess, lib[f"int8_{M}_{N}_{K}"], [xi, bsi, tabs, scales], b, M, N)
+        yi = _run(lib[f"int8_{M}_{N}_{K}"], [xi, bsi, tabs, scales], b, M, N, sess.cpu())
         acc = bsl.reference_int8_acc(xp.astype(np.int8), bsi, tabs[:, :L], K, b, lut_offset(b, MINB))
         np.testing.assert_array_equal(yi, acc.sum((-1, -2, -3)).astype(np.float32), err_msg=str(b))
         np.testing.assert_array_equal(yi, _run(host_int, [xi, bsi, tabs, scales], b, M, N), err_msg=str(b))
