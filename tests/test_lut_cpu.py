@@ -19,7 +19,8 @@ from tvm_anyprec.quant.bitplanes import pack_bitplanes, unpack_bitplanes
 B, MINB = 8, 3
 WIDTHS = list(range(MINB, B + 1))
 HOST = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2}
-ISAS = ["generic"] + {"avx512": ["avx2", "avx512"], "avx2": ["avx2"]}.get(cpu_isa(HOST), [])
+ISAS = ["generic"] + {"avx512gfni": ["avx2", "avx512", "avx512gfni"], "avx512": ["avx2", "avx512"],
+                      "avx2": ["avx2"]}.get(cpu_isa(HOST), [])
 
 
 def _build(M, N, K, mode, isa):
@@ -167,10 +168,24 @@ def test_simd_bodies_are_chosen_only_where_the_cpu_has_them():
     assert cpu_isa({"kind": "llvm", "mcpu": "x86-64-v3"}) == "avx2"
     assert cpu_isa({"kind": "llvm", "mcpu": "x86-64-v4"}) == "avx2"     # AVX-512 without VBMI / VNNI
     assert cpu_isa({"kind": "llvm", "mcpu": "skylake-avx512"}) == "avx2"
-    assert cpu_isa({"kind": "llvm", "mcpu": "znver4"}) == "avx512"
-    assert cpu_isa({"kind": "llvm", "mcpu": "icelake-server"}) == "avx512"
+    assert cpu_isa({"kind": "llvm", "mcpu": "znver4"}) == "avx512gfni"
+    assert cpu_isa({"kind": "llvm", "mcpu": "icelake-server"}) == "avx512gfni"
+    assert cpu_isa({"kind": "llvm", "mcpu": "znver4", "mattr": ["-gfni"]}) == "avx512"
     assert cpu_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}) == "neon"
     assert cpu_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}) == "neon"
+
+
+def test_avx512_bodies_decode_with_gfni_only_where_chosen():
+    """The GFNI decode (``vgf2p8affineqb``) is in the "avx512gfni" build and not in the plain AVX-512 one (assembly
+    for a Zen 4 target: nothing runs, so any host can check it)."""
+    def asm(isa):
+        f = make_anyprec_cpu(1, 16, 576, B, MINB, "int8", isa).with_attr("global_symbol", "main")
+        lib = tvm.compile(tvm.IRModule({"main": f}), target=tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
+        return lib.mod.inspect_source("s")
+
+    with_gfni, without = asm("avx512gfni"), asm("avx512")
+    assert "vgf2p8affineqb" in with_gfni and "vpdpbusd" in with_gfni
+    assert "vgf2p8affineqb" not in without and "vpdpbusd" in without
 
 
 # ------------------------------------------------------------------ the NEON bodies on the emulated board

@@ -29,6 +29,7 @@ would kill the process):
   GEMV, 2 threads, Zen 3: 7.2 ms against 11.7 ms; equal at b = 7).
 * ``avx512`` (AVX-512BW + VBMI + VNNI): the GEMV body of ``kernels.lut_avx512`` (64-lane decode, ``vpermb`` /
   ``vpermi2b`` tables for every b, ``vpdpbusd``), M <= 8 (decode, verify); prefill chunks run the AVX2 bodies.
+* ``avx512gfni`` (the same + GFNI): that body with the GFNI decode in int8 mode (``lut_avx512.gfni_codes``).
 * ``neon`` (every aarch64 CPU): the AVX2 bodies' structure with NEON lookups: ``tbl`` on up to four 16-entry
   byte tables per instruction (b > 6: one ``tbl4`` per 64 entries on the code minus 64j, ORed, since ``tbl``
   returns 0 past its tables), the bytes re-joined into int16 (multiply-accumulate by ``smlal``) or fp16
@@ -54,8 +55,8 @@ from .lut_isa import (decode, dot_int16_avx2, dot_int16_generic, dot_int16_neon,
 from .spec import KernelSpec, register
 
 MODES = ("exact", "int8")
-ISAS = ("avx512", "avx2", "neon", "generic")
-AVX512 = ("avx512bw", "avx512vbmi", "avx512vnni")   # what the AVX-512 GEMV body needs
+ISAS = ("avx512gfni", "avx512", "avx2", "neon", "generic")
+AVX512 = ("avx512bw", "avx512vbmi", "avx512vnni")   # what the AVX-512 GEMV body needs (its GFNI decode: + gfni)
 LUT_PAD = 16
 SPLIT_MIN = 3   # exact mode on AVX2: the fp16 byte-split tables from this b (vpermps on fp32 tables below it)
 SCALAR_MIN = 8  # exact mode on AVX2: scalar lookups into an fp32 table from this b (see the module docstring)
@@ -70,8 +71,9 @@ def _form(s, b: int) -> str:
 
 def cpu_isa(target) -> str:
     """The instruction set of ``target`` (a target dict or tvm Target) the kernel bodies may use: "avx512" on x86
-    CPUs with AVX-512BW, VBMI and VNNI, "avx2" on those with AVX2 (asked from LLVM: mcpu implies the features),
-    "neon" on aarch64 (Advanced SIMD is part of ARMv8-A: ``tbl`` exists on every aarch64 CPU), else "generic"."""
+    CPUs with AVX-512BW, VBMI and VNNI ("avx512gfni" with GFNI too), "avx2" on those with AVX2 (asked from LLVM:
+    mcpu implies the features), "neon" on aarch64 (Advanced SIMD is part of ARMv8-A: ``tbl`` exists on every
+    aarch64 CPU), else "generic"."""
     import tvm
     from tvm.target import codegen
 
@@ -82,7 +84,7 @@ def cpu_isa(target) -> str:
         return "neon"
     try:
         if all(codegen.target_has_features(f, tgt) for f in AVX512):
-            return "avx512"
+            return "avx512gfni" if codegen.target_has_features("gfni", tgt) else "avx512"
         return "avx2" if codegen.target_has_features("avx2", tgt) else "generic"
     except Exception:  # an LLVM without the query: the portable bodies
         return "generic"

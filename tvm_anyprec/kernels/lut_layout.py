@@ -12,6 +12,7 @@ from .lowering import KEEP
 from .lut_isa import _u8
 
 WIDE_MAX_M = 8   # rows of X up to which the AVX-512 body runs (decode, verify); prefill chunks: the AVX2 bodies
+WIDE_ISAS = ("avx512gfni", "avx512")   # the instruction sets of the AVX-512 body (with or without GFNI)
 BIAS16 = 32768   # the AVX-512 int8 body's tables are q + BIAS16 (unsigned bytes for vpdpbusd); XC undoes it
 
 
@@ -36,7 +37,7 @@ class _Shape:
     @property
     def avx2(self) -> bool:
         """AVX2 bodies may run (an AVX-512 target has AVX2: its M > 1 bodies are the AVX2 ones)."""
-        return self.isa in ("avx2", "avx512")
+        return self.isa in ("avx2",) + WIDE_ISAS
 
     @property
     def tables(self) -> bool:
@@ -46,7 +47,12 @@ class _Shape:
     @property
     def wide(self) -> bool:
         """The AVX-512 GEMV body (``lut_avx512``) runs: decode and verify (M <= WIDE_MAX_M) on AVX-512 targets."""
-        return self.isa == "avx512" and self.M <= WIDE_MAX_M
+        return self.isa in WIDE_ISAS and self.M <= WIDE_MAX_M
+
+    @property
+    def gfni(self) -> bool:
+        """The AVX-512 body decodes with GFNI (``lut_avx512.gfni_codes``): int8 mode on "avx512gfni" targets."""
+        return self.wide and self.isa == "avx512gfni" and self.mode == "int8"
 
 
 STACK_MAX = 16 << 10   # bytes of one local buffer kept on the stack (the tiles and tables are a few KiB)
@@ -89,7 +95,9 @@ def _prologue(s: _Shape, X, XP, SX, XC=None):
     t sums bytes 4t..4t+3 of a pair of codes, block (t % 8) // 2), and XC (int32, laid out like SX) is what its
     biased tables add to each lane: BIAS16 * the sum of the activations the lane multiplies. The AVX-512 exact body
     reads each pair of codes (2q, 2q+1) in the order its byte unpacks leave the fp16 values: position 64q + 32a +
-    16c + 8h + l holds code 2q + c, lane 8(a + 2h) + l."""
+    16c + 8h + l holds code 2q + c, lane 8(a + 2h) + l. With the GFNI decode (``s.gfni``) position 64z + 8w + i
+    (w = 2j + e) holds column 64j + 8i + 2z + e, and one int32 lane t per group (block (t // 4, t % 2)) sums
+    bytes 4t..4t+3 of all four code vectors: SX and XC have 16 lanes per group."""
     loop = T.parallel if s.M > 1 else T.serial
 
     def src(g, i, j, l):
@@ -116,13 +124,22 @@ def _prologue(s: _Shape, X, XP, SX, XC=None):
                     inv = T.Select(amax[0] > T.float32(0), T.float32(INT8_MAX) / T.max(amax[0], T.float32(1e-30)),
                                    T.float32(0))
                     for u in range(4):
-                        lane = 8 * (u // 2) + 2 * j + u % 2 if s.wide else 4 * j + u
-                        T.buffer_store(SX, amax[0] / T.float32(INT8_MAX), [m, 32 * g + 16 * h + lane])
+                        lane = 4 * j + 2 * (u % 2) + h if s.gfni else \
+                            16 * h + (8 * (u // 2) + 2 * j + u % 2 if s.wide else 4 * j + u)
+                        T.buffer_store(SX, amax[0] / T.float32(INT8_MAX), [m, 32 * g + lane])
                     with T.grid(4, 8) as (i, l):
                         q = T.floor(xval(m, src(g, 4 * h + i, j, l)) * inv + T.float32(0.5))
                         q = T.max(T.min(q, T.float32(INT8_MAX)), T.float32(-INT8_MAX))
-                        T.buffer_store(XP, T.Cast(XP.dtype, q), [m, GROUP * g + 32 * (4 * h + i) + 8 * j + l])
-                if XC is not None:   # lane t of half h: bytes 4t..4t+3 of pairs 2h and 2h + 1
+                        pos = 64 * (l // 2) + 8 * (2 * j + l % 2) + 4 * h + i if s.gfni else \
+                            32 * (4 * h + i) + 8 * j + l
+                        T.buffer_store(XP, T.Cast(XP.dtype, q), [m, GROUP * g + pos])
+                if s.gfni:   # lane t: bytes 4t..4t+3 of the four code vectors
+                    with T.serial(0, 16) as t:
+                        T.buffer_store(XC, T.int32(0), [m, 32 * g + t])
+                        with T.grid(4, 4) as (z, u):
+                            T.buffer_store(XC, XC[m, 32 * g + t] + T.Cast("int32", XP[
+                                m, GROUP * g + 64 * z + 4 * t + u]) * BIAS16, [m, 32 * g + t])
+                elif XC is not None:   # lane t of half h: bytes 4t..4t+3 of pairs 2h and 2h + 1
                     with T.grid(2, 16) as (h, t):
                         T.buffer_store(XC, T.int32(0), [m, 32 * g + 16 * h + t])
                         with T.grid(2, 4) as (c, u):
