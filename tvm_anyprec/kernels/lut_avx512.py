@@ -5,7 +5,7 @@ Per row and group of 256 weights the b plane vectors (32 bytes each) are widened
 half shifted right by one bit), so one 64-lane decode yields two code vectors at once: pair q holds codes 2q
 (lanes 0..31) and 2q + 1 (lanes 32..63), the activations of pair q are 64 contiguous values of XP.
 
-With GFNI (isa "avx512gfni", int8 mode; every CPU with the other three features has it: Ice Lake, Zen 4/5) the
+With GFNI (isa "avx512gfni", both modes; every CPU with the other three features has it: Ice Lake, Zen 4/5) the
 decode is instead one ``vpermt2b`` and one ``vgf2p8affineqb`` per 64 codes (``gfni_codes``: an 8 x 8 bit-matrix
 transpose per qword), ~45 instructions per 256 weights at 3 bits against ~65: 1.2x (3 bits) to 1.4x (6..8 bits)
 faster on a 4096x4096 GEMV (Xeon, KVM, 1 thread), and the activations' order follows (``lut_layout._prologue``).
@@ -148,71 +148,57 @@ def _f32(v16, half: int):
     return T.Cast("float32x16", T.reinterpret("float16x16", part))
 
 
+def _int8_sums(s, b: int, table, code, XP, XC, g, m) -> list:
+    """int8 mode: [(int32x16 exact sums, SX lane offset)] of one row and group: per half-group of the paired
+    decode (lane t: bytes 4t..4t+3 of pairs 2h, 2h + 1, block ((t % 8) // 2, h)), or one for the GFNI decode (lane
+    t: bytes 4t..4t+3 of all four code vectors, block (t // 4, t % 2); two chains per table half)."""
+    parts = [(0, range(4))] if s.gfni else [(16 * h, (2 * h, 2 * h + 1)) for h in range(2)]
+    out = []
+    for lane, qs in parts:
+        acc = [[T.broadcast(T.int32(0), 16)] * 2 for _ in range(2)]   # [table half][q % 2]
+        for q in qs:
+            x = XP[m, T.ramp(GROUP * g + VEC * q, 1, VEC)]
+            for k in range(2):
+                acc[k][q % 2] = _x86("avx512.vpdpbusd.512", "int32x16", acc[k][q % 2], lookup(table(k), b, code[q]), x)
+        lo, hi = acc[0][0] + acc[0][1], acc[1][0] + acc[1][1]
+        out.append((lo + T.shift_left(hi, T.broadcast(T.int32(8), 16)) - XC[m, T.ramp(32 * g + lane, 1, 16)], lane))
+    return out
+
+
 def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
     PL, XP, SX, XC, TB, CB, VB, ACC = bufs
     W = table_bytes(b)
-    for r, n in enumerate(rows):
-        for p in range(b):
-            T.buffer_store(VB, widen(_plane_vector(PL, p, n, g, tail)), [T.ramp(VEC * p, 1, VEC)])
-        pairs = decode_pairs([VB[T.ramp(VEC * p, 1, VEC)] for p in range(b)], b)
+    for r, n in enumerate(rows):   # 4 code vectors per row into CB
+        if s.gfni:
+            codes = gfni_codes([_plane_vector(PL, p, n, g, tail) for p in range(b)], b)
+        else:
+            for p in range(b):
+                T.buffer_store(VB, widen(_plane_vector(PL, p, n, g, tail)), [T.ramp(VEC * p, 1, VEC)])
+            codes = decode_pairs([VB[T.ramp(VEC * p, 1, VEC)] for p in range(b)], b)
         for q in range(4):
-            T.buffer_store(CB, pairs[q], [T.ramp(r * GROUP + VEC * q, 1, VEC)])
+            T.buffer_store(CB, codes[q], [T.ramp(r * GROUP + VEC * q, 1, VEC)])
 
-    def table(r, k):
-        return lambda t: T.reinterpret("int8x64", TB[T.ramp((2 * r + k) * W + VEC * t, 1, VEC)])
+    def table(r):
+        return lambda k: lambda t: T.reinterpret("int8x64", TB[T.ramp((2 * r + k) * W + VEC * t, 1, VEC)])
 
     for r, m in [(r, m) for r in range(len(rows)) for m in range(s.M)]:   # every row of X: the M = 1 order
         code = [CB[T.ramp(r * GROUP + VEC * q, 1, VEC)] for q in range(4)]
         base = (r * s.M + m) * VEC
         if s.mode == "int8":
             a = ACC[T.ramp(base, 1, 16)]
-            for h in range(2):   # the two halves of the group: separate activation scales (blocks of 32)
-                acc = [T.broadcast(T.int32(0), 16)] * 2
-                for q in (2 * h, 2 * h + 1):   # int32 lane t: bytes 4t..4t+3 of the pair (block (t % 8) // 2)
-                    x = XP[m, T.ramp(GROUP * g + VEC * q, 1, VEC)]
-                    for k in range(2):
-                        acc[k] = _x86("avx512.vpdpbusd.512", "int32x16", acc[k], lookup(table(r, k), b, code[q]), x)
-                total = acc[0] + T.shift_left(acc[1], T.broadcast(T.int32(8), 16)) - \
-                    XC[m, T.ramp(32 * g + 16 * h, 1, 16)]
-                a = a + T.Cast("float32x16", total) * SX[m, T.ramp(32 * g + 16 * h, 1, 16)]
+            for total, lane in _int8_sums(s, b, table(r), code, XP, XC, g, m):
+                a = a + T.Cast("float32x16", total) * SX[m, T.ramp(32 * g + lane, 1, 16)]
             T.buffer_store(ACC, a, [T.ramp(base, 1, 16)])
             continue
         accs = [ACC[T.ramp(base + 16 * k, 1, 16)] for k in range(4)]
         for q in range(4):
-            lo, hi = lookup(table(r, 0), b, code[q]), lookup(table(r, 1), b, code[q])
+            lo, hi = lookup(table(r)(0), b, code[q]), lookup(table(r)(1), b, code[q])
             ul, uh = _unpack(lo, hi, False), _unpack(lo, hi, True)
             vals = [_f32(ul, 0), _f32(ul, 1), _f32(uh, 0), _f32(uh, 1)]
             for k in range(4):
                 accs[k] = accs[k] + vals[k] * XP[m, T.ramp(GROUP * g + VEC * q + 16 * k, 1, 16)]
         for k in range(4):
             T.buffer_store(ACC, accs[k], [T.ramp(base + 16 * k, 1, 16)])
-
-
-def _group_gfni(s, b: int, rows: list, g, tail: int, bufs) -> None:
-    """int8 mode with the GFNI decode: the 4 code vectors' lookups and products sum into one int32x16 per row of X
-    and group (lane t: the codes 4t..4t+3 of every vector, block (t // 4, t % 2) of 32 columns)."""
-    PL, XP, SX, XC, TB, CB, _VB, ACC = bufs
-    W = table_bytes(b)
-    for r, n in enumerate(rows):
-        codes = gfni_codes([_plane_vector(PL, p, n, g, tail) for p in range(b)], b)
-        for z in range(4):
-            T.buffer_store(CB, codes[z], [T.ramp(r * GROUP + VEC * z, 1, VEC)])
-
-    def table(r, k):
-        return lambda t: T.reinterpret("int8x64", TB[T.ramp((2 * r + k) * W + VEC * t, 1, VEC)])
-
-    for r, m in [(r, m) for r in range(len(rows)) for m in range(s.M)]:   # every row of X: the M = 1 order
-        base = (r * s.M + m) * VEC
-        acc = [[T.broadcast(T.int32(0), 16)] * 2 for _ in range(2)]   # [table half][z % 2]: two chains each
-        for z in range(4):
-            code = CB[T.ramp(r * GROUP + VEC * z, 1, VEC)]
-            x = XP[m, T.ramp(GROUP * g + VEC * z, 1, VEC)]
-            for k in range(2):
-                acc[k][z % 2] = _x86("avx512.vpdpbusd.512", "int32x16", acc[k][z % 2], lookup(table(r, k), b, code), x)
-        lo, hi = acc[0][0] + acc[0][1], acc[1][0] + acc[1][1]
-        total = lo + T.shift_left(hi, T.broadcast(T.int32(8), 16)) - XC[m, T.ramp(32 * g, 1, 16)]
-        a = ACC[T.ramp(base, 1, 16)] + T.Cast("float32x16", total) * SX[m, T.ramp(32 * g, 1, 16)]
-        T.buffer_store(ACC, a, [T.ramp(base, 1, 16)])
 
 
 def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
@@ -231,8 +217,7 @@ def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
             for k in range(4 * s.M):
                 T.buffer_store(ACC, T.broadcast(T.float32(0), 16), [T.ramp(r * s.M * VEC + 16 * k, 1, 16)])
         bufs = (PL, XP, SX, XC, TB, CB, VB, ACC)
-        step = _group_gfni if s.gfni else _group
-        each_group(s, lambda g, tail: step(s, b, rows, g, tail, bufs))
+        each_group(s, lambda g, tail: _group(s, b, rows, g, tail, bufs))
         for r, m in [(r, m) for r in range(R) for m in range(s.M)]:
             with T.If(t * R + r < s.N):
                 with T.Then():

@@ -51,8 +51,8 @@ class _Shape:
 
     @property
     def gfni(self) -> bool:
-        """The AVX-512 body decodes with GFNI (``lut_avx512.gfni_codes``): int8 mode on "avx512gfni" targets."""
-        return self.wide and self.isa == "avx512gfni" and self.mode == "int8"
+        """The AVX-512 body decodes with GFNI (``lut_avx512.gfni_codes``): on "avx512gfni" targets."""
+        return self.wide and self.isa == "avx512gfni"
 
 
 STACK_MAX = 16 << 10   # bytes of one local buffer kept on the stack (the tiles and tables are a few KiB)
@@ -108,7 +108,11 @@ def _prologue(s: _Shape, X, XP, SX, XC=None):
 
     with loop(0, s.M) as m:
         with T.serial(0, s.G) as g:
-            if s.mode == "exact" and s.wide:
+            if s.mode == "exact" and s.gfni:   # code vector z lane 8w + i, in the unpacks' order
+                with T.grid(4, 8, 8) as (z, w, i):
+                    T.buffer_store(XP, xval(m, src(g, i, w // 2, 2 * z + w % 2)), [m, GROUP * g + 64 * z + 32 * (
+                        w % 2) + 16 * (w // 4) + 8 * ((w // 2) % 2) + i])
+            elif s.mode == "exact" and s.wide:
                 with T.grid(4, 2, 2, 2, 8) as (q, a, c, h, l):
                     T.buffer_store(XP, xval(m, src(g, 2 * q + c, a + 2 * h, l)),
                                    [m, GROUP * g + 64 * q + 32 * a + 16 * c + 8 * h + l])
