@@ -124,7 +124,7 @@ FILE_ORDER = ["test_real_model.py",      # worker 1: builds the parent (then its
 
 
 # the kind of each file's tests (pyproject markers); a test using a real-model fixture is "model" wherever it is
-FILE_KIND = {"test_policy.py": "unit", "test_quant.py": "unit", "test_structure.py": "unit",
+FILE_KIND = {"test_policy.py": "unit", "test_quant.py": "unit", "test_structure.py": "unit", "test_env.py": "unit",
              "test_passes.py": "unit", "test_specs.py": "unit",
              "test_arm.py": "device", "test_arm_kernels.py": "device", "test_gpu.py": "device"}
 REAL_FIXTURES = {"real_model", "real_parent", "real_onnx", "real_artifact", "real_artifact_int8", "session"}

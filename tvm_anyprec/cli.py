@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_generate import add_threads_arg
+
 
 def _bits_list(s: str) -> list[int]:
     try:
@@ -69,6 +71,7 @@ def _add_eval(sub):
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--no-baselines", action="store_true", help="skip the RTN 4-bit baseline (parent only)")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    add_threads_arg(p)
 
 
 def _add_export(sub):
@@ -150,6 +153,7 @@ def _add_run(sub):
     p.add_argument("--outputs", help="with --inputs: save the outputs here (.npz, by output name)")
     p.add_argument("--function", help="with --inputs: the graph to run (default: the only one)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    add_threads_arg(p)
     p.add_argument("--draft-bits", type=lambda v: v if v == "auto" else int(v),
                    help="self-speculative decoding: draft with this lower bit-width (same weights) and verify at "
                    "--bits; the output is plain greedy decoding at --bits. 'auto': draft bits and length chosen "
@@ -283,6 +287,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from . import api
+    if getattr(args, "threads", None) is not None:
+        from .env import set_threads
+        set_threads(args.threads)
     from .errors import AnyPrecError
 
     try:

@@ -95,6 +95,11 @@ def chat(sess, args) -> int:
         print(f"[{gen.stats.line()}]", file=sys.stderr)
 
 
+def add_threads_arg(p) -> None:
+    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads of the kernels (default: "
+                   "TVM_NUM_THREADS when set, else this machine's physical cores)")
+
+
 def add_chat_verb(sub) -> None:
     p = sub.add_parser("chat", help="interactive chat with an Instruct model (its chat template; the KV cache "
                        "is reused across turns); reads one user turn per line from stdin")
@@ -102,6 +107,7 @@ def add_chat_verb(sub) -> None:
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--system", help="system prompt")
+    add_threads_arg(p)
     add_sampling_args(p)
 
 
@@ -111,6 +117,7 @@ def add_serve_verb(sub) -> None:
     p.add_argument("artifact")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    add_threads_arg(p)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request")
     p.add_argument("--bits", type=int, default=None, help="bit-width of requests that name none (default: the "
                    "highest the artifact serves)")

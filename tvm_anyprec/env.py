@@ -12,6 +12,9 @@ and the emulated ARM board under the cache directory instead.
   TVM_ANYPREC_LLAMACPP_DIR   llama.cpp's llama-bench, the benchmarks' peer (scripts/setup_llamacpp.sh;
                              default <cache>/llamacpp)
   TVM_ANYPREC_NO_ARM / TVM_ANYPREC_NO_GPU   read by scripts/setup.sh only
+  TVM_NUM_THREADS            TVM's thread pool size, as in TVM (then OMP_NUM_THREADS); when neither is set, a
+                             local Session sets it to this machine's physical cores (``set_threads``: TVM itself
+                             would take half the logical CPUs on x86, one thread on a 2-core VM without SMT)
 """
 from __future__ import annotations
 
@@ -75,3 +78,33 @@ def benchmarks_dir() -> Path | None:
     """benchmarks/ of the source checkout (not installed with a wheel), or None."""
     src = source_checkout()
     return src / "benchmarks" if src is not None and (src / "benchmarks" / "__main__.py").exists() else None
+
+
+def physical_cores() -> int:
+    """The CPU cores this process may run on, the hardware threads of one core counted once (llama.cpp's default
+    thread count): from the affinity mask and /sys/devices/system/cpu/cpu*/topology."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for c in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(c)))
+    return max(1, len(cores))
+
+
+def set_threads(n: int | None = None) -> int:
+    """Size TVM's thread pool: n when given, else TVM_NUM_THREADS / OMP_NUM_THREADS when set, else the physical
+    cores. TVM reads the variable when its pool starts (the first parallel kernel of the process), so this
+    must run before that; later calls change nothing for the running pool. -> the thread count asked for."""
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"threads must be at least 1, got {n}")
+        os.environ["TVM_NUM_THREADS"] = str(n)
+    elif not (os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")):
+        os.environ["TVM_NUM_THREADS"] = str(physical_cores())
+    return int(os.environ.get("TVM_NUM_THREADS") or os.environ["OMP_NUM_THREADS"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import LIB, WEIGHTS, ArtifactError, kv_cache_bytes, load_tensors, read_manifest
+from .env import set_threads
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class Session:
 
         from .targets import local_device
 
+        if remote is None:   # before the first kernel starts TVM's pool
+            set_threads()
         self.path = Path(artifact)
         self.manifest = read_manifest(self.path, kind="compiled", verify=verify)
         tp = self.manifest["target"]
