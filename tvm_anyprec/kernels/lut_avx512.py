@@ -33,7 +33,7 @@ from tvm.script import tirx as T
 from ..quant.byteslice import GROUP
 from .anyprec import lut_offset
 from .lut_isa import _shift, _srl16
-from .lut_layout import _local, _plane_vector, each_group
+from .lut_layout import _local, _plane_vector, each_group, prefetch_row
 
 VEC = 64
 
@@ -201,16 +201,6 @@ def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
             T.buffer_store(ACC, accs[k], [T.ramp(base + 16 * k, 1, 16)])
 
 
-PREFETCH_ROWS = 8   # rows ahead whose table and first plane lines are prefetched (a row of a small layer takes tens
-                    # of ns, DRAM ~100: without it a 576x576 GEMV from DRAM took 44 us, with it 22; Xeon, 2 threads)
-
-
-def _prefetch(load) -> None:
-    """A read prefetch of the cache line holding ``load`` (into every cache level)."""
-    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(load), T.int32(0), T.int32(3),
-                                  T.int32(1)))
-
-
 def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
     """The b-bit GEMV, tiles of R rows in parallel; M <= WIDE_MAX_M rows of X (the verify graph) each decoded
     group serves every row of X, and each row's sums run in the M = 1 order, so a verify call's outputs equal
@@ -222,11 +212,7 @@ def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
         VB = None if s.gfni else _local((VEC * b,), "uint8")
         ACC = _local((R * s.M * VEC,), "float32")
         rows = [T.min(t * R + r, s.N - 1) for r in range(R)]
-        ahead = T.min(t * R + PREFETCH_ROWS, s.N - 1)
-        for e in range(0, 1 << b, 32):   # 32 int16 / fp16 entries a cache line
-            _prefetch(LUT[ahead, lut_offset(b, s.MINB) + e])
-        for p, o in [(p, o) for p in range(b) for o in range(0, min(int(PL.shape[2]), 128), 64)]:
-            _prefetch(PL[p, ahead, o])
+        prefetch_row(s, b, PL, LUT, t * R)
         for r, n in enumerate(rows):
             prepare_tables(s, b, LUT, n, TB, r * 2 * table_bytes(b))
             for k in range(4 * s.M):

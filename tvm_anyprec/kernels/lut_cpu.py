@@ -48,7 +48,7 @@ from ..quant.byteslice import GROUP, TABLE_DTYPE, row_bytes
 from .anyprec import lut_offset, lut_width
 from .lowering import STACK_LOCALS
 from . import lut_avx512
-from .lut_layout import _local, _plane_vector, _prologue, _Shape, each_group
+from .lut_layout import _local, _plane_vector, _prologue, _Shape, each_group, prefetch_row
 from .lut_isa import (decode, dot_int16_avx2, dot_int16_generic, dot_int16_neon, lookup_f32_avx2, lookup_f32_generic,
                       lookup_fp16_split, lookup_int16_generic, lookup_int16_split, scalar_lookups, split_fp16_tables,
                       split_width)
@@ -240,6 +240,7 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y):
         TBL = _local((R * 2 * split_width(b),), "uint8") if split else \
             _local((R * E,), "float32") if s.mode == "exact" else None
         rows = [T.min(nt * R + r, s.N - 1) for r in range(R)]
+        prefetch_row(s, b, PL, LUT, nt * R)
         with T.serial(0, s.M * R) as z:
             T.buffer_store(ACC, T.broadcast(T.float32(0), 8), [T.ramp(z * 8, 1, 8)])
         if TBL is not None:
