@@ -202,7 +202,7 @@ def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
 
 
 def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
-    """The b-bit GEMV, tiles of R rows in parallel; M <= WIDE_MAX_M rows of X (the verify graph) each decoded
+    """The b-bit GEMV / GEMM, tiles of R rows in parallel; M <= WIDE_MAX_M rows of X (verify, prefill) each decoded
     group serves every row of X, and each row's sums run in the M = 1 order, so a verify call's outputs equal
     decode calls' on the same rows bit for bit (self-speculative decoding's output is plain greedy's)."""
     NT = -(-s.N // R)

@@ -28,7 +28,8 @@ would kill the process):
   at b = 8 exact mode's 16-table trees lose to scalar loads from an fp32 table in L1 (``SCALAR_MIN``; 4096x4096
   GEMV, 2 threads, Zen 3: 7.2 ms against 11.7 ms; equal at b = 7).
 * ``avx512`` (AVX-512BW + VBMI + VNNI): the GEMV body of ``kernels.lut_avx512`` (64-lane decode, ``vpermb`` /
-  ``vpermi2b`` tables for every b, ``vpdpbusd``), M <= 8 (decode, verify); prefill chunks run the AVX2 bodies.
+  ``vpermi2b`` tables for every b, ``vpdpbusd``), M <= 32 (decode, verify, the prefill chunk; larger M: the AVX2
+  bodies).
 * ``avx512gfni`` (the same + GFNI): that body with the GFNI decode (``lut_avx512.gfni_codes``).
 * ``neon`` (every aarch64 CPU): the AVX2 bodies' structure with NEON lookups: ``tbl`` on up to four 16-entry
   byte tables per instruction (b > 6: one ``tbl4`` per 64 entries on the code minus 64j, ORed, since ``tbl``
