@@ -6,7 +6,7 @@ half shifted right by one bit), so one 64-lane decode yields two code vectors at
 (lanes 0..31) and 2q + 1 (lanes 32..63), the activations of pair q are 64 contiguous values of XP.
 
 With GFNI (isa "avx512gfni", both modes; every CPU with the other three features has it: Ice Lake, Zen 4/5) the
-decode is instead one ``vpermt2b`` and one ``vgf2p8affineqb`` per 64 codes (``gfni_codes``: an 8 x 8 bit-matrix
+decode is instead a ``vpermt2b`` (two for b > 4) and one ``vgf2p8affineqb`` per 64 codes (``gfni_codes``: an 8 x 8 bit-matrix
 transpose per qword), ~45 instructions per 256 weights at 3 bits against ~65: 1.2x (3 bits) to 1.4x (6..8 bits)
 faster on a 4096x4096 GEMV (Xeon, KVM, 1 thread), and the activations' order follows (``lut_layout._prologue``).
 
@@ -85,8 +85,8 @@ def lookup(table, b: int, c):
 
 
 def gfni_codes(ws, b: int) -> list:
-    """b plane vectors (uint8x32, MSB plane first) -> 4 uint8x64 code vectors by one byte shuffle (``vpermt2b``)
-    and one ``vgf2p8affineqb`` each: vector z qword w = 2j + e gathers the b plane bytes 8j + l (l = 2z + e) at
+    """b plane vectors (uint8x32, MSB plane first) -> 4 uint8x64 code vectors by a byte shuffle (one ``vpermt2b``
+    for b <= 4, two and a blend above) and one ``vgf2p8affineqb`` each: vector z qword w = 2j + e gathers the b plane bytes 8j + l (l = 2z + e) at
     bytes 8 - b + p (plane p), and the affine transform by the identity bytes transposes that 8 x 8 bit matrix, so
     lane 8w + i holds the code of weight 64j + 8i + l. Bits b..7 of a code carry leftover bytes (the tables repeat
     every 2^b entries and the lookups ignore the bits past their table)."""
