@@ -201,6 +201,14 @@ def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
             T.buffer_store(ACC, accs[k], [T.ramp(base + 16 * k, 1, 16)])
 
 
+def _lane_sum(v, lanes: int):
+    """The sum of a vector's lanes by halving (vextract + vaddps: 4 adds for 16 lanes, not a chain of 15)."""
+    while lanes > 1:
+        lanes //= 2
+        v = T.Shuffle([v], list(range(lanes))) + T.Shuffle([v], list(range(lanes, 2 * lanes)))
+    return v
+
+
 def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
     """The b-bit GEMV / GEMM, tiles of R rows in parallel; M <= WIDE_MAX_M rows of X (verify, prefill) each decoded
     group serves every row of X, and each row's sums run in the M = 1 order, so a verify call's outputs equal
@@ -223,9 +231,10 @@ def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
             with T.If(t * R + r < s.N):
                 with T.Then():
                     base = (r * s.M + m) * VEC
-                    total = ACC[base]
-                    for e in range(1, VEC if s.mode == "exact" else 16):
-                        total = total + ACC[base + e]
+                    total = ACC[T.ramp(base, 1, 16)]
+                    for k in range(1, 4 if s.mode == "exact" else 1):   # exact mode: four accumulators
+                        total = total + ACC[T.ramp(base + 16 * k, 1, 16)]
+                    total = _lane_sum(total, 16)
                     if s.mode == "int8":
                         total = total * WS[rows[r], b - s.MINB]
                     T.buffer_store(Y, total, [m, t * R + r])
