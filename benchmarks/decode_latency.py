@@ -30,7 +30,7 @@ def _median_spread(ts):
 def bench_session(sess, bits, steps, warm=3):
     """Median seconds per decode step over ``steps`` steps (cache filled with a short prompt first)."""
     ids = np.arange(100, 108)
-    _, cache = sess.forward_tokens(ids, bits)
+    _, cache = sess.forward_tokens(ids, bits, logits="last")
     pos, tok = len(ids), 42
     times = []
     for i in range(warm + steps):

@@ -56,7 +56,7 @@ def ours_pp(sess, bits: int, n: int = PP) -> float:
     ids = np.random.default_rng(0).integers(100, 20000, n)
     cache = sess.empty_cache(sess._chunk_fn())
     t0 = time.perf_counter()
-    sess.forward_tokens(ids, bits, cache=cache)
+    sess.forward_tokens(ids, bits, cache=cache, logits="last")   # like llama-bench: the last token's logits only
     return n / (time.perf_counter() - t0)
 
 
@@ -240,8 +240,10 @@ def main(argv=None) -> int:
         sessions.append((f", lm_head {args.lm_head_bits}-bit", Session(default_artifact(wd, args.lm_head_bits))))
     rows, info = measure_rounds(sessions, bits, args.rounds, binary, gguf, args.threads, ort)
     result = {"machine": machine_info(args.threads), "command": "python -m benchmarks.llamacpp " + " ".join(argv),
-              "method": "llama-bench -r 1 per round (pp512, tg128); ours: forward_tokens of 512 tokens / 128 "
-                        "decode_step calls from an empty cache; rounds interleaved; tokens/s mean +- sd",
+              "method": "llama-bench -r 1 per round (pp512, tg128); ours: forward_tokens of 512 tokens (logits of the "
+                        "last token only, as llama-bench: the chunks before the last run prefill_cache when the "
+                        "artifact has it) / 128 decode_step calls from an empty cache; rounds interleaved; "
+                        "tokens/s mean +- sd",
               "artifact": str(art), "gguf": str(gguf), "llama_bench": str(binary) if binary else None,
               "llama_bench_info": info, "rounds": args.rounds, "rows": rows,
               "artifact_layers_fp32": sorted(sess.manifest.get("kept_fp32", {}))}

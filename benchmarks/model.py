@@ -135,7 +135,7 @@ def time_ours(sess, bits: int, steps: int, prefill_reps: int) -> dict:
     """Decode: ``steps`` timed steps (each feeds the previous step's cache) after a short prompt;
     prefill: one call of the prefill graph (one chunk of tokens) from position 0."""
     ids = np.arange(100, 108)
-    _, cache = sess.forward_tokens(ids, bits)
+    _, cache = sess.forward_tokens(ids, bits, logits="last")
     state = {"pos": len(ids), "cache": cache}
 
     def step():

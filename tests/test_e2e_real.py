@@ -14,10 +14,27 @@ PROMPT = "To be, or not to be, that is the question:"
 def test_artifact_layout(real_artifact):
     m = api.inspect(real_artifact)
     assert m["kind"] == "compiled" and m["bit_widths"] == [3, 4, 5, 6, 7, 8]
-    assert len(m["layers"]) == 210 and set(m["functions"]) == {"decode", "prefill", "verify"}
+    assert len(m["layers"]) == 210 and set(m["functions"]) == {"decode", "prefill", "prefill_cache", "verify"}
+    twin = m["functions"]["prefill_cache"]
+    assert twin["logits"] is False and twin["outputs"] == m["functions"]["prefill"]["outputs"][1:]
+    assert twin["inputs"] == m["functions"]["prefill"]["inputs"]
     # tied with the lm_head, which stays fp32 by default (--quantize-lm-head: test_families)
     assert "excluded" in m["kept_fp32"]["model.embed_tokens.weight"]
     assert {"lib.so", "weights.safetensors"} <= set(m["files"])
+
+
+def test_prompt_without_logits_before_the_last_chunk(session):
+    """logits="last": the chunks before the last run prefill_cache (no lm_head); the last token's logits and
+    every cache row equal the full prefill path's, bit for bit (the same kernels on the same inputs)."""
+    ids = np.random.default_rng(3).integers(100, 20000, 70)   # 3 chunks of 32, the last one padded
+    full, cache_full = session.forward_tokens(ids, 4)
+    last, cache_last = session.forward_tokens(ids, 4, logits="last")
+    assert full.shape[0] == 70 and last.shape[0] == 70 - 64
+    np.testing.assert_array_equal(last, full[64:])
+    for a, b in zip(cache_full, cache_last):
+        np.testing.assert_array_equal(a.numpy()[:, :70], b.numpy()[:, :70])
+    with pytest.raises(ValueError, match="logits"):
+        session.forward_tokens(ids, 4, logits="first")
 
 
 def test_logits_match_onnxruntime_per_bit_width(session, real_artifact_int8, real_onnx, real_parent):

@@ -93,6 +93,27 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
                         input_shapes)
 
 
+def _cache_twins(mod, imp, functions: dict) -> dict:
+    """``passes.cache_only`` for the exported prompt function (prefill; verify keeps every logit): the twin
+    without logits that a long prompt's chunks but the last run. Returns {"mod": module, twin name: its
+    manifest entry}."""
+    from .passes.cache_only import SUFFIX, cache_only
+
+    out = {}
+    for fname in list(functions):
+        spec = imp.specs.get(fname)
+        if fname != "prefill" or spec is None or spec.chunk <= 1 or len(imp.outputs[fname]) < 2:
+            continue
+        done = cache_only(mod, fname, int(mod[fname].attrs["num_input"]))
+        if done is None:
+            continue
+        mod, params = done
+        out[fname + SUFFIX] = {"inputs": imp.inputs[fname], "outputs": imp.outputs[fname][1:], "params": params,
+                               "spec": spec.to_dict(), "logits": False, "twin_of": fname}
+    out["mod"] = mod
+    return out
+
+
 def compile_with(scheme, source, out: Path, tp: dict, exclude=("lm_head",), tuning_log=None, tokenizer=None,
                  require_rewrite: bool = True, attention: str | None = None, input_shapes: dict | None = None) -> dict:
     import tvm
@@ -115,6 +136,8 @@ def compile_with(scheme, source, out: Path, tp: dict, exclude=("lm_head",), tuni
         raise CompileError("no linear layer to rewrite: the graph has no MatMul/Gemm with a weight initializer"
                            + (f" (kept: {rw.report.skipped})" if rw.report.skipped else ""))
     logger.info(rw.report.summary())
+    twins = _cache_twins(mod, imp, rw.report.functions)
+    mod = twins.pop("mod")
 
     tensors, layers = {}, {}
     for site in tqdm(list(rw.report.rewritten.values()), desc=scheme.describe, unit="layer", leave=False,
@@ -122,7 +145,7 @@ def compile_with(scheme, source, out: Path, tp: dict, exclude=("lm_head",), tuni
         w = imp.weights[site.name]
         tensors.update(scheme.pack(site, w if site.layout == "nk" else w.T))
         layers[site.name] = scheme.layer_entry(site, rw)
-    for fname, names in rw.report.functions.items():
+    for fname, names in list(rw.report.functions.items()) + [(f, t["params"]) for f, t in twins.items()]:
         for n in names:
             if n not in tensors:
                 if n not in imp.weights:
@@ -156,6 +179,9 @@ def compile_with(scheme, source, out: Path, tp: dict, exclude=("lm_head",), tuni
         if spec is not None:   # in place: the returned caches are the ones passed in, read up to the position
             functions[fname]["kv_cache"] = "in_place" if spec.attention == "cache_op" and attention == "kernel" \
                 else "dense"
+    for name, twin in twins.items():   # the twin keeps its function's cache kind
+        functions[name] = {**twin, **({"kv_cache": functions[twin["twin_of"]]["kv_cache"]}
+                                      if "kv_cache" in functions[twin["twin_of"]] else {})}
     manifest = {
         "kind": "compiled", "target": tp, "scheme": scheme.name,
         "bit_widths": list(range(scheme.seed_bits, scheme.max_bits + 1)),

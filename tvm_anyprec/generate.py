@@ -98,7 +98,7 @@ class Generation:
             return
         feed = self.ids[self.cached:]
         logits, self.cache = s.forward_tokens(np.array(feed), self.bits, pos=self.cached, cache=self.cache,
-                                              fn=s.prompt_fn)
+                                              fn=s.prompt_fn, logits="last")
         self.stats.prompt_tokens, self.stats.cached_tokens = len(feed), self.cached
         self.stats.prompt_s = time.perf_counter() - t0
         self._t_gen = time.perf_counter()

@@ -140,7 +140,7 @@ def profile_model(session, bits: int, prompt_ids, repeat: int = 5) -> list[Profi
     import numpy as np
 
     ids = np.asarray(prompt_ids, np.int64)
-    _, cache = session.forward_tokens(ids, bits)
+    _, cache = session.forward_tokens(ids, bits, logits="last")
     pos = len(ids)
     out = [profile(session, "decode", [np.array([[int(ids[-1])]], np.int64), np.array([pos], np.int64), *cache],
                    bits, repeat)]

@@ -14,8 +14,7 @@ logger = logging.getLogger(__name__)
 
 
 def _prompt(prompt_ids) -> np.ndarray:
-    ids = np.asarray(prompt_ids, np.int64)
-    if ids.size == 0:
+    if (ids := np.asarray(prompt_ids, np.int64)).size == 0:
         raise ValueError("the prompt is empty: give at least one token")
     return ids
 
@@ -55,8 +54,7 @@ class Session:
                                 + f": {e}") from e
         self.vm = relax.VirtualMachine(lib, self.dev)
         self.weights = self._load_weights(remote_files)
-        self.prompt_fn = prompt_fn
-        self.functions = self.manifest["functions"]
+        self.prompt_fn, self.functions = prompt_fn, self.manifest["functions"]
         self._params = {f: [self.weights[n] for n in info["params"]] for f, info in self.functions.items()}
         self._nbits = {b: tvm.runtime.tensor(np.array([b], np.int32), self.dev) for b in self.bit_widths}
         self._tok = None
@@ -151,23 +149,31 @@ class Session:
     def _chunk_fn(self) -> str:
         return "prefill" if "prefill" in self.functions else "decode"
 
-    def forward_tokens(self, ids: np.ndarray, bits: int, pos: int = 0, cache=None, fn: str | None = None):
+    def forward_tokens(self, ids: np.ndarray, bits: int, pos: int = 0, cache=None, fn: str | None = None,
+                       logits: str = "all"):
         """Run ``ids`` (1-D) through the model from position ``pos``, in calls of the chunked function ``fn``
-        (default: prefill), the last one padded; returns (logits [len, V], cache)."""
+        (default: prefill), the last one padded; returns (logits [len, V], cache). ``logits="last"`` (a prompt):
+        the chunks before the last run ``fn``'s twin without logits (``<fn>_cache``, ``passes.cache_only``) if
+        the artifact has one, and only the last chunk's rows are returned (the last token's is the last row)."""
         fn = fn or self._chunk_fn()
-        S = self.spec(fn)["chunk"]
-        cache = cache if cache is not None else self.empty_cache(fn)
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
+        twin = fn + "_cache" if logits == "last" and fn + "_cache" in self.functions else None
+        S, cache = self.spec(fn)["chunk"], cache if cache is not None else self.empty_cache(fn)
         if pos + len(ids) > self.spec(fn)["max_len"]:
             raise ValueError(f"sequence of {pos + len(ids)} tokens exceeds the cache ({self.spec(fn)['max_len']})")
         # a token-pruned prefill graph also takes the number of real tokens in the chunk (the rest is padding)
         pruned = any(i[0] == "n_valid" for i in self.functions[fn]["inputs"])
         outs = []
         for start in range(0, len(ids), S):
-            chunk = ids[start:start + S]
-            buf = np.zeros((1, S), np.int64)
+            chunk, buf = ids[start:start + S], np.zeros((1, S), np.int64)
             buf[0, :len(chunk)] = chunk
             valid = [np.array([len(chunk)], np.int64)] if pruned else []
-            lg, *cache = self.call(fn, [buf, np.array([pos + start], np.int64), *valid, *cache], bits)
+            args = [buf, np.array([pos + start], np.int64), *valid, *cache]
+            if twin is not None and start + S < len(ids):
+                cache = list(self.call(twin, args, bits))
+                continue
+            lg, *cache = self.call(fn, args, bits)
             outs.append(lg.numpy()[0, :len(chunk)])
         return np.concatenate(outs, 0), cache
 
@@ -192,7 +198,7 @@ class Session:
                       f"max_bytes_per_token={max_bytes_per_token}); using {choice.bits} bits")
             bits = choice.bits
         self.check_bits(bits)
-        logits, cache = self.forward_tokens(prompt_ids, bits, fn=self.prompt_fn)
+        logits, cache = self.forward_tokens(prompt_ids, bits, fn=self.prompt_fn, logits="last")
         st = {"pos": len(prompt_ids), "cache": cache, "nxt": int(np.argmax(logits[-1]))}
         max_len = self.spec("decode")["max_len"]
         out: list[int] = []
@@ -275,7 +281,7 @@ class Session:
         st.update(drafted=0, accepted=0, misses=0, rounds=0, plain_steps=0, draft_s=0.0, verify_s=0.0)
         if max_new_tokens <= 0:
             return []
-        logits, cache = self.forward_tokens(prompt_ids, bits, fn=self.prompt_fn)
+        logits, cache = self.forward_tokens(prompt_ids, bits, fn=self.prompt_fn, logits="last")
         pos = len(prompt_ids)
         max_len = self.spec("decode")["max_len"]
         out: list[int] = []
