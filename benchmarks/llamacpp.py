@@ -156,18 +156,27 @@ def measure_rounds(sessions, bits, rounds: int, binary, gguf, threads: int, ort:
     return rows, info
 
 
-def default_artifact(workdir, lm_head_bits: int | None = None) -> Path:
-    """The artifact these benchmarks run: <workdir>/anyprec-x86, compiled from smollm2 when missing (with
-    ``lm_head_bits``: anyprec-x86-lm<B>, the lm_head quantized and run at B bits; its own parent)."""
-    from tvm_anyprec import api
+def lm_head_of(manifest: dict):
+    """The bit-width an artifact pins its tied lm_head at (None: fp32 or not pinned)."""
+    return next((e["bits"] for e in manifest.get("layers", {}).values() if e.get("embedding") and "bits" in e), None)
 
-    art = Path(workdir) / ("anyprec-x86" + (f"-lm{lm_head_bits}" if lm_head_bits else ""))
-    if not (art / "manifest.json").exists():
+
+def default_artifact(workdir, lm_head="auto") -> Path:
+    """The artifact these benchmarks run: <workdir>/anyprec-x86, compiled from smollm2 with compile's defaults
+    when missing (or when its lm_head differs from what the default gives on this CPU); ``lm_head`` B:
+    anyprec-x86-lm<B>, the lm_head quantized and run at B bits; "fp32": anyprec-x86-lmfp32 (each its own parent)."""
+    from tvm_anyprec import api
+    from tvm_anyprec.artifact import read_manifest
+    from tvm_anyprec.schemes.anyprec import auto_lm_head_bits
+
+    art = Path(workdir) / ("anyprec-x86" + ("" if lm_head == "auto" else f"-lm{lm_head}"))
+    stale = lm_head == "auto" and (art / "manifest.json").exists() and \
+        lm_head_of(read_manifest(art, verify=False)) != auto_lm_head_bits("x86")
+    if stale or not (art / "manifest.json").exists():
         log(f"compiling {art} from smollm2 (once; several minutes) ...")
-        if lm_head_bits:
-            api.compile("smollm2", art, exclude=(), lm_head_bits=lm_head_bits)
-        else:
-            api.compile("smollm2", art)
+        kw = {} if lm_head == "auto" else {"lm_head_bits": None} if lm_head == "fp32" else \
+            {"exclude": (), "lm_head_bits": int(lm_head)}
+        api.compile("smollm2", art, force=stale, **kw)
     return art
 
 
@@ -217,8 +226,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     ap.add_argument("--no-ort", action="store_true", help="leave out the onnxruntime rows")
-    ap.add_argument("--lm-head-bits", type=int, default=None, help="also an artifact with the lm_head quantized "
-                    "and pinned at this bit-width (compile --lm-head-bits), rows '<b>-bit, lm_head <B>-bit'")
+    ap.add_argument("--lm-head-bits", default=None, help="also an artifact with the lm_head quantized and pinned "
+                    "at this bit-width (compile --lm-head-bits), rows '<b>-bit, lm_head <B>-bit'; fp32: one with the "
+                    "lm_head in fp32")
     ap.add_argument("--workdir", default="artifacts/bench-llamacpp")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -237,7 +247,8 @@ def main(argv=None) -> int:
     ort = {} if args.no_ort else ort_rows(wd, args.threads)
     sessions = [("", sess)]
     if args.lm_head_bits:
-        sessions.append((f", lm_head {args.lm_head_bits}-bit", Session(default_artifact(wd, args.lm_head_bits))))
+        label = "fp32" if args.lm_head_bits == "fp32" else f"{int(args.lm_head_bits)}-bit"
+        sessions.append((f", lm_head {label}", Session(default_artifact(wd, args.lm_head_bits))))
     rows, info = measure_rounds(sessions, bits, args.rounds, binary, gguf, args.threads, ort)
     result = {"machine": machine_info(args.threads), "command": "python -m benchmarks.llamacpp " + " ".join(argv),
               "method": "llama-bench -r 1 per round (pp512, tg128); ours: forward_tokens of 512 tokens (logits of the "
@@ -246,7 +257,8 @@ def main(argv=None) -> int:
                         "tokens/s mean +- sd",
               "artifact": str(art), "gguf": str(gguf), "llama_bench": str(binary) if binary else None,
               "llama_bench_info": info, "rounds": args.rounds, "rows": rows,
-              "artifact_layers_fp32": sorted(sess.manifest.get("kept_fp32", {}))}
+              "artifact_layers_fp32": sorted(sess.manifest.get("kept_fp32", {})),
+              "artifact_lm_head_bits": lm_head_of(sess.manifest)}
     out = Path(args.out) / f"llamacpp-{time.strftime('%Y-%m-%d')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -102,3 +102,33 @@ def test_shape_of_a_tied_weight_is_folded():
     mod = rw(bb.get())
     assert rw.report.tied == {"W"} and "W" not in rw.report.functions["main"]
     assert "shape_of" not in mod["main"].script()
+
+
+def test_lm_head_auto_only_where_the_avx512_bodies_run():
+    """compile's default lm_head: pinned at 7 bits on presets whose kernels are the AVX-512 bodies, fp32 on
+    the others (x86-64-v4 lacks VBMI and runs the AVX2 bodies; ARM and GPU presets)."""
+    from tvm_anyprec.kernels.lut_cpu import cpu_isa
+    from tvm_anyprec.kernels.lut_layout import WIDE_ISAS
+    from tvm_anyprec.schemes.anyprec import AUTO_LM_HEAD_BITS, auto_lm_head_bits
+    from tvm_anyprec.targets import preset
+
+    assert auto_lm_head_bits("x86-avx2") is None and auto_lm_head_bits("x86-avx512") is None
+    assert auto_lm_head_bits("arm-neon") is None and auto_lm_head_bits("cuda-sm80") is None
+    host = cpu_isa(preset("x86")["target"])
+    assert auto_lm_head_bits("x86") == (AUTO_LM_HEAD_BITS if host in WIDE_ISAS else None)
+
+
+@pytest.mark.parametrize("arg, want", [("auto", "auto"), ("fp32", None), ("7", 7)])
+def test_lm_head_bits_argument(arg, want):
+    from tvm_anyprec.cli import _lm_head_bits
+
+    assert _lm_head_bits(arg) == want
+
+
+def test_lm_head_bits_argument_rejects_other_words(capsys):
+    from tvm_anyprec import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compile", "x.onnx", "-o", "y", "--lm-head-bits", "half"])
+    assert e.value.code == 2
+    assert "expected auto, fp32 or a bit-width" in capsys.readouterr().err

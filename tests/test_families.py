@@ -191,6 +191,24 @@ def test_lm_head_pinned_at_8_bits(tied_lm_head):
     assert pinned.weight_bytes_per_token(3) > sess.weight_bytes_per_token(3)
 
 
+def test_lm_head_bits_auto_follows_the_cpu(tied_lm_head, tmp_path):
+    """compile's default (lm_head_bits "auto"): with a parent that quantized the lm_head, the tied lm_head is
+    pinned at 7 bits where the AVX-512 bodies run and stays fp32 elsewhere (auto_lm_head_bits of the host);
+    with a parent without it (the other families' fixtures, the real model's) it stays fp32."""
+    from tvm_anyprec import api
+    from tvm_anyprec.schemes.anyprec import AUTO_LM_HEAD_BITS, auto_lm_head_bits, parent_has_lm_head
+
+    _model, parent_dir, _sess, _pinned = tied_lm_head
+    assert parent_has_lm_head(parent_dir)
+    man = api.compile(parent_dir.parent / "art.onnx", tmp_path / "auto", parent=parent_dir, accuracy="exact")
+    want = auto_lm_head_bits("x86")
+    assert want in (None, AUTO_LM_HEAD_BITS)
+    if want is None:
+        assert "model.embed_tokens.weight" in man["kept_fp32"]
+    else:
+        assert man["layers"]["model.embed_tokens.weight"]["bits"] == AUTO_LM_HEAD_BITS
+
+
 def test_quantized_lm_head_is_the_embedding_too(tied_lm_head):
     """One any-precision layer serves the lm_head product and the token lookup (rows decoded from the same
     planes at the call's bit-width): the logits equal torch's with the parent's dequantized weights swapped in

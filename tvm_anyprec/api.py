@@ -204,12 +204,13 @@ def compile(source, out, target: str = "x86", parent=None, exclude=None, force: 
             tuning_log=None, tokenizer=None, act_bits: int | None = None,
             act_outlier: str = "smooth", act_int4_all: bool = False, prune_ratio: float | None = None,
             prune_layer: int | None = None, accuracy: str | None = None, input_shapes: dict | None = None,
-            lm_head_bits: int | None = None) -> dict:
+            lm_head_bits: int | str | None = "auto") -> dict:
     """ONNX file/dir -> artifact. ``accuracy`` (CPU targets): "int8" (default) or "exact", see
     ``schemes.anyprec.AnyPrec``. ``lm_head_bits``: the quantized tied lm_head/embedding runs at this
-    bit-width whatever bits a call asks for (needs the lm_head in the parent: ``exclude=()``). ``source`` may also
-    be a model ('smollm2', .gguf, HF dir): then the ONNX export (``<out>.onnx/``) and the quantized parent
-    (``<out>.parent/``) are made first when missing.
+    bit-width whatever bits a call asks for (needs the lm_head in the parent: ``exclude=()``); None: fp32; "auto"
+    (default; ``exclude`` None): ``schemes.anyprec.auto_lm_head_bits`` if the parent has the lm_head (one made
+    here from a model does), else fp32. ``source`` may also be a model ('smollm2', .gguf, HF dir): then the ONNX
+    export (``<out>.onnx/``) and the quantized parent (``<out>.parent/``) are made first when missing.
     ``act_bits`` 8|4: low-bit activations (W4A8, or W4A4 after self-attention / everywhere with
     ``act_int4_all``) instead of the bitplane operator; no parent is needed, the outlier handling is calibrated
     on the calibration text with the source model (see README "Low-bit activations").
@@ -218,13 +219,12 @@ def compile(source, out, target: str = "x86", parent=None, exclude=None, force: 
     have been exported with them (checked). None: whatever the graphs have (a model source: no pruning).
     ``input_shapes``: {input name: dims} for an ONNX graph from elsewhere whose inputs have dynamic dimensions."""
     from .compiler import compile_model
+    from .schemes.anyprec import lm_head_plan, lm_head_settle
 
-    if exclude is None:
-        exclude = ACT_EXCLUDE if act_bits is not None else DEFAULT_EXCLUDE
+    lm_head_bits, exclude, auto = lm_head_plan(lm_head_bits, target, exclude, act_bits)
     if prune_ratio is not None and not 0.0 <= float(prune_ratio) < 1.0:
         raise ValueError(f"--prune-ratio must be in [0, 1), got {prune_ratio}")
-    out = Path(out)
-    src = Path(str(source))
+    out, src = Path(out), Path(str(source))
     is_onnx = _is_onnx(src)
     if not is_onnx:
         model = data.resolve_model(source)
@@ -262,6 +262,7 @@ def compile(source, out, target: str = "x86", parent=None, exclude=None, force: 
                 raise ValueError("outlier calibration needs the source model: compile a model, or ONNX from "
                                  "`export` (its SOURCE marker), or pass act_outlier='none'")
             stats = calibrate_activations(tokenizer, exclude)
+    lm_head_bits, exclude = lm_head_settle(lm_head_bits, exclude, auto, parent)
     return compile_model(src, out, target=target, parent=parent, exclude=exclude, force=force,
                          tuning_log=tuning_log, tokenizer=tokenizer, act_quant=act, act_stats=stats,
                          accuracy=accuracy, input_shapes=input_shapes, lm_head_bits=lm_head_bits)
@@ -373,8 +374,7 @@ def model_kernels(source, exclude=DEFAULT_EXCLUDE, target: str = "x86") -> dict:
 
 def is_act_artifact(source) -> bool:
     """A compiled artifact with low-bit activations (``compile --act-bits``)?"""
-    p = Path(str(source))
-    return (p / MANIFEST).exists() and "act_quant" in read_manifest(p, verify=False)
+    return (Path(str(source)) / MANIFEST).exists() and "act_quant" in read_manifest(Path(str(source)), verify=False)
 
 
 def tune(source, target: str = "x86", trials: int = 32, log_dir=None, rpc=None, only=None, space: str = "project",
@@ -384,8 +384,8 @@ def tune(source, target: str = "x86", trials: int = 32, log_dir=None, rpc=None, 
     ``tune.RPC`` of remote devices. Returns one row per kernel."""
     from .tune.driver import TuneConfig, tune_kernels
 
-    return tune_kernels(kernel_specs_of(source, exclude, target), TuneConfig(target, trials, log_dir, rpc, only, space, progress,
-                                                             seed))
+    cfg = TuneConfig(target, trials, log_dir, rpc, only, space, progress, seed)
+    return tune_kernels(kernel_specs_of(source, exclude, target), cfg)
 
 
 def tune_variants(artifact, target: str, log_dir=None, rpc=None, progress: bool = True) -> list[dict]:
@@ -393,5 +393,5 @@ def tune_variants(artifact, target: str, log_dir=None, rpc=None, progress: bool 
     keep the fastest per kernel (``tune.variants``); ``compile`` then applies them."""
     from .tune.variants import tune_int_gemm_variants
 
-    man = read_manifest(artifact, kind="compiled", verify=False)
-    return tune_int_gemm_variants(man, target, log_dir, rpc, progress, where=str(artifact))
+    return tune_int_gemm_variants(read_manifest(artifact, kind="compiled", verify=False), target, log_dir, rpc,
+                                  progress, where=str(artifact))

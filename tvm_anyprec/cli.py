@@ -44,9 +44,19 @@ def _exclude(args, default=None):
     from .quant.patterns import DEFAULT_EXCLUDE
 
     pats = tuple(args.exclude) if args.exclude else (default if default is not None else DEFAULT_EXCLUDE)
-    if args.quantize_lm_head or getattr(args, "lm_head_bits", None):
+    if args.quantize_lm_head or isinstance(getattr(args, "lm_head_bits", None), int):
         pats = tuple(p for p in (pats or ()) if p != "lm_head")
     return pats
+
+
+def _lm_head_bits(v: str):
+    """--lm-head-bits: "auto", "fp32" (None) or a bit-width."""
+    if v in ("auto", "fp32"):
+        return None if v == "fp32" else v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, fp32 or a bit-width, got {v!r}") from None
 
 
 def _add_quantize(sub):
@@ -108,9 +118,10 @@ def _add_compile(sub):
                    help="static shape of a graph input with dynamic dimensions (repeatable; ONNX from elsewhere)")
     p.add_argument("--tuning-log", help="MetaSchedule database directory (default: tuning_logs/<target>/)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--lm-head-bits", type=int, default=None, help="quantize the tied lm_head/embedding too and run "
-                   "it at this bit-width whatever --bits a call uses (8: about fp32's perplexity, a quarter of its "
-                   "bytes per token)")
+    p.add_argument("--lm-head-bits", type=_lm_head_bits, default="auto", help="quantize the tied lm_head/embedding "
+                   "too and run it at this bit-width whatever --bits a call uses (8: about fp32's perplexity, a "
+                   "quarter of its bytes per token); fp32: keep it fp32; auto (default): 7 on CPUs with the AVX-512 "
+                   "bodies when the parent has the lm_head (one made by compile from a model does), else fp32")
     p.add_argument("--accuracy", choices=("int8", "exact"), default=None,
                    help="CPU bitplane kernel: int8 (the default: int8 activations per block of 32 x int16 "
                    "centroid tables; faster, within 0.5%% of exact's perplexity on SmolLM2) or exact (fp32 math on "
@@ -305,7 +316,8 @@ def main(argv=None) -> int:
                        prune_layer=args.prune_layer)
         elif args.cmd == "compile":
             api.compile(args.source, args.out, target=args.target, parent=args.parent,
-                        exclude=_exclude(args) if args.exclude or args.quantize_lm_head or args.lm_head_bits else None,
+                        exclude=_exclude(args) if args.exclude or args.quantize_lm_head or
+                        isinstance(args.lm_head_bits, int) else None,
                         force=args.force, tuning_log=args.tuning_log, tokenizer=args.tokenizer,
                         act_bits=args.act_bits, act_outlier=args.act_outlier, act_int4_all=args.act_int4_all,
                         prune_ratio=args.prune_ratio, prune_layer=args.prune_layer, accuracy=args.accuracy,

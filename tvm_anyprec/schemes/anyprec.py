@@ -10,6 +10,8 @@ from ..kernels.anyprec import lut_offset, lut_width
 from ..quant.anyprec import check_bits, quantize_nonuniform
 from .base import tensor_bytes
 
+AUTO_LM_HEAD_BITS = 7   # compile's default where the AVX-512 bodies run: within 0.1% of the fp32 lm_head's
+                        # perplexity at every bit-width on SmolLM2, 37 MB a token instead of 113 (README)
 ACCURACY = ("exact", "int8")
 DEFAULT_ACCURACY = "int8"   # faster, and within 0.5% of exact's perplexity at every bit-width on SmolLM2 (README)
 
@@ -154,3 +156,55 @@ class AnyPrec:
             else:
                 total += tensor_bytes(shape, dtype)
         return total
+
+
+def auto_lm_head_bits(target: str) -> int | None:
+    """``compile``'s default for a tied lm_head/embedding on the ``target`` preset: pinned at AUTO_LM_HEAD_BITS
+    where the AVX-512 bodies run (decode 1.26x / 1.18x faster at 3 / 4 bits than with the fp32 lm_head on a Zen 4, 1.28x /
+    1.35x on a Xeon: README), None (fp32) elsewhere (the AVX2 bodies' 7-bit blend trees are slower than fp32
+    reads; GPU targets keep a tied weight in fp32)."""
+    from ..kernels.lut_cpu import cpu_isa
+    from ..kernels.lut_layout import WIDE_ISAS
+    from ..targets import preset
+
+    tp = preset(target)
+    if tp.get("device"):
+        return None
+    return AUTO_LM_HEAD_BITS if cpu_isa(tp["target"]) in WIDE_ISAS else None
+
+
+def parent_has_lm_head(parent) -> bool:
+    """Whether the parent directory quantized the lm_head (a pinned lm_head needs it)."""
+    from ..quant.model import Parent
+
+    p = Parent.load(parent)
+    return p.scheme == "nonuniform" and any(n.removesuffix(".weight") in p.layers for n in ("lm_head",
+                                                                                          *p.tied, *p.tied.values()))
+
+
+def lm_head_plan(lm_head_bits, target: str, exclude, act_bits):
+    """``api.compile``'s lm_head and exclude patterns before the parent is known: -> (lm_head_bits, exclude,
+    auto). "auto" with no exclude patterns given (and no low-bit activations): ``auto_lm_head_bits``, and a
+    parent made from a model then quantizes the lm_head (exclude ())."""
+    from ..quant.patterns import ACT_EXCLUDE, DEFAULT_EXCLUDE
+
+    if auto := lm_head_bits == "auto":
+        lm_head_bits = auto_lm_head_bits(target) if exclude is None and act_bits is None else None
+    if exclude is None:
+        exclude = ACT_EXCLUDE if act_bits is not None else () if lm_head_bits else DEFAULT_EXCLUDE
+    return lm_head_bits, exclude, auto
+
+
+def lm_head_settle(lm_head_bits, exclude, auto: bool, parent):
+    """-> (lm_head_bits, exclude) once the parent is known: "auto" keeps the lm_head fp32 (and says so) when the
+    parent has no quantized lm_head to pin (an older parent, or an ONNX source compiled without one)."""
+    import logging
+
+    from ..quant.patterns import DEFAULT_EXCLUDE
+
+    if not (auto and lm_head_bits) or (parent is not None and parent_has_lm_head(parent)):
+        return lm_head_bits, exclude
+    logging.getLogger(__name__).info(
+        f"the lm_head stays fp32: {parent or 'no parent'} has no quantized lm_head to pin at {lm_head_bits} bits "
+        "(quantize with --quantize-lm-head, or compile the model by name into a new directory)")
+    return None, DEFAULT_EXCLUDE
