@@ -95,10 +95,14 @@ def table_width(max_bits: int, min_bits: int) -> int:
     return lut_width(max_bits, min_bits) + LUT_PAD
 
 
-def default_rows(mode: str, bits: int, M: int) -> int:
+def default_rows(mode: str, bits: int, M: int, wide: bool = False) -> int:
     """Weight rows per parallel task (decoded together, sharing each activation load; measured on Zen 3): a
     GEMV takes one row in int8 mode (the lookups feed the dot products in registers), two in exact mode (they
-    share the fp32 activation loads); M > 1 takes 4 (b <= 5) or 2."""
+    share the fp32 activation loads); M > 1 takes 4 (b <= 5) or 2. The AVX-512 body (``wide``) takes the GEMV's
+    rows up to M = 8 (verify: 1536x576 at M = 5 is no faster with 2) and 2 above (the prefill chunk: 32x1536x576
+    int8 600 -> 340 us at 3 / 4 bits, 670 -> 390 at 8; 32x576x1536 535 -> 233 us; 3 rows spill: 660 us; Zen 4)."""
+    if wide:
+        return 2 if M > 8 else default_rows(mode, bits, 1)
     if M == 1:
         return 1 if mode == "int8" else 2
     return 4 if bits <= 5 else 2
@@ -270,7 +274,7 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y):
 
 def _dispatch(s: _Shape, nbits, widths, rows, bufs):
     b = widths[0]
-    R = rows.get(b) or default_rows(s.mode, b, 1 if s.wide else s.M)   # the AVX-512 body: GEMV's tiles
+    R = rows.get(b) or default_rows(s.mode, b, s.M, s.wide)
     if len(widths) == 1:
         _body(s, b, R, *bufs)
         return
