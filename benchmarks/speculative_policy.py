@@ -61,8 +61,9 @@ def bench_speculative(sess, prompts, tokens, bits, drafts, draft_lens, repeats):
             rows.append({"config": f"draft {d}-bit x{k}, verify {bits}-bit", "tokens": n_tok, "seconds": t_sum,
                          "min_s": lo, "max_s": hi, "tokens_per_s": n_tok / t_sum,
                          "acceptance": tot["accepted"] / max(tot["drafted"], 1), "vs_plain": plain_t / t_sum,
-                         "rounds": tot["rounds"], "draft_s_per_round": tot["draft_s"] / max(tot["rounds"], 1) / repeats,
-                         "verify_s_per_round": tot["verify_s"] / max(tot["rounds"], 1) / repeats})
+                         # st holds the last repeat's counts and times (generate_speculative resets it)
+                         "rounds": tot["rounds"], "draft_s_per_round": tot["draft_s"] / max(tot["rounds"], 1),
+                         "verify_s_per_round": tot["verify_s"] / max(tot["rounds"], 1)})
     return rows
 
 

@@ -93,10 +93,10 @@ def compile_model(source, out, target: str = "x86", parent=None, exclude=("lm_he
                         input_shapes)
 
 
-def _cache_twins(mod, imp, functions: dict) -> dict:
+def _cache_twins(mod, imp, functions: dict) -> tuple:
     """``passes.cache_only`` for the exported prompt function (prefill; verify keeps every logit): the twin
-    without logits that a long prompt's chunks but the last run. Returns {"mod": module, twin name: its
-    manifest entry}."""
+    without logits that a long prompt's chunks but the last run. Returns (module, {twin name: its manifest
+    entry})."""
     from .passes.cache_only import SUFFIX, cache_only
 
     out = {}
@@ -110,8 +110,7 @@ def _cache_twins(mod, imp, functions: dict) -> dict:
         mod, params = done
         out[fname + SUFFIX] = {"inputs": imp.inputs[fname], "outputs": imp.outputs[fname][1:], "params": params,
                                "spec": spec.to_dict(), "logits": False, "twin_of": fname}
-    out["mod"] = mod
-    return out
+    return mod, out
 
 
 def compile_with(scheme, source, out: Path, tp: dict, exclude=("lm_head",), tuning_log=None, tokenizer=None,
@@ -136,8 +135,7 @@ def compile_with(scheme, source, out: Path, tp: dict, exclude=("lm_head",), tuni
         raise CompileError("no linear layer to rewrite: the graph has no MatMul/Gemm with a weight initializer"
                            + (f" (kept: {rw.report.skipped})" if rw.report.skipped else ""))
     logger.info(rw.report.summary())
-    twins = _cache_twins(mod, imp, rw.report.functions)
-    mod = twins.pop("mod")
+    mod, twins = _cache_twins(mod, imp, rw.report.functions)
 
     tensors, layers = {}, {}
     for site in tqdm(list(rw.report.rewritten.values()), desc=scheme.describe, unit="layer", leave=False,

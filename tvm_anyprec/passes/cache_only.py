@@ -29,12 +29,11 @@ def cache_only(mod: tvm.IRModule, fname: str, n_in: int) -> tuple[tvm.IRModule, 
         return None
     fields = list(last.value.fields[1:])
     out = relax.Var(last.var.name, relax.TupleType([f.ty for f in fields]))
-    blk = relax.DataflowBlock(list(block.bindings[:-1]) + [relax.VarBinding(out, relax.Tuple(fields))]) \
-        if isinstance(block, relax.DataflowBlock) else \
-        relax.BindingBlock(list(block.bindings[:-1]) + [relax.VarBinding(out, relax.Tuple(fields))])
-    twin = relax.Function(func.params, relax.SeqExpr(list(body.blocks[:-1]) + [blk], out), out.ty, func.is_pure,
-                          func.attrs).with_attr("global_symbol", fname + SUFFIX)
+    bindings = list(block.bindings[:-1]) + [relax.VarBinding(out, relax.Tuple(fields))]
+    blk = (relax.DataflowBlock if isinstance(block, relax.DataflowBlock) else relax.BindingBlock)(bindings)
     name = fname + SUFFIX
+    twin = relax.Function(func.params, relax.SeqExpr(list(body.blocks[:-1]) + [blk], out), out.ty, func.is_pure,
+                          func.attrs).with_attr("global_symbol", name)
     mod[name] = copy_with_new_vars(twin)   # a Relax variable is defined in one function only
     entries = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
     mod = relax.transform.DeadCodeElimination(entries)(mod)

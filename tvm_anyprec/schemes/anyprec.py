@@ -160,9 +160,9 @@ class AnyPrec:
 
 def auto_lm_head_bits(target: str) -> int | None:
     """``compile``'s default for a tied lm_head/embedding on the ``target`` preset: pinned at AUTO_LM_HEAD_BITS
-    where the AVX-512 bodies run (decode 1.26x / 1.18x faster at 3 / 4 bits than with the fp32 lm_head on a Zen 4, 1.28x /
-    1.35x on a Xeon: README), None (fp32) elsewhere (the AVX2 bodies' 7-bit blend trees are slower than fp32
-    reads; GPU targets keep a tied weight in fp32)."""
+    where the AVX-512 bodies run (decode 1.24x / 1.15x faster at 3 / 4 bits than with the fp32 lm_head on a Zen 4,
+    1.28x / 1.36x on a Xeon: README), None (fp32) elsewhere (the AVX2 bodies' 7-bit blend trees are slower than
+    fp32 reads; GPU targets keep a tied weight in fp32)."""
     from ..kernels.lut_cpu import cpu_isa
     from ..kernels.lut_layout import WIDE_ISAS
     from ..targets import preset
