@@ -28,6 +28,7 @@ COMPILED_FORMAT_VERSION = 2  # compiled artifacts: 2 = byte-sliced planes and in
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 LIB = "lib.so"   # a compiled artifact's Relax VM executable
+CACHE_ONLY = "_cache"   # suffix of a chunk function's twin without logits (prefill_cache: passes.cache_only)
 
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import LIB, WEIGHTS, ArtifactError, kv_cache_bytes, load_tensors, read_manifest
+from .artifact import CACHE_ONLY, LIB, WEIGHTS, ArtifactError, kv_cache_bytes, load_tensors, read_manifest
 from .env import set_threads
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class Session:
         fn = fn or self._chunk_fn()
         if logits not in ("all", "last"):
             raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
-        twin = fn + "_cache" if logits == "last" and fn + "_cache" in self.functions else None
+        twin = fn + CACHE_ONLY if logits == "last" and fn + CACHE_ONLY in self.functions else None
         S, cache = self.spec(fn)["chunk"], cache if cache is not None else self.empty_cache(fn)
         if pos + len(ids) > self.spec(fn)["max_len"]:
             raise ValueError(f"sequence of {pos + len(ids)} tokens exceeds the cache ({self.spec(fn)['max_len']})")

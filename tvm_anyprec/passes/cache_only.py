@@ -11,7 +11,7 @@ import tvm
 from tvm import relax
 from tvm.relax.utils import copy_with_new_vars
 
-SUFFIX = "_cache"
+from ..artifact import CACHE_ONLY as SUFFIX
 
 
 def cache_only(mod: tvm.IRModule, fname: str, n_in: int) -> tuple[tvm.IRModule, list[str]] | None:
