@@ -15,6 +15,8 @@ from .lut_isa import _u8
 WIDE_MAX_M = 32  # rows of X up to which the AVX-512 body runs (decode, verify, the 32-token prefill chunk; its code
                  # grows with M: unrolled). 32x4096x4096 int8, Xeon, 2 threads: 4.8 / 4.8 / 5.4 ms at 3 / 4 / 8 bits
                  # against the AVX2 bodies' 8.1 / 6.3-7.4 / 11-15 ms and numpy fp32's 8.6-18 ms
+WIDE_MAX_M_EXACT = 8   # exact mode's bound: its fp32 activations of 32 rows fill L1 (32x4096x4096 exact 35 ms in the
+                      # AVX-512 body against 7.7 / 7.9 / 14 ms at 3 / 4 / 8 bits in the AVX2 bodies; Zen 4, 2 threads)
 WIDE_ISAS = ("avx512gfni", "avx512")   # the instruction sets of the AVX-512 body (with or without GFNI)
 BIAS16 = 32768   # the AVX-512 int8 body's tables are q + BIAS16 (unsigned bytes for vpdpbusd); XC undoes it
 
@@ -49,8 +51,9 @@ class _Shape:
 
     @property
     def wide(self) -> bool:
-        """The AVX-512 body (``lut_avx512``) runs: M <= WIDE_MAX_M (decode, verify, prefill) on AVX-512 targets."""
-        return self.isa in WIDE_ISAS and self.M <= WIDE_MAX_M
+        """The AVX-512 body (``lut_avx512``) runs on AVX-512 targets: M <= WIDE_MAX_M in int8 mode (decode, verify,
+        prefill), M <= WIDE_MAX_M_EXACT in exact mode (decode, verify; its prefill runs the AVX2 bodies)."""
+        return self.isa in WIDE_ISAS and self.M <= (WIDE_MAX_M if self.mode == "int8" else WIDE_MAX_M_EXACT)
 
     @property
     def gfni(self) -> bool:
