@@ -56,3 +56,40 @@ def test_small_schedule_computes_each_reduction_once():
     assert len(reductions) == 1 and len(blocks) == 2       # the sum of squares once, then the output
     assert "parallel" not in sch.mod["main"].script()
     assert 576 <= SMALL_OP_ELEMS < 64 * 4096               # the large case above takes dlight's path
+
+
+def _unary_module(shape, build):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(shape), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(build(x)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+_UNARY = {   # op -> (the Relax graph, the float64 numpy reference)
+    "sigmoid*x": (lambda x: relax.op.multiply(x, relax.op.sigmoid(x)), lambda v: v / (1 + np.exp(-v))),
+    "silu": (relax.op.nn.silu, lambda v: v / (1 + np.exp(-v))),
+    "exp": (relax.op.exp, np.exp),
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("op", sorted(_UNARY))
+@pytest.mark.parametrize("shape", [(1, 1536), (32, 1536)])
+def test_fast_math_against_numpy(op, shape):
+    """passes.fast_math: float32 sigmoid / silu / exp compiled without libm's expf, against numpy's float64, over
+    the range a model sees plus the clamped ends (e^x near 0 and near the float32 maximum)."""
+    target = tvm.target.Target(preset("x86")["target"])
+    build, ref = _UNARY[op]
+    ex = tvm.compile(_unary_module(shape, build), target=target, relax_pipeline=relax_pipeline(target))
+    ir = ex.mod.imports[0].inspect_source("ll")
+    assert "llvm.exp" not in ir and "expf" not in ir          # (without the pass: a call of llvm.exp.f32)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    rng = np.random.default_rng(shape[0])
+    x = (rng.standard_normal(shape) * (4 if op == "exp" else 12)).astype(np.float32)
+    x.flat[:4] = [-200.0, -86.0, 87.5, 200.0] if op != "exp" else [-86.0, -20.0, 20.0, 87.5]
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    want = ref(x.astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)

@@ -30,8 +30,10 @@ logger = logging.getLogger(__name__)
 
 
 def relax_pipeline(target):
-    """cpu_generic's default pipeline plus, for the ops we do not schedule ourselves: ops on small tensors on
-    one thread (``schedules.cpu.schedule_small``), dlight's CPU rules, then a parallel-outer-loops fallback. GPU targets: TVM's GPU pipeline (dlight's GPU rules for the rest)."""
+    """cpu_generic's default pipeline plus, for the ops we do not schedule ourselves: float32 sigmoid / exp in
+    vectorizable arithmetic (``passes.fast_math``), ops on small tensors on one thread
+    (``schedules.cpu.schedule_small``), dlight's CPU rules, then a parallel-outer-loops fallback. GPU targets:
+    TVM's GPU pipeline (dlight's GPU rules for the rest)."""
     import tvm
 
     if is_gpu(target):   # GPU branch: our kernels arrive scheduled (schedules/gpu.py, tirx.is_scheduled)
@@ -40,13 +42,14 @@ def relax_pipeline(target):
     import tvm.s_tir.dlight as dl
     from tvm.relax.backend.cpu_generic import pipeline as P
 
+    from .passes.fast_math import fast_math
     from .schedules.cpu import fallback_pass, small_ops_pass
 
     @tvm.transform.module_pass(opt_level=0, name="AnyPrecCPUPipeline")
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                P.library_dispatch_passes(target) + P.legalize_passes(target)
+                [fast_math] + P.library_dispatch_passes(target) + P.legalize_passes(target)
                 + [small_ops_pass(), dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction()), fallback_pass()]
                 + P.dataflow_lower_passes(target) + P.finalize_passes(target))
             return seq(mod)

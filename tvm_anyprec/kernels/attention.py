@@ -14,7 +14,7 @@ past the position are never read (padding and rejected drafts leave junk there; 
 Grouped-query attention reads each cache row once per query head of its group, with no repeated copy.
 
 The softmax is computed online in blocks of ``BLOCK`` positions (scores of a block in a small stack buffer,
-one rescale of the running sum and output per block). ``softcap`` > 0: scores go through
+one rescale of the running sum and output per block; e^x by ``fastmath.exp_f32``, not libm's ``expf``). ``softcap`` > 0: scores go through
 softcap * tanh(score / softcap) (Gemma 2). Tasks (query head, token) run in parallel.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import ClassVar
 
 from tvm.script import tirx as T
 
+from .fastmath import exp_f32
 from .lowering import KEEP, STACK_LOCALS
 from .spec import KernelSpec, register
 
@@ -91,13 +92,13 @@ def make_cache_attention(H: int, Hkv: int, S: int, Tn: int, D: int, scale: float
                 T.buffer_store(sc, val, [j])
                 T.buffer_store(mb, T.max(mb[0], sc[j]), [0])
             mnew = T.max(m[0], mb[0])
-            corr = T.exp(m[0] - mnew)
+            corr = exp_f32(m[0] - mnew)
             T.buffer_store(lsum, lsum[0] * corr, [0])
             with T.serial(0, C) as c:
                 idx = [T.ramp(c * L, 1, L)] if L > 1 else [c]
                 T.buffer_store(acc, acc[tuple(idx)] * bcast(corr), idx)
             with T.serial(0, n) as j:
-                pj = T.exp(sc[j] - mnew)
+                pj = exp_f32(sc[j] - mnew)
                 T.buffer_store(lsum, lsum[0] + pj, [0])
                 with T.serial(0, C) as c:
                     idx = [T.ramp(c * L, 1, L)] if L > 1 else [c]
