@@ -36,6 +36,8 @@ from .lut_isa import _shift, _srl16
 from .lut_layout import _local, _plane_vector, each_group, prefetch_row
 
 VEC = 64
+UNROLL_M = 8   # int8 mode: rows of X up to which the loop over them is unrolled (its lookups shared by CSE); above
+               # it (the prefill chunk) the looked-up bytes go to L1 once and a TIR loop runs over the rows
 
 
 def _x86(name, dtype, *args):
@@ -148,10 +150,11 @@ def _f32(v16, half: int):
     return T.Cast("float32x16", T.reinterpret("float16x16", part))
 
 
-def _int8_sums(s, b: int, table, code, XP, XC, g, m) -> list:
-    """int8 mode: [(int32x16 exact sums, SX lane offset)] of one row and group: per half-group of the paired
-    decode (lane t: bytes 4t..4t+3 of pairs 2h, 2h + 1, block ((t % 8) // 2, h)), or one for the GFNI decode (lane
-    t: bytes 4t..4t+3 of all four code vectors, block (t // 4, t % 2); two chains per table half)."""
+def _int8_sums(s, looked, XP, XC, g, m) -> list:
+    """int8 mode: [(int32x16 exact sums, SX lane offset)] of one row and group (``looked(k, q)``: table half k's
+    bytes for code vector q): per half-group of the paired decode (lane t: bytes 4t..4t+3 of pairs 2h, 2h + 1, block
+    ((t % 8) // 2, h)), or one for the GFNI decode (lane t: bytes 4t..4t+3 of all four code vectors, block
+    (t // 4, t % 2); two chains per table half)."""
     parts = [(0, range(4))] if s.gfni else [(16 * h, (2 * h, 2 * h + 1)) for h in range(2)]
     out = []
     for lane, qs in parts:
@@ -159,14 +162,22 @@ def _int8_sums(s, b: int, table, code, XP, XC, g, m) -> list:
         for q in qs:
             x = XP[m, T.ramp(GROUP * g + VEC * q, 1, VEC)]
             for k in range(2):
-                acc[k][q % 2] = _x86("avx512.vpdpbusd.512", "int32x16", acc[k][q % 2], lookup(table(k), b, code[q]), x)
+                acc[k][q % 2] = _x86("avx512.vpdpbusd.512", "int32x16", acc[k][q % 2], looked(k, q), x)
         lo, hi = acc[0][0] + acc[0][1], acc[1][0] + acc[1][1]
         out.append((lo + T.shift_left(hi, T.broadcast(T.int32(8), 16)) - XC[m, T.ramp(32 * g + lane, 1, 16)], lane))
     return out
 
 
+def _int8_row(s, looked, XP, SX, XC, ACC, g, m, base) -> None:
+    """int8 mode: one row's int32 sums of a group, scaled per block of 32 activations, into its accumulator."""
+    a = ACC[T.ramp(base, 1, 16)]
+    for total, lane in _int8_sums(s, looked, XP, XC, g, m):
+        a = a + T.Cast("float32x16", total) * SX[m, T.ramp(32 * g + lane, 1, 16)]
+    T.buffer_store(ACC, a, [T.ramp(base, 1, 16)])
+
+
 def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
-    PL, XP, SX, XC, TB, CB, VB, ACC = bufs
+    PL, XP, SX, XC, TB, CB, VB, ACC, LK = bufs
     W = table_bytes(b)
     for r, n in enumerate(rows):   # 4 code vectors per row into CB
         if s.gfni:
@@ -181,14 +192,21 @@ def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
     def table(r):
         return lambda k: lambda t: T.reinterpret("int8x64", TB[T.ramp((2 * r + k) * W + VEC * t, 1, VEC)])
 
-    for r, m in [(r, m) for r in range(len(rows)) for m in range(s.M)]:   # every row of X: the M = 1 order
+    R = len(rows)
+    if LK is not None:   # int8, M > UNROLL_M: each row's looked-up bytes once into LK, then a loop over X's rows
+        for r, k, q in [(r, k, q) for r in range(R) for k in range(2) for q in range(4)]:
+            code = CB[T.ramp(r * GROUP + VEC * q, 1, VEC)]
+            T.buffer_store(LK, lookup(table(r)(k), b, code), [T.ramp(((r * 2 + k) * 4 + q) * VEC, 1, VEC)])
+        with T.serial(0, s.M) as m:
+            for r in range(R):
+                looked = lambda k, q, r=r: LK[T.ramp(((r * 2 + k) * 4 + q) * VEC, 1, VEC)]  # noqa: E731
+                _int8_row(s, looked, XP, SX, XC, ACC, g, m, (r * s.M + m) * VEC)
+        return
+    for r, m in [(r, m) for r in range(R) for m in range(s.M)]:   # every row of X: the M = 1 order
         code = [CB[T.ramp(r * GROUP + VEC * q, 1, VEC)] for q in range(4)]
         base = (r * s.M + m) * VEC
         if s.mode == "int8":
-            a = ACC[T.ramp(base, 1, 16)]
-            for total, lane in _int8_sums(s, b, table(r), code, XP, XC, g, m):
-                a = a + T.Cast("float32x16", total) * SX[m, T.ramp(32 * g + lane, 1, 16)]
-            T.buffer_store(ACC, a, [T.ramp(base, 1, 16)])
+            _int8_row(s, lambda k, q, r=r, code=code: lookup(table(r)(k), b, code[q]), XP, SX, XC, ACC, g, m, base)
             continue
         accs = [ACC[T.ramp(base + 16 * k, 1, 16)] for k in range(4)]
         for q in range(4):
@@ -219,13 +237,14 @@ def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
         CB = _local((R * GROUP,), "uint8")
         VB = None if s.gfni else _local((VEC * b,), "uint8")
         ACC = _local((R * s.M * VEC,), "float32")
+        LK = _local((R * 8 * VEC,), "int8") if s.mode == "int8" and s.M > UNROLL_M else None
         rows = [T.min(t * R + r, s.N - 1) for r in range(R)]
         prefetch_row(s, b, PL, LUT, t * R)
         for r, n in enumerate(rows):
             prepare_tables(s, b, LUT, n, TB, r * 2 * table_bytes(b))
             for k in range(4 * s.M):
                 T.buffer_store(ACC, T.broadcast(T.float32(0), 16), [T.ramp(r * s.M * VEC + 16 * k, 1, 16)])
-        bufs = (PL, XP, SX, XC, TB, CB, VB, ACC)
+        bufs = (PL, XP, SX, XC, TB, CB, VB, ACC, LK)
         each_group(s, lambda g, tail: _group(s, b, rows, g, tail, bufs))
         for r, m in [(r, m) for r in range(R) for m in range(s.M)]:
             with T.If(t * R + r < s.N):
