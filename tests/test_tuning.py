@@ -1,7 +1,8 @@
 """MetaSchedule (XGBoost cost model): records land in a JSON database, compile applies them, a corrupt log is
-ignored with a warning. On x86 the tunable kernels of a model are its fp32 dense ones (the lm_head here): the
-CPU bitplane kernel (kernels/lut_cpu.py) is explicit loops with no design space; the s_tir bitplane kernel
-(GPU targets) is tuned directly below (tune_kernel)."""
+ignored with a warning. On x86 the MetaSchedule-tunable kernels of a model are its fp32 dense ones (the lm_head
+here); the CPU bitplane kernel (kernels/lut_cpu.py, explicit loops) has one measured knob, rows per task per
+bit-width (tune/bitplane.py, last tests); the s_tir bitplane kernel (GPU targets) is tuned directly below
+(tune_kernel)."""
 import numpy as np
 import pytest
 
@@ -173,3 +174,75 @@ def test_hand_schedule_is_the_first_record(tmp_path):
     assert count_records(db, f, target) == 1
     best = query_database(open_database(tmp_path / "log"), f, target)
     tvm.ir.assert_structural_equal(workload(best)["main"], workload(schedule_linear_cpu(f))["main"])
+
+
+# ------------------------------------------------------------------ the CPU bitplane kernel's rows per task
+
+def test_bitplane_rows_measured_applied_and_exact(tmp_path, capsys):
+    """`tune ARTIFACT` measures every rows-per-task candidate of the artifact's CPU bitplane kernels per bit-width
+    and keeps the fastest (tuning_logs/<target>/bitplane_rows.json); compile applies the table (how =
+    "tuned:rows=..."), and a forced non-default choice computes the same outputs as the default kernels, bit for
+    bit (rows only regroup the parallel tasks). A corrupt table is ignored with a warning."""
+    import json
+    import subprocess
+    import sys
+
+    from tvm_anyprec.tune.bitplane import candidates
+    from tvm_anyprec.tune.records import ROWS_FILE
+    from tvm_anyprec.kernels.spec import spec_from_dict
+
+    _mlp_onnx(tmp_path / "mlp.onnx")
+    plain = compile_model(tmp_path / "mlp.onnx", tmp_path / "art0", tuning_log=tmp_path / "none")
+    log = tmp_path / "log"
+    r = subprocess.run([sys.executable, "-m", "tvm_anyprec.cli", "tune", str(tmp_path / "art0"), "--log-dir",
+                        str(log)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = json.loads((log / ROWS_FILE).read_text())
+    bitplane = {k: spec_from_dict(v) for k, v in plain["kernel_specs"].items() if v["family"] == "anyprec_cpu"}
+    assert set(table) == set(bitplane) and len(bitplane) == 3
+    for name, entry in table.items():
+        cands = {str(c) for c in candidates(bitplane[name])}
+        assert set(entry["rows"]) == {str(b) for b in range(3, 9)}
+        for b, us in entry["us"].items():               # every candidate timed, the choice among them
+            assert set(us) == cands and all(t > 0 for t in us.values())
+            assert str(entry["rows"][b]) in cands
+        assert name in r.stdout
+
+    forced = {name: {**entry, "rows": {str(b): max(candidates(bitplane[name])) for b in range(3, 9)}}
+              for name, entry in table.items()}
+    only = tmp_path / "rows_only"      # no MetaSchedule records: the dense lm_head keeps art0's schedule
+    only.mkdir()
+    (only / ROWS_FILE).write_text(json.dumps(forced))
+    m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art", tuning_log=only)
+    for name in bitplane:
+        R = max(candidates(bitplane[name]))
+        assert m["kernels"][name] == "tuned:rows=" + ",".join(f"{b}:{R}" for b in range(3, 9))
+    x = np.random.default_rng(2).standard_normal((3, K)).astype(np.float32)
+    a, b = Session(tmp_path / "art"), Session(tmp_path / "art0")
+    for bits in range(3, 9):
+        assert np.array_equal(a.call("mlp", [x], bits).numpy(), b.call("mlp", [x], bits).numpy()), bits
+
+    (only / ROWS_FILE).write_text('{"anyprec_cpu_x": {"rows": {"3": 0}}}')
+    capsys.readouterr()
+    m = compile_model(tmp_path / "mlp.onnx", tmp_path / "art2", tuning_log=only)
+    assert not any(v.startswith("tuned") for v in m["kernels"].values())
+    assert f"warning: ignoring {only / ROWS_FILE}" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_bitplane_rows_choice_rules(tmp_path):
+    """The default stays unless a candidate beats it by 3% (timing noise); kernels of an instruction set this
+    CPU lacks, and presets of another architecture, are refused before anything runs."""
+    from tvm_anyprec.errors import TuningError
+    from tvm_anyprec.kernels.lut_cpu import AnyPrecCPU
+    from tvm_anyprec.tune.bitplane import _choose, runs_on, tune_bitplane_rows
+
+    assert _choose({1: 100.0, 2: 98.0}, 1) == 1 and _choose({1: 100.0, 2: 96.0}, 1) == 2
+    assert _choose({1: 50.0, 2: 100.0}, 2) == 1
+    assert runs_on("avx2", "avx512gfni") and runs_on("avx512", "avx512gfni") and runs_on("generic", "neon")
+    assert not runs_on("avx512gfni", "avx2") and not runs_on("neon", "avx2") and not runs_on("avx2", "neon")
+    spec = AnyPrecCPU(1, 64, 256, 8, 3, "int8", "neon")
+    with pytest.raises(TuningError, match="arm-neon"):
+        tune_bitplane_rows({"k": spec}, "arm-neon", tmp_path, progress=False)
+    with pytest.raises(TuningError, match="no CPU bitplane kernels"):
+        tune_bitplane_rows({}, "x86", tmp_path, progress=False)

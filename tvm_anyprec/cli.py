@@ -138,8 +138,9 @@ def _add_compile(sub):
 
 def _add_tune(sub):
     p = sub.add_parser("tune", help="auto-tune the model's kernels with MetaSchedule (XGBoost cost model)")
-    p.add_argument("source", help="a compiled artifact, ONNX (file or directory) or a model ('smollm2'); an "
-                   "artifact compiled with --act-bits for an ARM preset: measure its integer GEMM variants "
+    p.add_argument("source", help="a compiled artifact, ONNX (file or directory) or a model ('smollm2'); a "
+                   "compiled artifact's CPU bitplane kernels: measure their rows per task per bit-width on this CPU; "
+                   "an artifact compiled with --act-bits for an ARM preset: measure its integer GEMM variants "
                    "(neon/sdot/smmla/packed) and keep the fastest per kernel")
     p.add_argument("--target", default="x86", help="target preset (records go to tuning_logs/<target>/)")
     p.add_argument("--trials", type=int, default=8, help="measured trials per distinct kernel; a second run "
@@ -238,6 +239,8 @@ def _tune(args) -> None:
         print(f"chose variants for {len(rows)} kernels in {time.time() - t0:.0f}s; in {log_dir}/"
               f"{VARIANTS_FILE} (compile --target {args.target} applies them)", file=sys.stderr)
         return
+    if _tune_bitplane_rows(args, log_dir):   # an artifact with only bitplane kernels: nothing for MetaSchedule
+        return
     try:
         rows = api.tune(args.source, args.target, args.trials, log_dir, rpc=rpc, only=args.only, space=args.space,
                         exclude=_exclude(args))
@@ -251,6 +254,25 @@ def _tune(args) -> None:
               + ("  (reused)" if r["reused"] else ""))
     print(f"tuned {len(rows)} kernels in {time.time() - t0:.0f}s; records in {log_dir} "
           f"(compile --target {args.target} applies them)", file=sys.stderr)
+
+
+def _tune_bitplane_rows(args, log_dir) -> bool:
+    """A compiled artifact's CPU bitplane kernels: measure their rows per task (``tune.bitplane``). Returns True
+    when the artifact has no kernel with a MetaSchedule space left to tune."""
+    from .tune.bitplane import ROWS_FILE, artifact_specs, tune_bitplane_rows
+
+    specs = {k: s for k, s in artifact_specs(args.source).items() if not args.only or args.only in k}
+    bitplane = {k: s for k, s in specs.items() if s.family == "anyprec_cpu"}
+    if not bitplane:
+        return False
+    t0 = time.time()
+    print(f"{'bitplane kernel':<52}rows per task by bit-width (us per call, cold: rows=1 / 2 / 4)")
+    for r in tune_bitplane_rows(bitplane, args.target, log_dir):
+        print(f"{r['kernel']:<52}" + "  ".join(
+            f"{b}:{n} (" + "/".join(f"{t:.0f}" for t in r["us"][b].values()) + ")" for b, n in r["rows"].items()))
+    print(f"measured {len(bitplane)} bitplane kernels in {time.time() - t0:.0f}s; in {log_dir}/{ROWS_FILE} "
+          f"(compile --target {args.target} applies them)", file=sys.stderr)
+    return not any(s.family in ("anyprec_linear", "dense_nt") for s in specs.values())
 
 
 def _run_summary(args, stats: dict) -> str:

@@ -24,7 +24,7 @@ from .errors import CompileError
 from .kernels.registry import kernel_specs
 from .schedules.rules import schedule_kernels
 from .targets import export_compiler, is_gpu, preset
-from .tune.records import default_log_dir, load_database, load_variant_choices, query_database
+from .tune.records import default_log_dir, load_database, load_rows_choices, load_variant_choices, query_database
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def compile_with(scheme, source, out: Path, tp: dict, exclude=("lm_head",), tuni
     log_dir = Path(tuning_log) if tuning_log is not None else default_log_dir(tp["name"])
     db = load_database(log_dir)
     specs = kernel_specs(mod)
-    mod, how = schedule_kernels(mod, tp, choices=load_variant_choices(log_dir),
+    mod, how = schedule_kernels(mod, tp, choices=load_variant_choices(log_dir), rows=load_rows_choices(log_dir),
                                 tuned=None if db is None else (lambda f: query_database(db, f, target)))
     n_tuned = sum(v.startswith("tuned") for v in how.values())
     logger.info(f"schedules: {n_tuned} kernels tuned (from {log_dir}), {len(how) - n_tuned} hand-scheduled")

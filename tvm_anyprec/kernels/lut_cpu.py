@@ -53,7 +53,7 @@ from .lut_layout import _local, _plane_vector, _prologue, _Shape, each_group, pr
 from .lut_isa import (decode, dot_int16_avx2, dot_int16_generic, dot_int16_neon, lookup_f32_avx2, lookup_f32_generic,
                       lookup_fp16_split, lookup_int16_generic, lookup_int16_split, scalar_lookups, split_fp16_tables,
                       split_width)
-from .spec import KernelSpec, register
+from .spec import SPEC_ATTR, KernelSpec, register
 
 MODES = ("exact", "int8")
 ISAS = ("avx512gfni", "avx512", "avx2", "neon", "generic")
@@ -350,3 +350,11 @@ class AnyPrecCPU(KernelSpec):
 
     def make(self):
         return make_anyprec_cpu(self.M, self.N, self.K, self.max_bits, self.min_bits, self.mode, self.isa)
+
+
+def build_with_rows(spec: AnyPrecCPU, rows: dict):
+    """``spec.build()`` with ``rows`` ({bit-width: rows per task}, measured by ``tune.bitplane``)."""
+    import json
+
+    f = make_anyprec_cpu(spec.M, spec.N, spec.K, spec.max_bits, spec.min_bits, spec.mode, spec.isa, rows=rows)
+    return f.with_attr(SPEC_ATTR, json.dumps(spec.to_dict(), sort_keys=True))

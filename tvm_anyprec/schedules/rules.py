@@ -33,6 +33,7 @@ class Context:
     act_bits: dict = field(default_factory=dict)
     variant: str | None = None
     choices: dict = field(default_factory=dict)
+    rows: dict = field(default_factory=dict)   # {bitplane kernel: {bit-width: rows per task}} (tune.bitplane)
     kernel: str = ""          # the name of the kernel being scheduled (variant tables are keyed by it)
 
 
@@ -78,13 +79,19 @@ class LinearCPU(ScheduleRule):
 
 class LutCPU(ScheduleRule):
     """The CPU bitplane operator (kernels.lut_cpu): explicit loops, scheduled as built (its instruction set was
-    chosen from the target when the kernel was made). No design space: the knob left (rows per task) is set
-    per bit-width by the kernel."""
+    chosen from the target when the kernel was made). Its one knob, rows per parallel task per bit-width, is a
+    measured choice (``tune.bitplane``, ``ctx.rows``), not a MetaSchedule space: rebuilt with it when measured."""
     families = ("anyprec_cpu",)
 
     def apply(self, func, ctx):
         spec = spec_of(func)
-        return func, f"default:{spec.mode}/{spec.isa}" if spec is not None else "default"
+        if spec is None:
+            return func, "default"
+        rows = ctx.rows.get(ctx.kernel)
+        if not rows:
+            return func, f"default:{spec.mode}/{spec.isa}"
+        from ..kernels.lut_cpu import build_with_rows
+        return build_with_rows(spec, rows), "tuned:rows=" + ",".join(f"{b}:{r}" for b, r in sorted(rows.items()))
 
 
 class AttentionCPU(ScheduleRule):
@@ -199,7 +206,7 @@ def rule_for(spec_or_family, target) -> ScheduleRule:
 
 
 def schedule_kernels(mod, tp: dict | None = None, variant: str | None = None, choices: dict | None = None,
-                     tuned=None):
+                     tuned=None, rows: dict | None = None):
     """Schedule every kernel of ``mod`` built from a spec; mark them opaque to FuseOps (fusing a scheduled
     kernel with its neighbours would drop the schedule). -> (mod, {kernel name: how}).
 
@@ -207,13 +214,14 @@ def schedule_kernels(mod, tp: dict | None = None, variant: str | None = None, ch
     PrimFunc for a kernel, or None (how = "tuned"). For an aarch64 preset the int_gemm kernels become the
     ARM variant its features allow; ``variant`` forces one ("neon", "sdot", "smmla", "packed";
     ArmVariantError when the preset lacks its feature; "packed" only where a kernel serves 4-bit activations
-    alone); ``choices``: {kernel: variant} measured by ``tune.variants`` (how = "tuned:<variant>")."""
+    alone); ``choices``: {kernel: variant} measured by ``tune.variants`` (how = "tuned:<variant>"); ``rows``:
+    {bitplane kernel: {bit-width: rows per task}} measured by ``tune.bitplane`` (how = "tuned:rows=...")."""
     target = tvm.target.Target(tp["target"]) if tp is not None else tvm.target.Target("llvm")
     arm = tp is not None and tp.get("arch") == "aarch64" and not tp.get("device")
     if variant is not None and not arm:
         raise ValueError(f"int_gemm variant {variant!r} is for aarch64 targets; target is "
                          f"{(tp or {}).get('name', 'the default CPU')}")
-    ctx = Context(target, variant=variant, choices=dict(choices or {}))
+    ctx = Context(target, variant=variant, choices=dict(choices or {}), rows=dict(rows or {}))
     if arm:
         from .intgemm_arm import target_features
         ctx.features, ctx.act_bits = target_features(tp), int_gemm_act_bits(mod)

@@ -5,6 +5,7 @@
   board     the emulated aarch64 board as a tuning device
   driver    tune_kernels: progress, resume, the hand-schedule baseline
   variants  the ARM integer-GEMM variant choice
+  bitplane  the CPU bitplane kernel's rows per task per bit-width, measured on this CPU
 
 Sources (artifacts, ONNX graphs, model names) are resolved by ``api.tune``; this package takes kernel specs.
 """

@@ -1,8 +1,9 @@
 """The tuning-record database: MetaSchedule's JSON database in one directory per target preset.
 
 ``<log_dir>/database_workload.json`` + ``database_tuning_record.json`` (one record per line; a line cut by a
-kill is dropped by ``repair_log``) and ``int_gemm_variants.json`` (the ARM integer-GEMM variant measured
-fastest per kernel, ``tune.variants``). Each kernel is a workload keyed by its structure (MetaSchedule's
+kill is dropped by ``repair_log``), ``int_gemm_variants.json`` (the ARM integer-GEMM variant measured
+fastest per kernel, ``tune.variants``) and ``bitplane_rows.json`` (the CPU bitplane kernel's rows per task per
+bit-width, ``tune.bitplane``). Each kernel is a workload keyed by its structure (MetaSchedule's
 structural hash of ``workload(func)``), so a record made for one model applies to every model with the same
 layer shapes. Records are looked up on the kernel as the pass emits it, without the attributes added later
 (AnnotateTIROpPattern's op_pattern, is_scheduled, the kernel spec).
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
 VARIANTS_FILE = "int_gemm_variants.json"
+ROWS_FILE = "bitplane_rows.json"
 _NOT_WORKLOAD = ("op_pattern", "tirx.is_scheduled", SPEC_ATTR)
 
 
@@ -117,15 +119,45 @@ def load_variant_choices(log_dir, warn=logger.warning) -> dict:
         return {}
 
 
-def save_variant_table(log_dir, table: dict) -> Path:
-    """Write the variant table atomically (a kill leaves the old one)."""
-    path = Path(log_dir) / VARIANTS_FILE
+def _save_table(path: Path, table: dict) -> Path:
+    """Write a JSON table atomically (a kill leaves the old one)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
     tmp.replace(path)
     return path
 
 
-def read_variant_table(log_dir) -> dict:
-    path = Path(log_dir) / VARIANTS_FILE
+def _read_table(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_variant_table(log_dir, table: dict) -> Path:
+    return _save_table(Path(log_dir) / VARIANTS_FILE, table)
+
+
+def read_variant_table(log_dir) -> dict:
+    return _read_table(Path(log_dir) / VARIANTS_FILE)
+
+
+def save_rows_table(log_dir, table: dict) -> Path:
+    return _save_table(Path(log_dir) / ROWS_FILE, table)
+
+
+def read_rows_table(log_dir) -> dict:
+    return _read_table(Path(log_dir) / ROWS_FILE)
+
+
+def load_rows_choices(log_dir, warn=logger.warning) -> dict:
+    """{bitplane kernel name: {bit-width: rows per task}} from <log_dir>/bitplane_rows.json ({} when absent; a
+    corrupt file is ignored with a warning, and compile keeps the kernel's defaults)."""
+    try:
+        out = {}
+        for name, entry in read_rows_table(log_dir).items():
+            rows = {int(b): int(r) for b, r in entry["rows"].items()}
+            if any(r < 1 or r > 8 for r in rows.values()):
+                raise ValueError(f"{name}: rows per task out of 1..8: {rows}")
+            out[name] = rows
+        return out
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        warn(f"warning: ignoring {Path(log_dir) / ROWS_FILE}: {e}")
+        return {}
