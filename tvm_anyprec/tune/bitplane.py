@@ -6,7 +6,8 @@ task decodes together (they share each activation load; more rows cost registers
 value depends on the shape, M and the bit-width (measured on a Zen 4, 2 threads: 1 row for every decode and
 verify shape; 2 for the 32-row prefill chunk, where 1 row is 1.7-2.3x slower; 3 spill), and the memory side
 matters as much as the instructions, so each candidate is timed on copies of the layer that together exceed
-the last-level cache (every call reads its weights from DRAM, as a decode step does).
+the last-level cache (every call reads its weights from DRAM, as a decode step does), with the thread pool a
+``Session`` uses (``env.set_threads``: TVM_NUM_THREADS, else the physical cores).
 
 ``tune_bitplane_rows`` measures every candidate of every bitplane kernel of an artifact and keeps the fastest
 per bit-width in ``<log_dir>/bitplane_rows.json``; ``compile`` applies it (how = "tuned:rows=..."). Only this
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..env import set_threads
 from ..errors import TuningError
 from ..kernels.lut_cpu import AnyPrecCPU, build_with_rows, default_rows, table_width
 from ..quant.byteslice import TABLE_DTYPE, row_bytes
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 MARGIN = 0.97           # a candidate replaces the kernel's default only when at least 3% faster (noise)
 COLD_BYTES = 96 << 20   # the copies of one layer cycled through per timing pass (more than any L3 here)
-PASSES = 5              # timing passes per candidate and bit-width; the median is kept
+PASSES = 7              # timing rounds per bit-width (each times every candidate); the median is kept
 
 
 def wide(spec: AnyPrecCPU) -> bool:
@@ -65,8 +67,10 @@ def _inputs(spec: AnyPrecCPU, rng) -> list:
     return [x, planes, (rng.standard_normal((N, width)) * 0.05).astype(np.float16)]
 
 
-def time_kernel(fn, spec: AnyPrecCPU, bits: list, rng) -> dict:
-    """{bit-width: microseconds per call} of a built kernel, median of PASSES passes over cold copies."""
+def time_kernels(fns: dict, spec: AnyPrecCPU, bits: list, rng) -> dict:
+    """{bit-width: {candidate: microseconds per call}} of built kernels ({candidate: fn}) on the same cold copies:
+    per bit-width, PASSES rounds that time each candidate in turn (order alternating, so drifting machine noise
+    falls on all alike); the median round is kept."""
     import tvm
 
     dev = tvm.cpu()
@@ -78,15 +82,17 @@ def time_kernel(fn, spec: AnyPrecCPU, bits: list, rng) -> dict:
     out = {}
     for b in bits:
         nb = tvm.runtime.tensor(np.array([b], np.int32), dev)
-        for a in sets[:2]:
-            fn(*a, nb, y)   # warm-up: code and thread pool
-        ts = []
-        for _ in range(PASSES):
-            t0 = time.perf_counter()
-            for a in sets:
-                fn(*a, nb, y)
-            ts.append((time.perf_counter() - t0) / copies)
-        out[b] = float(np.median(ts)) * 1e6
+        ts = {c: [] for c in fns}
+        for fn in fns.values():
+            for a in sets[:2]:
+                fn(*a, nb, y)   # warm-up: code and thread pool
+        for p in range(PASSES):
+            for c in (list(fns) if p % 2 == 0 else list(fns)[::-1]):
+                t0 = time.perf_counter()
+                for a in sets:
+                    fns[c](*a, nb, y)
+                ts[c].append((time.perf_counter() - t0) / copies)
+        out[b] = {c: float(np.median(t)) * 1e6 for c, t in ts.items()}
     return out
 
 
@@ -122,6 +128,7 @@ def tune_bitplane_rows(specs: dict, target: str, log_dir, progress: bool = True)
         raise TuningError(f"{target}'s bitplane kernels use {', '.join(alien)} instructions, which this CPU "
                           f"({here}) lacks: tune them on a machine that has them")
     tgt = tvm.target.Target(tp["target"])
+    threads = set_threads()   # the pool a Session runs with (TVM alone would take half the logical CPUs)
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     table = read_rows_table(log_dir)
@@ -131,19 +138,18 @@ def tune_bitplane_rows(specs: dict, target: str, log_dir, progress: bool = True)
     with tqdm(total=work, unit="build", disable=not progress, desc=f"bitplane rows for {target}") as bar:
         for name, spec in kernels.items():
             bits = list(range(spec.min_bits, spec.max_bits + 1))
-            us = {b: {} for b in bits}
+            fns = {}
             for R in candidates(spec):
                 bar.set_postfix_str(f"{name} rows={R}")
                 mod = tvm.IRModule({"main": build_with_rows(spec, {b: R for b in bits}).with_attr("global_symbol",
                                                                                                   "main")})
-                fn = tvm.compile(mod, target=tgt).jit()["main"]
-                for b, t in time_kernel(fn, spec, bits, rng).items():
-                    us[b][R] = t
+                fns[R] = tvm.compile(mod, target=tgt).jit()["main"]
                 bar.update(1)
+            us = time_kernels(fns, spec, bits, rng)
             chosen = {b: _choose(us[b], default_rows(spec.mode, b, spec.M, wide(spec))) for b in bits}
             table[name] = {"rows": {str(b): r for b, r in chosen.items()},
                            "us": {str(b): {str(r): round(t, 2) for r, t in us[b].items()} for b in bits},
-                           "cpu": _cpu_name()}
+                           "cpu": _cpu_name(), "threads": threads}
             save_rows_table(log_dir, table)   # after each kernel: an interrupted run keeps what it measured
             rows.append({"kernel": name, "rows": chosen, "us": us})
     return rows
