@@ -95,14 +95,16 @@ def table_width(max_bits: int, min_bits: int) -> int:
     return lut_width(max_bits, min_bits) + LUT_PAD
 
 
-def default_rows(mode: str, bits: int, M: int, wide: bool = False) -> int:
+def default_rows(mode: str, bits: int, M: int, wide: bool = False, K: int = 0) -> int:
     """Weight rows per parallel task (decoded together, sharing each activation load; measured on Zen 3): a
     GEMV takes one row in int8 mode (the lookups feed the dot products in registers), two in exact mode (they
     share the fp32 activation loads); M > 1 takes 4 (b <= 5) or 2. The AVX-512 body (``wide``) takes the GEMV's
-    rows up to M = 8 (verify: 1536x576 at M = 5 is no faster with 2) and 2 above (the prefill chunk: 32x1536x576
-    int8 600 -> 340 us at 3 / 4 bits, 670 -> 390 at 8; 32x576x1536 535 -> 233 us; 3 rows spill: 660 us; Zen 4)."""
+    rows up to M = 8 (verify: 1536x576 at M = 5 is no faster with 2) and above (the prefill chunk, its loop over
+    the rows of X rolled) 2 for K >= 1024, else 1 (Zen 4, 2 threads, cold, ``tune.bitplane``: 32x576x1536 int8
+    462-515 us with 2 rows against 488-575 with 1 at 3..7 bits; 32x1536x576 321-460 with 1 against 483-522 with
+    2). ``tune ARTIFACT`` measures the choice per kernel and bit-width (``tune.bitplane``)."""
     if wide:
-        return 2 if M > 8 else default_rows(mode, bits, 1)
+        return (2 if K >= 1024 else 1) if M > 8 else default_rows(mode, bits, 1)
     if M == 1:
         return 1 if mode == "int8" else 2
     return 4 if bits <= 5 else 2
@@ -274,7 +276,7 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y):
 
 def _dispatch(s: _Shape, nbits, widths, rows, bufs):
     b = widths[0]
-    R = rows.get(b) or default_rows(s.mode, b, s.M, s.wide)
+    R = rows.get(b) or default_rows(s.mode, b, s.M, s.wide, s.K)
     if len(widths) == 1:
         _body(s, b, R, *bufs)
         return

@@ -4,7 +4,7 @@ The kernel (``kernels.lut_cpu``) is explicit SIMD loops with its instruction set
 MetaSchedule search has nothing to move in it. One knob still changes its speed: how many weight rows a parallel
 task decodes together (they share each activation load; more rows cost registers and table space). The best
 value depends on the shape, M and the bit-width (measured on a Zen 4, 2 threads: 1 row for every decode and
-verify shape; 2 for the 32-row prefill chunk, where 1 row is 1.7-2.3x slower; 3 spill), and the memory side
+verify shape; for the 32-row prefill chunk 1 at K = 576 and 2 at K = 1536; 3 spill), and the memory side
 matters as much as the instructions, so each candidate is timed on copies of the layer that together exceed
 the last-level cache (every call reads its weights from DRAM, as a decode step does), with the thread pool a
 ``Session`` uses (``env.set_threads``: TVM_NUM_THREADS, else the physical cores).
@@ -146,7 +146,7 @@ def tune_bitplane_rows(specs: dict, target: str, log_dir, progress: bool = True)
                 fns[R] = tvm.compile(mod, target=tgt).jit()["main"]
                 bar.update(1)
             us = time_kernels(fns, spec, bits, rng)
-            chosen = {b: _choose(us[b], default_rows(spec.mode, b, spec.M, wide(spec))) for b in bits}
+            chosen = {b: _choose(us[b], default_rows(spec.mode, b, spec.M, wide(spec), spec.K)) for b in bits}
             table[name] = {"rows": {str(b): r for b, r in chosen.items()},
                            "us": {str(b): {str(r): round(t, 2) for r, t in us[b].items()} for b in bits},
                            "cpu": _cpu_name(), "threads": threads}
