@@ -259,7 +259,8 @@ def _tune(args) -> None:
 def _tune_bitplane_rows(args, log_dir) -> bool:
     """A compiled artifact's CPU bitplane kernels: measure their rows per task (``tune.bitplane``). Returns True
     when the artifact has no kernel with a MetaSchedule space left to tune."""
-    from .tune.bitplane import ROWS_FILE, artifact_specs, tune_bitplane_rows
+    from .tune.bitplane import artifact_specs, tune_bitplane_rows
+    from .tune.records import ROWS_FILE
 
     specs = {k: s for k, s in artifact_specs(args.source).items() if not args.only or args.only in k}
     bitplane = {k: s for k, s in specs.items() if s.family == "anyprec_cpu"}

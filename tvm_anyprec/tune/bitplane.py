@@ -27,7 +27,7 @@ from ..errors import TuningError
 from ..kernels.lut_cpu import AnyPrecCPU, build_with_rows, default_rows, table_width
 from ..quant.byteslice import TABLE_DTYPE, row_bytes
 from ..targets import host_arch, preset
-from .records import ROWS_FILE, read_rows_table, save_rows_table  # noqa: F401  (ROWS_FILE: for the CLI)
+from .records import read_rows_table, save_rows_table
 
 logger = logging.getLogger(__name__)
 
