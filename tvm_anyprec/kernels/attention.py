@@ -14,8 +14,10 @@ past the position are never read (padding and rejected drafts leave junk there; 
 Grouped-query attention reads each cache row once per query head of its group, with no repeated copy.
 
 The softmax is computed online in blocks of ``BLOCK`` positions (scores of a block in a small stack buffer,
-one rescale of the running sum and output per block; e^x by ``fastmath.exp_f32``, not libm's ``expf``). ``softcap`` > 0: scores go through
-softcap * tanh(score / softcap) (Gemma 2). Tasks (query head, token) run in parallel.
+one rescale of the running sum and output per block; e^x by ``fastmath.exp_f32``, not libm's ``expf``; each
+score's dot product summed as a tree, not as an ordered lane reduction: 821 -> 682 us for a 32-token chunk at
+position 480, SmolLM2's shape, Zen 4, 2 threads). ``softcap`` > 0: scores go through softcap * tanh(score /
+softcap) (Gemma 2). Tasks (query head, token) run in parallel.
 """
 from __future__ import annotations
 
@@ -48,7 +50,6 @@ def make_cache_attention(H: int, Hkv: int, S: int, Tn: int, D: int, scale: float
     G = H // Hkv
     L = _lanes(D)
     C = D // L
-    f32 = "float32"
 
     def vec(buf, i, j, c):
         return buf[i, j, T.ramp(c * L, 1, L)] if L > 1 else buf[i, j, c]
@@ -57,13 +58,14 @@ def make_cache_attention(H: int, Hkv: int, S: int, Tn: int, D: int, scale: float
         return T.broadcast(x, L) if L > 1 else x
 
     def dot(Q, KC, q, s, h, t):
-        acc = None
-        for c in range(C):
-            prod = vec(Q, q, s, c) * vec(KC, h, t, c)
-            acc = prod if acc is None else acc + prod
-        if L > 1:
-            acc = T.call_llvm_pure_intrin(f32, f"llvm.vector.reduce.fadd.v{L}f32", T.float32(0), acc)
-        return acc
+        parts = [vec(Q, q, s, c) * vec(KC, h, t, c) for c in range(C)]
+        while len(parts) > 1:   # pairwise (a tree, not a chain of C dependent adds)
+            parts = [parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+        acc, lanes = parts[0], L
+        while lanes > 1:        # the lanes by halving (an ordered llvm.vector.reduce.fadd is L dependent adds)
+            lanes //= 2
+            acc = T.Shuffle([acc], list(range(lanes))) + T.Shuffle([acc], list(range(lanes, 2 * lanes)))
+        return acc if L == 1 else T.Shuffle([acc], [0])
 
     def capped(x):
         if softcap > 0:
