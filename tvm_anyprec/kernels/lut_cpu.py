@@ -53,7 +53,7 @@ from .lut_layout import _local, _plane_vector, _prologue, _Shape, each_group, pr
 from .lut_isa import (decode, dot_int16_avx2, dot_int16_generic, dot_int16_neon, lookup_f32_avx2, lookup_f32_generic,
                       lookup_fp16_split, lookup_int16_generic, lookup_int16_split, scalar_lookups, split_fp16_tables,
                       split_width)
-from .spec import SPEC_ATTR, KernelSpec, register
+from .spec import KernelSpec, register
 
 MODES = ("exact", "int8")
 ISAS = ("avx512gfni", "avx512", "avx2", "neon", "generic")
@@ -104,7 +104,7 @@ def default_rows(mode: str, bits: int, M: int, wide: bool = False, K: int = 0) -
     462-515 us with 2 rows against 488-575 with 1 at 3..7 bits; 32x1536x576 321-460 with 1 against 483-522 with
     2). ``tune ARTIFACT`` measures the choice per kernel and bit-width (``tune.bitplane``)."""
     if wide:
-        return (2 if K >= 1024 else 1) if M > 8 else default_rows(mode, bits, 1)
+        return (2 if K >= 1024 else 1) if M > lut_avx512.UNROLL_M else default_rows(mode, bits, 1)
     if M == 1:
         return 1 if mode == "int8" else 2
     return 4 if bits <= 5 else 2
@@ -356,7 +356,5 @@ class AnyPrecCPU(KernelSpec):
 
 def build_with_rows(spec: AnyPrecCPU, rows: dict):
     """``spec.build()`` with ``rows`` ({bit-width: rows per task}, measured by ``tune.bitplane``)."""
-    import json
-
-    f = make_anyprec_cpu(spec.M, spec.N, spec.K, spec.max_bits, spec.min_bits, spec.mode, spec.isa, rows=rows)
-    return f.with_attr(SPEC_ATTR, json.dumps(spec.to_dict(), sort_keys=True))
+    return spec.attach(make_anyprec_cpu(spec.M, spec.N, spec.K, spec.max_bits, spec.min_bits, spec.mode, spec.isa,
+                                        rows=rows))

@@ -13,8 +13,9 @@ from .lowering import KEEP
 from .lut_isa import _u8
 
 WIDE_MAX_M = 32  # rows of X up to which the AVX-512 body runs (decode, verify, the 32-token prefill chunk; its code
-                 # grows with M up to lut_avx512.UNROLL_M, a loop above). 32x4096x4096 int8, Xeon, 2 threads: 4.8 / 4.8 / 5.4 ms at 3 / 4 / 8 bits
-                 # against the AVX2 bodies' 8.1 / 6.3-7.4 / 11-15 ms and numpy fp32's 8.6-18 ms
+                 # grows with M up to lut_avx512.UNROLL_M, a loop above). 32x4096x4096 int8, Xeon, 2 threads: 4.8 /
+                 # 4.8 / 5.4 ms at 3 / 4 / 8 bits against the AVX2 bodies' 8.1 / 6.3-7.4 / 11-15 ms and numpy fp32's
+                 # 8.6-18 ms
 WIDE_MAX_M_EXACT = 8   # exact mode's bound: its fp32 activations of 32 rows fill L1 (32x4096x4096 exact 35 ms in the
                       # AVX-512 body against 7.7 / 7.9 / 14 ms at 3 / 4 / 8 bits in the AVX2 bodies; Zen 4, 2 threads)
 WIDE_ISAS = ("avx512gfni", "avx512")   # the instruction sets of the AVX-512 body (with or without GFNI)

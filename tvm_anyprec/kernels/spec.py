@@ -40,7 +40,11 @@ class KernelSpec:
 
     def build(self):
         """The PrimFunc, carrying this spec as its ``SPEC_ATTR`` attribute."""
-        return self.make().with_attr(SPEC_ATTR, json.dumps(self.to_dict(), sort_keys=True))
+        return self.attach(self.make())
+
+    def attach(self, func):
+        """``func`` (this spec's kernel, however made) carrying this spec as its ``SPEC_ATTR`` attribute."""
+        return func.with_attr(SPEC_ATTR, json.dumps(self.to_dict(), sort_keys=True))
 
     def to_dict(self) -> dict:
         return {"family": self.family, **dataclasses.asdict(self)}
