@@ -18,7 +18,10 @@ HOST = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-c
 
 CASES = [  # H, Hkv, S, T, D, window, softcap, pos
     (4, 2, 1, 64, 16, 0, 0.0, 5), (9, 3, 32, 256, 64, 0, 0.0, 70), (4, 1, 5, 100, 12, 8, 0.0, 40),
-    (4, 2, 4, 40, 8, 0, 30.0, 38), (2, 2, 1, 2048, 64, 0, 0.0, 2000), (4, 4, 3, 16, 8, 0, 0.0, 0)]
+    (4, 2, 4, 40, 8, 0, 30.0, 38), (2, 2, 1, 2048, 64, 0, 0.0, 2000), (4, 4, 3, 16, 8, 0, 0.0, 0),
+    # chunks of >= 8 tokens (attention_rows): lanes past S, windows, softcap, the cache's end, pos 0
+    (4, 1, 13, 100, 12, 8, 0.0, 40), (4, 2, 9, 40, 8, 0, 30.0, 35), (9, 3, 32, 600, 64, 0, 0.0, 0),
+    (8, 2, 11, 300, 16, 50, 0.0, 120)]
 
 
 def reference(Q, KN, VN, KC, VC, pos, scale, window, softcap):

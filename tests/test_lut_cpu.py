@@ -83,7 +83,8 @@ def test_byte_sliced_layout_round_trips(K):
 # every SIMD body at M = 1 and 32 (the AVX-512 bodies serve M <= 32; the AVX2 ones run larger M there)
 CASES = [(isa, 1, 37, K) for isa in ISAS[1:] for K in (576, 1536)] + \
     [(isa, 32, 13, 1536) for isa in dict.fromkeys(ISAS[1:2] + ISAS[-1:])] + \
-    [(ISAS[-1], 5, 19, 4095), ("generic", 5, 19, 4095)]
+    [(ISAS[-1], 5, 19, 4095), ("generic", 5, 19, 4095)] + \
+    [(ISAS[-1], 32, 13, 576), (ISAS[-1], 3, 11, 640)]   # last groups of one and two blocks (GFNI: compact)
 CASES = list(dict.fromkeys(CASES))
 
 

@@ -44,7 +44,12 @@ def _local(n: int, dtype: str = "float32"):
 
 def make_cache_attention(H: int, Hkv: int, S: int, Tn: int, D: int, scale: float, window: int = 0,
                          softcap: float = 0.0):
-    """PrimFunc (no global_symbol) of one layer's cache write and attention; see the module docstring."""
+    """PrimFunc (no global_symbol) of one layer's cache write and attention; see the module docstring.
+    Chunks of at least ``attention_rows.MIN_S`` tokens (prefill) get ``attention_rows``' kernel."""
+    from .attention_rows import MIN_S, make_cache_attention_rows
+
+    if S >= MIN_S:
+        return make_cache_attention_rows(H, Hkv, S, Tn, D, scale, window, softcap)
     if H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
     G = H // Hkv

@@ -22,16 +22,18 @@ TAYLOR = [1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0]
 
 
 def exp_f32(x):
-    """e^x of a float32 scalar PrimExpr (see the module docstring)."""
+    """e^x of a float32 PrimExpr, scalar or vector (see the module docstring)."""
     f = lambda v: tvm.tirx.const(v, "float32")   # noqa: E731
+    lanes = x.ty.dtype.lanes
+    suffix = f"x{lanes}" if lanes > 1 else ""
     x = tvm.tirx.max(tvm.tirx.min(x, f(HI)), f(LO))
     n = tvm.tirx.floor(x * f(LOG2E) + f(0.5))
     r = (x - n * f(LN2_HI)) - n * f(LN2_LO)
     p = f(TAYLOR[0])
     for c in TAYLOR[1:]:
         p = p * r + f(c)
-    bits = tvm.tirx.shift_left(tvm.tirx.Cast("int32", n) + 127, 23)
-    return p * tvm.tirx.reinterpret("float32", bits)
+    bits = tvm.tirx.shift_left(tvm.tirx.Cast("int32" + suffix, n) + 127, 23)
+    return p * tvm.tirx.reinterpret("float32" + suffix, bits)
 
 
 def sigmoid_f32(x):

@@ -86,19 +86,21 @@ def lookup(table, b: int, c):
     return T.Select(idx < T.broadcast(T.int8(0), VEC), hi, lo)
 
 
-def gfni_codes(ws, b: int) -> list:
+def gfni_codes(ws, b: int, compact: int = 0) -> list:
     """b plane vectors (uint8x32, MSB plane first) -> 4 uint8x64 code vectors by a byte shuffle (one ``vpermt2b``
     for b <= 4, two and a blend above) and one ``vgf2p8affineqb`` each: vector z qword w = 2j + e gathers the b plane bytes 8j + l (l = 2z + e) at
     bytes 8 - b + p (plane p), and the affine transform by the identity bytes transposes that 8 x 8 bit matrix, so
     lane 8w + i holds the code of weight 64j + 8i + l. Bits b..7 of a code carry leftover bytes (the tables repeat
-    every 2^b entries and the lookups ignore the bits past their table)."""
+    every 2^b entries and the lookups ignore the bits past their table). ``compact`` = T > 0 (a last group of T
+    < 4 blocks, ``_Shape.compact_tail``): T vectors instead, vector j qword l gathering plane bytes 8j + l (lane
+    8l + i: the code of weight 64j + 8i + l), so a group of one block costs one vector, not four."""
     # byte i of each qword: 1 << i (0x8040201008040201 as a signed int64)
     ident = T.reinterpret("int8x64", T.broadcast(T.int64(0x8040201008040201 - (1 << 64)), 8))
     out = []
-    for z in range(4):
+    for z in range(compact or 4):
         idx = []
         for w in range(8):
-            src = 8 * (w // 2) + 2 * z + w % 2
+            src = 8 * z + w if compact else 8 * (w // 2) + 2 * z + w % 2
             idx += [32 * max(0, i - (8 - b)) + src for i in range(8)]
         data = T.Shuffle(list(ws), idx)
         out.append(_x86("vgf2p8affineqb.512", "int8x64", ident, T.reinterpret("int8x64", data), T.int8(0)))
@@ -150,12 +152,14 @@ def _f32(v16, half: int):
     return T.Cast("float32x16", T.reinterpret("float16x16", part))
 
 
-def _int8_sums(s, looked, XP, XC, g, m) -> list:
+def _int8_sums(s, looked, XP, XC, g, m, compact: int = 0) -> list:
     """int8 mode: [(int32x16 exact sums, SX lane offset)] of one row and group (``looked(k, q)``: table half k's
     bytes for code vector q): per half-group of the paired decode (lane t: bytes 4t..4t+3 of pairs 2h, 2h + 1, block
     ((t % 8) // 2, h)), or one for the GFNI decode (lane t: bytes 4t..4t+3 of all four code vectors, block
-    (t // 4, t % 2); two chains per table half)."""
-    parts = [(0, range(4))] if s.gfni else [(16 * h, (2 * h, 2 * h + 1)) for h in range(2)]
+    (t // 4, t % 2); two chains per table half), or one per code vector of a compact last group (vector j: lane
+    offset 16j, block (j, t % 2))."""
+    parts = [(16 * j, (j,)) for j in range(compact)] if compact else [(0, range(4))] if s.gfni else \
+        [(16 * h, (2 * h, 2 * h + 1)) for h in range(2)]
     out = []
     for lane, qs in parts:
         acc = [[T.broadcast(T.int32(0), 16)] * 2 for _ in range(2)]   # [table half][q % 2]
@@ -168,10 +172,10 @@ def _int8_sums(s, looked, XP, XC, g, m) -> list:
     return out
 
 
-def _int8_row(s, looked, XP, SX, XC, ACC, g, m, base) -> None:
+def _int8_row(s, looked, XP, SX, XC, ACC, g, m, base, compact: int = 0) -> None:
     """int8 mode: one row's int32 sums of a group, scaled per block of 32 activations, into its accumulator."""
     a = ACC[T.ramp(base, 1, 16)]
-    for total, lane in _int8_sums(s, looked, XP, XC, g, m):
+    for total, lane in _int8_sums(s, looked, XP, XC, g, m, compact):
         a = a + T.Cast("float32x16", total) * SX[m, T.ramp(32 * g + lane, 1, 16)]
     T.buffer_store(ACC, a, [T.ramp(base, 1, 16)])
 
@@ -179,14 +183,16 @@ def _int8_row(s, looked, XP, SX, XC, ACC, g, m, base) -> None:
 def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
     PL, XP, SX, XC, TB, CB, VB, ACC, LK = bufs
     W = table_bytes(b)
-    for r, n in enumerate(rows):   # 4 code vectors per row into CB
+    compact = tail if s.compact_tail and tail < 4 else 0
+    NQ = compact or 4
+    for r, n in enumerate(rows):   # 4 code vectors per row into CB (a compact last group: one per block)
         if s.gfni:
-            codes = gfni_codes([_plane_vector(PL, p, n, g, tail) for p in range(b)], b)
+            codes = gfni_codes([_plane_vector(PL, p, n, g, tail) for p in range(b)], b, compact)
         else:
             for p in range(b):
                 T.buffer_store(VB, widen(_plane_vector(PL, p, n, g, tail)), [T.ramp(VEC * p, 1, VEC)])
             codes = decode_pairs([VB[T.ramp(VEC * p, 1, VEC)] for p in range(b)], b)
-        for q in range(4):
+        for q in range(NQ):
             T.buffer_store(CB, codes[q], [T.ramp(r * GROUP + VEC * q, 1, VEC)])
 
     def table(r):
@@ -194,19 +200,20 @@ def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
 
     R = len(rows)
     if LK is not None:   # int8, M > UNROLL_M: each row's looked-up bytes once into LK, then a loop over X's rows
-        for r, k, q in [(r, k, q) for r in range(R) for k in range(2) for q in range(4)]:
+        for r, k, q in [(r, k, q) for r in range(R) for k in range(2) for q in range(NQ)]:
             code = CB[T.ramp(r * GROUP + VEC * q, 1, VEC)]
             T.buffer_store(LK, lookup(table(r)(k), b, code), [T.ramp(((r * 2 + k) * 4 + q) * VEC, 1, VEC)])
         with T.serial(0, s.M) as m:
             for r in range(R):
                 looked = lambda k, q, r=r: LK[T.ramp(((r * 2 + k) * 4 + q) * VEC, 1, VEC)]  # noqa: E731
-                _int8_row(s, looked, XP, SX, XC, ACC, g, m, (r * s.M + m) * VEC)
+                _int8_row(s, looked, XP, SX, XC, ACC, g, m, (r * s.M + m) * VEC, compact)
         return
     for r, m in [(r, m) for r in range(R) for m in range(s.M)]:   # every row of X: the M = 1 order
-        code = [CB[T.ramp(r * GROUP + VEC * q, 1, VEC)] for q in range(4)]
+        code = [CB[T.ramp(r * GROUP + VEC * q, 1, VEC)] for q in range(NQ)]
         base = (r * s.M + m) * VEC
         if s.mode == "int8":
-            _int8_row(s, lambda k, q, r=r, code=code: lookup(table(r)(k), b, code[q]), XP, SX, XC, ACC, g, m, base)
+            _int8_row(s, lambda k, q, r=r, code=code: lookup(table(r)(k), b, code[q]), XP, SX, XC, ACC, g, m, base,
+                      compact)
             continue
         accs = [ACC[T.ramp(base + 16 * k, 1, 16)] for k in range(4)]
         for q in range(4):

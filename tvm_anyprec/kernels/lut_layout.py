@@ -61,6 +61,12 @@ class _Shape:
         """The AVX-512 body decodes with GFNI (``lut_avx512.gfni_codes``): on "avx512gfni" targets."""
         return self.wide and self.isa == "avx512gfni"
 
+    @property
+    def compact_tail(self) -> bool:
+        """int8 mode, GFNI decode, a last group of 1 or 2 blocks (K = 576, 896, ...): that group's codes are
+        decoded into one vector per block (``lut_avx512.gfni_codes``), not four vectors mostly empty."""
+        return self.gfni and self.mode == "int8" and self.tail <= 2
+
 
 STACK_MAX = 16 << 10   # bytes of one local buffer kept on the stack (the tiles and tables are a few KiB)
 
@@ -138,7 +144,7 @@ def _prologue(s: _Shape, X, XP, SX, XC=None):
         return T.if_then_else(k < s.K, X[m, T.min(k, s.K - 1)], T.float32(0))
 
     with loop(0, s.M) as m:
-        with T.serial(0, s.G) as g:
+        with T.serial(0, s.G - 1 if s.compact_tail else s.G) as g:
             if s.mode == "exact" and s.gfni:   # code vector z lane 8w + i, in the unpacks' order
                 with T.grid(4, 8, 8) as (z, w, i):
                     T.buffer_store(XP, xval(m, src(g, i, w // 2, 2 * z + w % 2)), [m, GROUP * g + 64 * z + 32 * (
@@ -151,32 +157,52 @@ def _prologue(s: _Shape, X, XP, SX, XC=None):
                 with T.grid(8, 4, 8) as (i, j, l):
                     T.buffer_store(XP, xval(m, src(g, i, j, l)), [m, GROUP * g + 32 * i + 8 * j + l])
             else:
-                amax = _local((1,), "float32")
-                with T.grid(4, 2) as (j, h):
-                    T.buffer_store(amax, T.float32(0), [0])
-                    with T.serial(0, 32) as q:
-                        T.buffer_store(amax, T.max(amax[0], T.abs(xval(m, GROUP * g + 64 * j + 32 * h + q))), [0])
-                    inv = T.Select(amax[0] > T.float32(0), T.float32(INT8_MAX) / T.max(amax[0], T.float32(1e-30)),
-                                   T.float32(0))
-                    for u in range(4):
-                        lane = 4 * j + 2 * (u % 2) + h if s.gfni else \
-                            16 * h + (8 * (u // 2) + 2 * j + u % 2 if s.wide else 4 * j + u)
-                        T.buffer_store(SX, amax[0] / T.float32(INT8_MAX), [m, 32 * g + lane])
-                    with T.grid(4, 8) as (i, l):
-                        q = T.floor(xval(m, src(g, 4 * h + i, j, l)) * inv + T.float32(0.5))
-                        q = T.max(T.min(q, T.float32(INT8_MAX)), T.float32(-INT8_MAX))
-                        pos = 64 * (l // 2) + 8 * (2 * j + l % 2) + 4 * h + i if s.gfni else \
-                            32 * (4 * h + i) + 8 * j + l
-                        T.buffer_store(XP, T.Cast(XP.dtype, q), [m, GROUP * g + pos])
-                if s.gfni:   # lane t: bytes 4t..4t+3 of the four code vectors
-                    with T.serial(0, 16) as t:
-                        T.buffer_store(XC, T.int32(0), [m, 32 * g + t])
-                        with T.grid(4, 4) as (z, u):
-                            T.buffer_store(XC, XC[m, 32 * g + t] + T.Cast("int32", XP[
-                                m, GROUP * g + 64 * z + 4 * t + u]) * BIAS16, [m, 32 * g + t])
-                elif XC is not None:   # lane t of half h: bytes 4t..4t+3 of pairs 2h and 2h + 1
-                    with T.grid(2, 16) as (h, t):
-                        T.buffer_store(XC, T.int32(0), [m, 32 * g + 16 * h + t])
-                        with T.grid(2, 4) as (c, u):
-                            T.buffer_store(XC, XC[m, 32 * g + 16 * h + t] + T.Cast("int32", XP[
-                                m, GROUP * g + 64 * (2 * h + c) + 4 * t + u]) * BIAS16, [m, 32 * g + 16 * h + t])
+                _quantize_group(s, m, g, xval, XP, SX, XC, 4)
+        if s.compact_tail:
+            _quantize_group(s, m, s.G - 1, xval, XP, SX, XC, s.tail)
+
+
+def _quantize_group(s: _Shape, m, g, xval, XP, SX, XC, nblocks: int) -> None:
+    """int8 mode: group g of row m of X quantized per block of 32 into XP, its scales into SX and (AVX-512) its
+    bias sums into XC, in the decode order of the body (see ``_prologue``). ``nblocks`` < 4: the compact last
+    group (``_Shape.compact_tail``): code vector j holds block j, lane 8l + i the code of column 64j + 8i + l;
+    int32 lane t of vector j covers block (j, t % 2) and sits at lane 16j + t of SX and XC."""
+    def src(g, i, j, l):
+        return GROUP * g + 64 * j + 8 * i + l
+
+    compact = nblocks < 4
+    amax = _local((1,), "float32")
+    with T.grid(nblocks, 2) as (j, h):
+        T.buffer_store(amax, T.float32(0), [0])
+        with T.serial(0, 32) as q:
+            T.buffer_store(amax, T.max(amax[0], T.abs(xval(m, GROUP * g + 64 * j + 32 * h + q))), [0])
+        inv = T.Select(amax[0] > T.float32(0), T.float32(INT8_MAX) / T.max(amax[0], T.float32(1e-30)),
+                       T.float32(0))
+        for u in range(8 if compact else 4):
+            lane = 16 * j + 2 * u + h if compact else 4 * j + 2 * (u % 2) + h if s.gfni else \
+                16 * h + (8 * (u // 2) + 2 * j + u % 2 if s.wide else 4 * j + u)
+            T.buffer_store(SX, amax[0] / T.float32(INT8_MAX), [m, 32 * g + lane])
+        with T.grid(4, 8) as (i, l):
+            q = T.floor(xval(m, src(g, 4 * h + i, j, l)) * inv + T.float32(0.5))
+            q = T.max(T.min(q, T.float32(INT8_MAX)), T.float32(-INT8_MAX))
+            pos = 64 * j + 8 * l + 4 * h + i if compact else \
+                64 * (l // 2) + 8 * (2 * j + l % 2) + 4 * h + i if s.gfni else 32 * (4 * h + i) + 8 * j + l
+            T.buffer_store(XP, T.Cast(XP.dtype, q), [m, GROUP * g + pos])
+    if compact:   # lane 16j + t: bytes 4t..4t+3 of code vector j
+        with T.serial(0, 16 * nblocks) as t:
+            T.buffer_store(XC, T.int32(0), [m, 32 * g + t])
+            with T.serial(0, 4) as u:
+                T.buffer_store(XC, XC[m, 32 * g + t] + T.Cast("int32", XP[m, GROUP * g + 4 * t + u]) *
+                               BIAS16, [m, 32 * g + t])
+    elif s.gfni:   # lane t: bytes 4t..4t+3 of the four code vectors
+        with T.serial(0, 16) as t:
+            T.buffer_store(XC, T.int32(0), [m, 32 * g + t])
+            with T.grid(4, 4) as (z, u):
+                T.buffer_store(XC, XC[m, 32 * g + t] + T.Cast("int32", XP[
+                    m, GROUP * g + 64 * z + 4 * t + u]) * BIAS16, [m, 32 * g + t])
+    elif XC is not None:   # lane t of half h: bytes 4t..4t+3 of pairs 2h and 2h + 1
+        with T.grid(2, 16) as (h, t):
+            T.buffer_store(XC, T.int32(0), [m, 32 * g + 16 * h + t])
+            with T.grid(2, 4) as (c, u):
+                T.buffer_store(XC, XC[m, 32 * g + 16 * h + t] + T.Cast("int32", XP[
+                    m, GROUP * g + 64 * (2 * h + c) + 4 * t + u]) * BIAS16, [m, 32 * g + 16 * h + t])
