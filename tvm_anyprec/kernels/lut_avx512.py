@@ -152,7 +152,7 @@ def _f32(v16, half: int):
     return T.Cast("float32x16", T.reinterpret("float16x16", part))
 
 
-def _int8_sums(s, looked, XP, XC, g, m, compact: int = 0) -> list:
+def _int8_sums(s, looked, XP, XC, g, m, compact: int = 0, chains: int = 2) -> list:
     """int8 mode: [(int32x16 exact sums, SX lane offset)] of one row and group (``looked(k, q)``: table half k's
     bytes for code vector q): per half-group of the paired decode (lane t: bytes 4t..4t+3 of pairs 2h, 2h + 1, block
     ((t % 8) // 2, h)), or one for the GFNI decode (lane t: bytes 4t..4t+3 of all four code vectors, block
@@ -166,16 +166,16 @@ def _int8_sums(s, looked, XP, XC, g, m, compact: int = 0) -> list:
         for q in qs:
             x = XP[m, T.ramp(GROUP * g + VEC * q, 1, VEC)]
             for k in range(2):
-                acc[k][q % 2] = _x86("avx512.vpdpbusd.512", "int32x16", acc[k][q % 2], looked(k, q), x)
+                acc[k][q % chains] = _x86("avx512.vpdpbusd.512", "int32x16", acc[k][q % chains], looked(k, q), x)
         lo, hi = acc[0][0] + acc[0][1], acc[1][0] + acc[1][1]
         out.append((lo + T.shift_left(hi, T.broadcast(T.int32(8), 16)) - XC[m, T.ramp(32 * g + lane, 1, 16)], lane))
     return out
 
 
-def _int8_row(s, looked, XP, SX, XC, ACC, g, m, base, compact: int = 0) -> None:
+def _int8_row(s, looked, XP, SX, XC, ACC, g, m, base, compact: int = 0, chains: int = 2) -> None:
     """int8 mode: one row's int32 sums of a group, scaled per block of 32 activations, into its accumulator."""
     a = ACC[T.ramp(base, 1, 16)]
-    for total, lane in _int8_sums(s, looked, XP, XC, g, m, compact):
+    for total, lane in _int8_sums(s, looked, XP, XC, g, m, compact, chains):
         a = a + T.Cast("float32x16", total) * SX[m, T.ramp(32 * g + lane, 1, 16)]
     T.buffer_store(ACC, a, [T.ramp(base, 1, 16)])
 
@@ -206,11 +206,11 @@ def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
         with T.serial(0, s.M) as m:
             for r in range(R):
                 looked = lambda k, q, r=r: LK[T.ramp(((r * 2 + k) * 4 + q) * VEC, 1, VEC)]  # noqa: E731
-                _int8_row(s, looked, XP, SX, XC, ACC, g, m, (r * s.M + m) * VEC, compact)
+                _int8_row(s, looked, XP, SX, XC, ACC, g, m, (r * s.M + m) * acc_width(s), compact, 1)
         return
     for r, m in [(r, m) for r in range(R) for m in range(s.M)]:   # every row of X: the M = 1 order
         code = [CB[T.ramp(r * GROUP + VEC * q, 1, VEC)] for q in range(NQ)]
-        base = (r * s.M + m) * VEC
+        base = (r * s.M + m) * acc_width(s)
         if s.mode == "int8":
             _int8_row(s, lambda k, q, r=r, code=code: lookup(table(r)(k), b, code[q]), XP, SX, XC, ACC, g, m, base,
                       compact)
@@ -224,6 +224,11 @@ def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
                 accs[k] = accs[k] + vals[k] * XP[m, T.ramp(GROUP * g + VEC * q + 16 * k, 1, 16)]
         for k in range(4):
             T.buffer_store(ACC, accs[k], [T.ramp(base + 16 * k, 1, 16)])
+
+
+def acc_width(s) -> int:
+    """fp32 accumulator lanes per (row, row of X): four vectors in exact mode, one in int8 mode."""
+    return VEC if s.mode == "exact" else 16
 
 
 def _lane_sum(v, lanes: int):
@@ -243,20 +248,20 @@ def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
         TB = _local((R * 2 * table_bytes(b),), "uint8")
         CB = _local((R * GROUP,), "uint8")
         VB = None if s.gfni else _local((VEC * b,), "uint8")
-        ACC = _local((R * s.M * VEC,), "float32")
+        ACC = _local((R * s.M * acc_width(s),), "float32")
         LK = _local((R * 8 * VEC,), "int8") if s.mode == "int8" and s.M > UNROLL_M else None
         rows = [T.min(t * R + r, s.N - 1) for r in range(R)]
         prefetch_row(s, b, PL, LUT, t * R)
         for r, n in enumerate(rows):
             prepare_tables(s, b, LUT, n, TB, r * 2 * table_bytes(b))
-            for k in range(4 * s.M):
-                T.buffer_store(ACC, T.broadcast(T.float32(0), 16), [T.ramp(r * s.M * VEC + 16 * k, 1, 16)])
+            for k in range(s.M * acc_width(s) // 16):
+                T.buffer_store(ACC, T.broadcast(T.float32(0), 16), [T.ramp(r * s.M * acc_width(s) + 16 * k, 1, 16)])
         bufs = (PL, XP, SX, XC, TB, CB, VB, ACC, LK)
         each_group(s, lambda g, tail: _group(s, b, rows, g, tail, bufs))
         for r, m in [(r, m) for r in range(R) for m in range(s.M)]:
             with T.If(t * R + r < s.N):
                 with T.Then():
-                    base = (r * s.M + m) * VEC
+                    base = (r * s.M + m) * acc_width(s)
                     total = ACC[T.ramp(base, 1, 16)]
                     for k in range(1, 4 if s.mode == "exact" else 1):   # exact mode: four accumulators
                         total = total + ACC[T.ramp(base + 16 * k, 1, 16)]
