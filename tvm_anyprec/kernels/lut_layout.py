@@ -208,24 +208,41 @@ def _quantize_group(s: _Shape, m, g, X, XP, SX, XC, nblocks: int, last: bool = F
             lane = 16 * j + 2 * u + h if compact else 4 * j + 2 * (u % 2) + h if s.gfni else \
                 16 * h + (8 * (u // 2) + 2 * j + u % 2 if s.wide else 4 * j + u)
             T.buffer_store(SX, amax[0] / T.float32(INT8_MAX), [m, 32 * g + lane])
+        qs = []
         for v in (0, 1):
             q = T.floor(halves[v] * T.broadcast(inv, 16) + T.broadcast(T.float32(0.5), 16))
-            q = T.max(T.min(q, T.broadcast(T.float32(INT8_MAX), 16)), T.broadcast(T.float32(-INT8_MAX), 16))
-            T.buffer_store(QB, T.Cast(f"{XP.dtype}x16", q), [T.ramp(16 * v, 1, 16)])
+            qs.append(T.max(T.min(q, T.broadcast(T.float32(INT8_MAX), 16)), T.broadcast(T.float32(-INT8_MAX), 16)))
+            T.buffer_store(QB, T.Cast(f"{XP.dtype}x16", qs[v]), [T.ramp(16 * v, 1, 16)])
+        if s.gfni:   # bytes 8i + l (i = 0..3) are 4 consecutive bytes of XP: one shuffle and one store per l
+            qb = QB[T.ramp(0, 1, 32)]
+            for l in range(8):
+                pos = 64 * j + 8 * l + 4 * h if compact else 64 * (l // 2) + 8 * (2 * j + l % 2) + 4 * h
+                T.buffer_store(XP, T.Shuffle([qb], [8 * i + l for i in range(4)]), [m, T.ramp(GROUP * g + pos, 1, 4)])
+            _bias_lanes(qs[0] + qs[1], compact, XC, m, g, j, h)
+            continue
         for i, l in [(i, l) for i in range(4) for l in range(8)]:   # column c0 + 8i + l
-            pos = 64 * j + 8 * l + 4 * h + i if compact else \
-                64 * (l // 2) + 8 * (2 * j + l % 2) + 4 * h + i if s.gfni else 32 * (4 * h + i) + 8 * j + l
-            T.buffer_store(XP, QB[8 * i + l], [m, GROUP * g + pos])
+            T.buffer_store(XP, QB[8 * i + l], [m, GROUP * g + 32 * (4 * h + i) + 8 * j + l])
+
     def bias(first, terms):   # BIAS16 * the sum of the lane's bytes, one expression (no store-load chain)
         return sum((T.Cast("int32", XP[m, GROUP * g + first + o]) for o in terms), T.int32(0)) * BIAS16
 
-    if compact:   # lane 16j + t: bytes 4t..4t+3 of code vector j
-        with T.serial(0, 16 * nblocks) as t:
-            T.buffer_store(XC, bias(4 * t, range(4)), [m, 32 * g + t])
-    elif s.gfni:   # lane t: bytes 4t..4t+3 of the four code vectors
-        with T.serial(0, 16) as t:
-            T.buffer_store(XC, bias(4 * t, [64 * z + u for z in range(4) for u in range(4)]), [m, 32 * g + t])
-    elif XC is not None:   # lane t of half h: bytes 4t..4t+3 of pairs 2h and 2h + 1
+    if XC is not None and not s.gfni:   # lane t of half h: bytes 4t..4t+3 of pairs 2h and 2h + 1
         with T.grid(2, 16) as (h, t):
             T.buffer_store(XC, bias(64 * 2 * h + 4 * t, [64 * c + u for c in range(2) for u in range(4)]),
                            [m, 32 * g + 16 * h + t])
+
+
+def _bias_lanes(v, compact: bool, XC, m, g, j: int, h: int) -> None:
+    """XC lanes of block (j, h) from ``v`` (float32x16, lane 8i' + l: the sum of the block's quantized columns 8i +
+    l over i = i', i' + 2; exact integers): BIAS16 times the sum of the bytes each int32 lane multiplies. GFNI
+    decode: lanes 4j + 2e + h sum the columns with l % 2 = e; compact: lane 16j + 2l + h sums the 4 columns 8i + l."""
+    if compact:
+        w = T.Shuffle([v], list(range(8))) + T.Shuffle([v], list(range(8, 16)))
+        for l in range(8):
+            T.buffer_store(XC, T.Cast("int32", T.Shuffle([w], [l])) * BIAS16, [m, 32 * g + 16 * j + 2 * l + h])
+        return
+    for e in (0, 1):
+        part = T.Shuffle([v], list(range(e, 16, 2)))
+        for lanes in (4, 2, 1):
+            part = T.Shuffle([part], list(range(lanes))) + T.Shuffle([part], list(range(lanes, 2 * lanes)))
+        T.buffer_store(XC, T.Cast("int32", part) * BIAS16, [m, 32 * g + 4 * j + 2 * e + h])
