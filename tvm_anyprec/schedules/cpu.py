@@ -118,6 +118,9 @@ def _reduce_then_vector(sch, info, _min_extent) -> bool:
     return True
 
 
+VECTOR_LANES = 16   # an all-spatial block's fused loop is split into chunks of this many, vectorized
+
+
 def _parallel_lead(sch, info, min_extent) -> bool:
     lead = []
     for it in info.iters:
@@ -127,8 +130,14 @@ def _parallel_lead(sch, info, min_extent) -> bool:
     if not lead:
         return False
     fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
-    if int(sch.get(fused).extent) < min_extent:
+    extent = int(sch.get(fused).extent)
+    if extent < min_extent:
         return False
+    if len(lead) == len(info.iters) and extent % (VECTOR_LANES * 2) == 0:   # elementwise: vector chunks
+        outer, inner = sch.split(fused, [None, VECTOR_LANES])
+        sch.parallel(outer)
+        sch.vectorize(inner)
+        return True
     sch.parallel(fused)
     return True
 
