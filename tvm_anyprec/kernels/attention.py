@@ -26,8 +26,9 @@ from typing import ClassVar
 
 from tvm.script import tirx as T
 
+from .attention_rows import MIN_S, cache_attention_func, make_cache_attention_rows
 from .fastmath import exp_f32
-from .lowering import KEEP, STACK_LOCALS
+from .lowering import KEEP
 from .spec import KernelSpec, register
 
 BLOCK = 32
@@ -46,8 +47,6 @@ def make_cache_attention(H: int, Hkv: int, S: int, Tn: int, D: int, scale: float
                          softcap: float = 0.0):
     """PrimFunc (no global_symbol) of one layer's cache write and attention; see the module docstring.
     Chunks of at least ``attention_rows.MIN_S`` tokens (prefill) get ``attention_rows``' kernel."""
-    from .attention_rows import MIN_S, make_cache_attention_rows
-
     if S >= MIN_S:
         return make_cache_attention_rows(H, Hkv, S, Tn, D, scale, window, softcap)
     if H % Hkv:
@@ -117,23 +116,7 @@ def make_cache_attention(H: int, Hkv: int, S: int, Tn: int, D: int, scale: float
             out = [q, s, T.ramp(c * L, 1, L)] if L > 1 else [q, s, c]
             T.buffer_store(O, acc[tuple(idx)] * bcast(inv), out)
 
-    @T.prim_func
-    def cache_attention(Q: T.Buffer((H, S, D), "float32"), KN: T.Buffer((Hkv, S, D), "float32"),
-                        VN: T.Buffer((Hkv, S, D), "float32"), KC: T.Buffer((Hkv, Tn, D), "float32"),
-                        VC: T.Buffer((Hkv, Tn, D), "float32"), POS: T.Buffer((1,), "int64"),
-                        O: T.Buffer((H, S, D), "float32")):
-        T.func_attr({"tirx.noalias": False})
-        p0 = T.Cast("int32", POS[0])
-        for h, s in T.grid(Hkv, S):
-            if p0 + s < Tn:
-                for d in T.serial(D):
-                    KC[h, p0 + s, d] = KN[h, s, d]
-                    VC[h, p0 + s, d] = VN[h, s, d]
-        for task in T.parallel(H * S):
-            task_body(Q, KC, VC, O, p0, task)
-
-    return cache_attention.without_attr("global_symbol").with_attr("tirx.is_scheduled", True) \
-        .with_attr(STACK_LOCALS, True)
+    return cache_attention_func(H, Hkv, S, Tn, D, H * S, task_body)
 
 
 def kernel_name(H, Hkv, S, Tn, D, window) -> str:

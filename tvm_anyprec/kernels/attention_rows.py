@@ -123,6 +123,12 @@ def make_cache_attention_rows(H: int, Hkv: int, S: int, Tn: int, D: int, scale: 
                     with T.serial(0, D) as d:
                         T.buffer_store(O, acc[(g * D + d) * VW + ln] * inv, [h * G + g, s0 + ln, d])
 
+    return cache_attention_func(H, Hkv, S, Tn, D, Hkv * NSB, task_body)
+
+
+def cache_attention_func(H: int, Hkv: int, S: int, Tn: int, D: int, tasks: int, task_body):
+    """The PrimFunc both attention kernels share: the chunk's keys and values written into the caches (rows past
+    the cache dropped), then ``task_body(Q, KC, VC, O, p0, task)`` for ``tasks`` tasks in parallel."""
     @T.prim_func
     def cache_attention(Q: T.Buffer((H, S, D), "float32"), KN: T.Buffer((Hkv, S, D), "float32"),
                         VN: T.Buffer((Hkv, S, D), "float32"), KC: T.Buffer((Hkv, Tn, D), "float32"),
@@ -135,7 +141,7 @@ def make_cache_attention_rows(H: int, Hkv: int, S: int, Tn: int, D: int, scale: 
                 for d in T.serial(D):
                     KC[h, p0 + s, d] = KN[h, s, d]
                     VC[h, p0 + s, d] = VN[h, s, d]
-        for task in T.parallel(Hkv * NSB):
+        for task in T.parallel(tasks):
             task_body(Q, KC, VC, O, p0, task)
 
     return cache_attention.without_attr("global_symbol").with_attr("tirx.is_scheduled", True) \
