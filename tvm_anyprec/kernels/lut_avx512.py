@@ -162,7 +162,7 @@ def _int8_sums(s, looked, XP, XC, g, m, compact: int = 0, chains: int = 2) -> li
         [(16 * h, (2 * h, 2 * h + 1)) for h in range(2)]
     out = []
     for lane, qs in parts:
-        acc = [[T.broadcast(T.int32(0), 16)] * 2 for _ in range(2)]   # [table half][q % 2]
+        acc = [[T.broadcast(T.int32(0), 16)] * 2 for _ in range(2)]   # [table half][q % chains]
         for q in qs:
             x = XP[m, T.ramp(GROUP * g + VEC * q, 1, VEC)]
             for k in range(2):
