@@ -29,6 +29,7 @@ from tvm.script import tirx as T
 from .attention_rows import MIN_S, cache_attention_func, make_cache_attention_rows
 from .fastmath import exp_f32
 from .lowering import KEEP
+from .lut_isa import lane_reduce
 from .spec import KernelSpec, register
 
 BLOCK = 32
@@ -65,10 +66,7 @@ def make_cache_attention(H: int, Hkv: int, S: int, Tn: int, D: int, scale: float
         parts = [vec(Q, q, s, c) * vec(KC, h, t, c) for c in range(C)]
         while len(parts) > 1:   # pairwise (a tree, not a chain of C dependent adds)
             parts = [parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
-        acc, lanes = parts[0], L
-        while lanes > 1:        # the lanes by halving (an ordered llvm.vector.reduce.fadd is L dependent adds)
-            lanes //= 2
-            acc = T.Shuffle([acc], list(range(lanes))) + T.Shuffle([acc], list(range(lanes, 2 * lanes)))
+        acc = lane_reduce(parts[0], L)   # by halving (an ordered llvm.vector.reduce.fadd is L dependent adds)
         return acc if L == 1 else T.Shuffle([acc], [0])
 
     def capped(x):

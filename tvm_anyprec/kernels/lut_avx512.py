@@ -32,7 +32,7 @@ from tvm.script import tirx as T
 
 from ..quant.byteslice import GROUP
 from .anyprec import lut_offset
-from .lut_isa import _shift, _srl16
+from .lut_isa import _shift, _srl16, lane_reduce
 from .lut_layout import _local, _plane_vector, each_group, prefetch_row
 
 VEC = 64
@@ -231,14 +231,6 @@ def acc_width(s) -> int:
     return VEC if s.mode == "exact" else 16
 
 
-def _lane_sum(v, lanes: int):
-    """The sum of a vector's lanes by halving (vextract + vaddps: 4 adds for 16 lanes, not a chain of 15)."""
-    while lanes > 1:
-        lanes //= 2
-        v = T.Shuffle([v], list(range(lanes))) + T.Shuffle([v], list(range(lanes, 2 * lanes)))
-    return v
-
-
 def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
     """The b-bit GEMV / GEMM, tiles of R rows in parallel; M <= WIDE_MAX_M rows of X (verify, prefill) each decoded
     group serves every row of X, and each row's sums run in the M = 1 order, so a verify call's outputs equal
@@ -265,7 +257,7 @@ def body(s, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y) -> None:
                     total = ACC[T.ramp(base, 1, 16)]
                     for k in range(1, 4 if s.mode == "exact" else 1):   # exact mode: four accumulators
                         total = total + ACC[T.ramp(base + 16 * k, 1, 16)]
-                    total = _lane_sum(total, 16)
+                    total = lane_reduce(total, 16)
                     if s.mode == "int8":
                         total = total * WS[rows[r], b - s.MINB]
                     T.buffer_store(Y, total, [m, t * R + r])

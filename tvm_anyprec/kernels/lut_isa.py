@@ -25,6 +25,15 @@ def _srl16(x, s: int, lanes: int = 32):
     return T.reinterpret(f"uint8x{lanes}", T.shift_right(T.reinterpret(f"uint16x{n}", x), T.broadcast(T.uint16(s), n)))
 
 
+def lane_reduce(v, lanes: int, combine=lambda a, b: a + b):
+    """The lanes of a vector combined by halving (vextract + one op per halving: 4 ops for 16 lanes, not a chain
+    of 15); the kernels' horizontal sums and maxima all go through it."""
+    while lanes > 1:
+        lanes //= 2
+        v = combine(T.Shuffle([v], list(range(lanes))), T.Shuffle([v], list(range(lanes, 2 * lanes))))
+    return v
+
+
 def _sll16(x, s: int):
     return T.reinterpret("uint8x32", T.shift_left(T.reinterpret("uint16x16", x), T.broadcast(T.uint16(s), 16)))
 

@@ -10,7 +10,7 @@ from tvm.script import tirx as T
 from ..quant.byteslice import GROUP, INT8_MAX, blocks, groups
 from .anyprec import lut_offset
 from .lowering import KEEP
-from .lut_isa import _u8
+from .lut_isa import _u8, lane_reduce
 
 WIDE_MAX_M = 32  # rows of X up to which the AVX-512 body runs (decode, verify, the 32-token prefill chunk; its code
                  # grows with M up to lut_avx512.UNROLL_M, a loop above). 32x4096x4096 int8, Xeon, 2 threads: 4.8 /
@@ -181,13 +181,6 @@ def _block_values(s: _Shape, X, m, c0: int | tvm.tirx.PrimExpr, valid: int) -> l
     return out
 
 
-def _lane_max(v, lanes: int):
-    while lanes > 1:
-        lanes //= 2
-        v = T.max(T.Shuffle([v], list(range(lanes))), T.Shuffle([v], list(range(lanes, 2 * lanes))))
-    return v
-
-
 def _quantize_group(s: _Shape, m, g, X, XP, SX, XC, nblocks: int, last: bool = False) -> None:
     """int8 mode: group g of row m of X quantized per block of 32 into XP, its scales into SX and (AVX-512) its
     bias sums into XC, in the decode order of the body (see ``_prologue``). ``nblocks`` < 4: the compact last
@@ -201,7 +194,7 @@ def _quantize_group(s: _Shape, m, g, X, XP, SX, XC, nblocks: int, last: bool = F
     for j, h in [(j, h) for j in range(nblocks) for h in range(2)]:
         c0 = GROUP * g + 64 * j + 32 * h
         halves = _block_values(s, X, m, c0, s.K - c0 if last else 32)
-        T.buffer_store(amax, _lane_max(T.max(T.abs(halves[0]), T.abs(halves[1])), 16), [0])
+        T.buffer_store(amax, lane_reduce(T.max(T.abs(halves[0]), T.abs(halves[1])), 16, T.max), [0])
         inv = T.Select(amax[0] > T.float32(0), T.float32(INT8_MAX) / T.max(amax[0], T.float32(1e-30)),
                        T.float32(0))
         for u in range(8 if compact else 4):
@@ -242,7 +235,5 @@ def _bias_lanes(v, compact: bool, XC, m, g, j: int, h: int) -> None:
             T.buffer_store(XC, T.Cast("int32", T.Shuffle([w], [l])) * BIAS16, [m, 32 * g + 16 * j + 2 * l + h])
         return
     for e in (0, 1):
-        part = T.Shuffle([v], list(range(e, 16, 2)))
-        for lanes in (4, 2, 1):
-            part = T.Shuffle([part], list(range(lanes))) + T.Shuffle([part], list(range(lanes, 2 * lanes)))
+        part = lane_reduce(T.Shuffle([v], list(range(e, 16, 2))), 8)
         T.buffer_store(XC, T.Cast("int32", part) * BIAS16, [m, 32 * g + 4 * j + 2 * e + h])
