@@ -179,3 +179,47 @@ def test_vulkan_target_says_what_is_missing(mlp, tmp_path):
 def test_generate_without_tokenizer_says_so(mlp):
     with pytest.raises(ArtifactError, match="records no tokenizer"):
         Session(mlp[0] / "art").generate("hello", 4, 8)
+
+
+
+def test_memoized_tir_build_folds_repeated_constants_the_same():
+    """FoldConstant under ``memoized_tir_build``: the same folded module as with TVM's own build, each distinct
+    PrimFunc built once, the global ``tirx.build`` restored afterwards, and the folded module runs right."""
+    import tvm
+    import tvm_ffi
+    from tvm import relax
+
+    from tvm_anyprec.compiler import memoized_tir_build
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([4], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = x
+            for _ in range(6):    # the same constant computation six times (as in every layer of a graph)
+                c = relax.const(np.arange(4, dtype=np.float32) + 1)
+                acc = bb.emit(relax.op.add(acc, relax.op.multiply(c, c)))
+            out = bb.emit_output(acc)
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    plain = relax.transform.FoldConstant()(mod)
+    original, seen = tvm.get_global_func("tirx.build"), []
+
+    def counting(m, target=None, pipeline="default"):
+        seen.append(m)
+        return original(m, target, pipeline)
+
+    tvm.register_global_func("tirx.build", counting, override=True)
+    try:
+        with memoized_tir_build():
+            folded = relax.transform.FoldConstant()(mod)
+        n_memo = len(seen)
+        relax.transform.FoldConstant()(mod)     # restored: every fold builds again
+        n_plain = len(seen) - n_memo
+    finally:
+        tvm.register_global_func("tirx.build", original, override=True)
+    assert n_memo == 1 and n_plain == 6, (n_memo, n_plain)
+    assert tvm_ffi.structural_equal(plain, folded)
+    vm = relax.VirtualMachine(tvm.compile(folded, target="llvm"), tvm.cpu())
+    xs = np.ones(4, np.float32)
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(xs)).numpy(), xs + 6 * (np.arange(4) + 1.0) ** 2)

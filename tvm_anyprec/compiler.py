@@ -57,6 +57,36 @@ def relax_pipeline(target):
     return _pipeline
 
 
+@contextlib.contextmanager
+def memoized_tir_build():
+    """Within the block, the global ``tirx.build`` (what relax's ``FoldConstant`` calls to evaluate a call on
+    constants) builds each structurally distinct PrimFunc once: the exported graphs repeat the same
+    shape arithmetic in every layer (SmolLM2's decode graph: 452 builds of 8 distinct functions), and TVM's
+    own cache lives per pass call. SmolLM2-135M's decode graph compiled in 23.9 -> 11.0 s (Zen 4, 1 thread)."""
+    import tvm
+    import tvm_ffi
+
+    original = tvm.get_global_func("tirx.build")
+    built: dict = {}
+
+    def build(mod, target=None, pipeline="default"):
+        if isinstance(mod, tvm.tirx.PrimFunc):
+            mod = tvm.IRModule.from_expr(mod)
+        key = (tvm_ffi.structural_hash(mod), str(target))
+        for seen, lib in built.get(key, ()):
+            if tvm_ffi.structural_equal(seen, mod):
+                return lib
+        lib = original(mod, target, pipeline)
+        built.setdefault(key, []).append((mod, lib))
+        return lib
+
+    tvm.register_global_func("tirx.build", build, override=True)
+    try:
+        yield
+    finally:
+        tvm.register_global_func("tirx.build", original, override=True)
+
+
 def make_scheme(parent=None, seed_bits: int = 3, max_bits: int = 8, act_quant=None, act_stats=None, accuracy=None,
                 lm_head_bits=None):
     """The weight scheme of a compile: low-bit activations when ``act_quant`` (an ActQuantConfig) is given,
@@ -168,7 +198,7 @@ def compile_with(scheme, source, out: Path, tp: dict, exclude=("lm_head",), tuni
         from .targets.cuda import ensure_cuda_build
         logger.info(f"CUDA build: nvcc ({ensure_cuda_build()})")
     # the nvcc callback reads -arch from the current target (tvm.compile does not enter the target scope)
-    with target if tp.get("device") else contextlib.nullcontext():
+    with target if tp.get("device") else contextlib.nullcontext(), memoized_tir_build():
         ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
     logger.info(f"compiled for {tp['name']} ({tp['target']}) in {time.time() - t1:.1f}s")
 
