@@ -112,6 +112,13 @@ def test_bad_onnx_file(tmp_path):
     r = _cli("compile", p, "-o", tmp_path / "out")
     assert r.returncode != 0 and "not a valid ONNX file" in r.stderr
     assert not (tmp_path / "out").exists()
+    g = helper.make_graph([helper.make_node("Relu", ["nope"], ["y"])], "g",     # parses, fails the checker
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(g), tmp_path / "bad.onnx")
+    with pytest.raises(ImportError_, match="failed the ONNX checker"):
+        compile_model(tmp_path / "bad.onnx", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_graph_without_linear_layer(tmp_path):

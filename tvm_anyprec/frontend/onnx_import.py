@@ -46,8 +46,8 @@ def load_onnx(path: Path):
         model = onnx.load(str(path))
     except Exception as e:  # protobuf DecodeError and friends
         raise ImportError_(f"{path} is not a valid ONNX file: {type(e).__name__}: {e}") from e
-    try:
-        onnx.checker.check_model(model, full_check=False)
+    try:   # by path: the checker reads the file itself (a loaded model is serialized again: 1.8 s against 0.6 s
+        onnx.checker.check_model(str(path), full_check=False)   # for SmolLM2's 539 MB decode graph)
     except Exception as e:
         raise ImportError_(f"{path} failed the ONNX checker: {e}") from e
     return model
