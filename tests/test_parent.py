@@ -247,3 +247,30 @@ def test_cli_quantize_bad_bits_fails_fast(tmp_path):
     r = cli("quantize", "--out", tmp_path / "q", "--seed-bits", "5")
     assert r.returncode != 0 and "error:" in r.stderr and "seed bit-width 5" in r.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_gguf_tokenizer_is_cached_and_the_same(tmp_path, monkeypatch):
+    """The tokenizer converted from the GGUF is saved once in the cache; the saved one encodes, decodes and
+    templates like transformers' own conversion, and a damaged copy is converted again."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("TVM_ANYPREC_CACHE", str(tmp_path / "cache"))
+    from tvm_anyprec import data
+
+    p = data.resolve_model("smollm2")
+    ref = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    d = data.gguf_tokenizer_cache(p)
+    assert not d.exists()
+    data.load_tokenizer(p)
+    assert (d / "tokenizer.json").exists()
+    (d / "tokenizer.json").write_text("{broken")
+    data.load_tokenizer(p)                       # the damaged copy is replaced
+    tok = data.load_tokenizer(p)                 # from the cache
+    text = data.corpus_text()[:4000] + " héllo wörld 你好 <|im_start|>\n\n\tend"
+    ids = ref(text)["input_ids"]
+    assert tok(text)["input_ids"] == ids and tok.decode(ids) == ref.decode(ids)
+    assert (tok.eos_token_id, tok.bos_token_id, tok.all_special_tokens) == \
+        (ref.eos_token_id, ref.bos_token_id, ref.all_special_tokens)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)

@@ -105,13 +105,39 @@ def file_sha256(path: os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def gguf_tokenizer_cache(path: os.PathLike) -> Path:
+    """Where the tokenizer converted from a GGUF file is kept (``<cache>/tokenizers/<sha256 of the file>``)."""
+    return cache_dir() / "tokenizers" / file_sha256(path)[:24]
+
+
+def _gguf_tokenizer(path: Path):
+    """The tokenizer of a GGUF file, converted once and kept in the cache: transformers parses the whole GGUF
+    metadata in Python for it (7 s for SmolLM2, at every ``run``); the saved one loads in a fraction of that."""
+    from transformers import AutoTokenizer
+
+    d = gguf_tokenizer_cache(path)
+    if (d / "tokenizer_config.json").exists():
+        try:
+            return AutoTokenizer.from_pretrained(d)
+        except (OSError, ValueError, KeyError, TypeError):
+            shutil.rmtree(d, ignore_errors=True)     # a damaged copy: converted again below
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tmp = d.with_name(f"{d.name}.tmp{os.getpid()}")
+    try:
+        tok.save_pretrained(tmp)
+        tmp.replace(d)
+    except OSError:     # a read-only cache, or another process saved it first: this one is still right
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
 def load_tokenizer(model=None):
     from transformers import AutoTokenizer
 
     path = resolve_model(model)
     try:
         if path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            return _gguf_tokenizer(path)
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: transformers cannot load a tokenizer from it ({type(e).__name__}: "
