@@ -168,8 +168,10 @@ class _SortedRows:
         centres = torch.empty((self.N, nclusters), dtype=torch.float64)
         d2 = torch.full_like(self.ws, float("inf"))
         p = f
-        for j in range(nclusters):
-            idx = torch.multinomial(p / p.sum(1, keepdim=True), 1, generator=gen)
+        for j in range(nclusters):   # D^2 draw by inverse CDF (torch.multinomial: 16x slower, 40% of quantize)
+            cdf = torch.cumsum(p, 1)
+            u = torch.rand((self.N, 1), generator=gen, dtype=torch.float64) * cdf[:, -1:]
+            idx = torch.searchsorted(cdf, u, right=True).clamp_(max=self.K - 1)
             centres[:, j:j + 1] = torch.gather(self.ws, 1, idx)
             d2 = torch.minimum(d2, (self.ws - centres[:, j:j + 1]) ** 2)
             p = f * d2 + 1e-300
