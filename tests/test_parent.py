@@ -249,21 +249,25 @@ def test_cli_quantize_bad_bits_fails_fast(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-def test_gguf_tokenizer_is_cached_and_the_same(tmp_path, monkeypatch):
-    """The tokenizer converted from the GGUF is saved once in the cache; the saved one encodes, decodes and
-    templates like transformers' own conversion, and a damaged copy is converted again."""
+def test_gguf_conversions_are_cached_and_the_same(tmp_path, monkeypatch):
+    """The tokenizer and the fp32 model converted from the GGUF are saved once in the cache; the saved ones
+    are transformers' own conversion (same encoding, decoding, template and special tokens; same tensors and
+    logits), and a damaged copy is converted again."""
+    import torch
+
     from tvm_anyprec import data
 
     monkeypatch.setenv("TVM_ANYPREC_CACHE", str(tmp_path / "cache"))
     p = data.resolve_model("smollm2")
-    d = data.gguf_tokenizer_cache(p)
+    d = data.gguf_cache(p)
     assert not d.exists()
-    ref = data.load_tokenizer(p)                 # converted by transformers from the GGUF, and saved
-    assert (d / "tokenizer.json").exists()
-    (d / "tokenizer.json").write_text("{broken")
+    ref_model, ref = data.load_model(p)          # converted by transformers from the GGUF, and saved
+    assert (d / "tokenizer" / "tokenizer.json").exists() and (d / "model" / "config.json").exists()
+    (d / "tokenizer" / "tokenizer.json").write_text("{broken")
     data.load_tokenizer(p)                       # the damaged copy is converted again
-    tok = data.load_tokenizer(p)                 # from the cache
-    assert tok is not ref
+    monkeypatch.setattr(data, "_convert_gguf", None)     # (converting again would fail now)
+    model, tok = data.load_model(p)              # both from the cache
+    assert tok is not ref and model is not ref_model
     text = data.corpus_text()[:4000] + " héllo wörld 你好 <|im_start|>\n\n\tend"
     ids = ref(text)["input_ids"]
     assert tok(text)["input_ids"] == ids and tok.decode(ids) == ref.decode(ids)
@@ -272,3 +276,9 @@ def test_gguf_tokenizer_is_cached_and_the_same(tmp_path, monkeypatch):
     msgs = [{"role": "user", "content": "hi"}]
     assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
         ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    a, b = ref_model.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()   # still tied
+    with torch.no_grad():
+        x = torch.tensor([ids[:24]])
+        assert torch.equal(model(x).logits, ref_model(x).logits)

@@ -9,7 +9,10 @@
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import json
 import importlib.util
 import os
 import shutil
@@ -105,9 +108,16 @@ def file_sha256(path: os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def gguf_tokenizer_cache(path: os.PathLike) -> Path:
-    """Where the tokenizer converted from a GGUF file is kept (``<cache>/tokenizers/<sha256 of the file>``)."""
-    return cache_dir() / "tokenizers" / file_sha256(path)[:24]
+def gguf_cache(path: os.PathLike) -> Path:
+    """Where what is converted from a GGUF file is kept: ``<cache>/gguf/<sha256 of the file>/`` holding
+    ``tokenizer/`` and (small models) ``model/``."""
+    st = os.stat(path)
+    return cache_dir() / "gguf" / _sha_of(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha_of(path: str, _mtime: int, _size: int) -> str:
+    return file_sha256(path)[:24]
 
 
 def _gguf_tokenizer(path: Path):
@@ -115,7 +125,7 @@ def _gguf_tokenizer(path: Path):
     metadata in Python for it (7 s for SmolLM2, at every ``run``); the saved one loads in a fraction of that."""
     from transformers import AutoTokenizer
 
-    d = gguf_tokenizer_cache(path)
+    d = gguf_cache(path) / "tokenizer"
     if (d / "tokenizer_config.json").exists():
         try:
             return AutoTokenizer.from_pretrained(d)
@@ -129,6 +139,62 @@ def _gguf_tokenizer(path: Path):
     except OSError:     # a read-only cache, or another process saved it first: this one is still right
         shutil.rmtree(tmp, ignore_errors=True)
     return tok
+
+
+MODEL_CACHE_MAX = 2 << 30   # fp32 bytes up to which a model converted from a GGUF file is kept in the cache
+
+
+def _gguf_model(path: Path):
+    """A GGUF model in fp32 through transformers' conversion (de-quantizing every tensor in Python: 12 s for
+    SmolLM2 at every quantize / export / eval), kept in the cache as safetensors when its fp32 weights are at
+    most MODEL_CACHE_MAX bytes (``gguf_cache``), then loaded from there
+    (about 1 s). A damaged copy is converted again."""
+    import safetensors.torch
+
+    d = gguf_cache(path) / "model"
+    if (d / "config.json").exists():
+        try:
+            return _load_saved(d)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+            shutil.rmtree(d, ignore_errors=True)
+    m = _convert_gguf(path)
+    if sum(p.numel() for p in m.parameters()) * 4 <= MODEL_CACHE_MAX:
+        tmp = d.with_name(f"{d.name}.tmp{os.getpid()}")
+        try:   # (save_pretrained refuses a model loaded from a GGUF file: the config, then the tensors)
+            tmp.mkdir(parents=True)
+            cfg = m.config.to_dict()
+            cfg.pop("quantization_config", None)
+            (tmp / "config.json").write_text(json.dumps(cfg))
+            safetensors.torch.save_model(m, str(tmp / "model.safetensors"))   # tied tensors stored once
+            tmp.replace(d)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return m
+
+
+def _convert_gguf(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+
+
+def _load_saved(d: Path):
+    import safetensors.torch
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:   # every tensor is loaded below (strict): skip the random init (2.5 -> 1 s for SmolLM2)
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d), dtype=torch.float32)
+    m.tie_weights()    # (the tied pair is stored once)
+    missing, unexpected = safetensors.torch.load_model(m, str(d / "model.safetensors"), strict=True)
+    if missing or unexpected:
+        raise KeyError(f"{d}: tensors missing {missing} or unexpected {unexpected}")
+    return m
 
 
 def load_tokenizer(model=None):
@@ -157,7 +223,7 @@ def load_model(model=None):
     tok = load_tokenizer(path)
     try:
         if path.suffix == ".gguf":
-            m = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            m = _gguf_model(path)
         else:
             m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError, KeyError, TypeError) as e:
