@@ -252,7 +252,7 @@ def test_cli_quantize_bad_bits_fails_fast(tmp_path):
 def test_gguf_conversions_are_cached_and_the_same(tmp_path, monkeypatch):
     """The tokenizer and the fp32 model converted from the GGUF are saved once in the cache; the saved ones
     are transformers' own conversion (same encoding, decoding, template and special tokens; same tensors and
-    logits), and a damaged copy is converted again."""
+    logits, still tied), loaded with the conversion disabled."""
     import torch
 
     from tvm_anyprec import data
@@ -263,9 +263,7 @@ def test_gguf_conversions_are_cached_and_the_same(tmp_path, monkeypatch):
     assert not d.exists()
     ref_model, ref = data.load_model(p)          # converted by transformers from the GGUF, and saved
     assert (d / "tokenizer" / "tokenizer.json").exists() and (d / "model" / "config.json").exists()
-    (d / "tokenizer" / "tokenizer.json").write_text("{broken")
-    data.load_tokenizer(p)                       # the damaged copy is converted again
-    monkeypatch.setattr(data, "_convert_gguf", None)     # (converting again would fail now)
+    monkeypatch.setattr(data, "_convert_gguf", None)     # (converting either again would fail now)
     model, tok = data.load_model(p)              # both from the cache
     assert tok is not ref and model is not ref_model
     text = data.corpus_text()[:4000] + " héllo wörld 你好 <|im_start|>\n\n\tend"
@@ -282,3 +280,36 @@ def test_gguf_conversions_are_cached_and_the_same(tmp_path, monkeypatch):
     with torch.no_grad():
         x = torch.tensor([ids[:24]])
         assert torch.equal(model(x).logits, ref_model(x).logits)
+
+
+def test_cached_conversion_saves_once_and_replaces_a_damaged_copy(tmp_path):
+    """``data._cached``: converted and saved once, then loaded; a copy that fails to load is converted again
+    and replaced; a save that declines or fails leaves no directory behind."""
+    from tvm_anyprec import data
+
+    calls = []
+
+    def convert():
+        calls.append("convert")
+        return {"v": 7}
+
+    def save(obj, tmp):
+        tmp.mkdir()
+        (tmp / "v").write_text(str(obj["v"]))
+
+    load = lambda d: {"v": int((d / "v").read_text())}   # noqa: E731
+    d = tmp_path / "x"
+    assert data._cached(d, load, convert, save) == {"v": 7} and calls == ["convert"]
+    assert data._cached(d, load, convert, save) == {"v": 7} and calls == ["convert"]       # from the copy
+    (d / "v").write_text("damaged")
+    assert data._cached(d, load, convert, save) == {"v": 7} and calls == ["convert"] * 2   # converted again
+    assert (d / "v").read_text() == "7"
+    e = tmp_path / "y"
+    assert data._cached(e, load, convert, lambda obj, tmp: None) == {"v": 7} and not e.exists()   # declined
+
+    def failing(obj, tmp):
+        tmp.mkdir()
+        raise OSError("disk full")
+
+    assert data._cached(e, load, convert, failing) == {"v": 7}
+    assert not e.exists() and not list(tmp_path.glob("y.tmp*"))
