@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import importlib.util
 import json
@@ -109,15 +108,13 @@ def file_sha256(path: os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def gguf_cache(path: os.PathLike) -> Path:
-    """Where what is converted from a GGUF file is kept: ``<cache>/gguf/<sha256 of the file>/`` holding
-    ``tokenizer/`` and (small models) ``model/``."""
-    st = os.stat(path)
-    return cache_dir() / "gguf" / _sha_of(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=16)
-def _sha_of(path: str, _mtime: int, _size: int) -> str:
-    return file_sha256(path)[:24]
+    """Where what is converted from a GGUF file is kept: ``<cache>/gguf/<key>/`` holding ``tokenizer/`` and
+    (small models) ``model/``; the key hashes the file's path, size and modification time (not its bytes: a
+    ``run`` of a multi-GB model would read the whole file to find its tokenizer)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = hashlib.sha256(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    return cache_dir() / "gguf" / key
 
 
 def _cached(d: Path, load, convert, save):
@@ -191,9 +188,7 @@ def _load_saved(d: Path):
     with no_init_weights():
         m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d), dtype=torch.float32)
     m.tie_weights()    # (the tied pair is stored once)
-    missing, unexpected = safetensors.torch.load_model(m, str(d / "model.safetensors"), strict=True)
-    if missing or unexpected:
-        raise KeyError(f"{d}: tensors missing {missing} or unexpected {unexpected}")
+    safetensors.torch.load_model(m, str(d / "model.safetensors"), strict=True)   # raises on a missing tensor
     return m
 
 
