@@ -173,8 +173,12 @@ def test_simd_bodies_are_chosen_only_where_the_cpu_has_them():
     assert cpu_isa({"kind": "llvm", "mcpu": "znver4"}) == "avx512gfni"
     assert cpu_isa({"kind": "llvm", "mcpu": "icelake-server"}) == "avx512gfni"
     assert cpu_isa({"kind": "llvm", "mcpu": "znver4", "mattr": ["-gfni"]}) == "avx512"
-    assert cpu_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}) == "neon"
+    assert cpu_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}) == "dotprod"
     assert cpu_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}) == "neon"
+    assert cpu_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["-dotprod"]}) \
+        == "neon"
+    from tvm_anyprec.targets import preset
+    assert {p: cpu_isa(preset(p)["target"]) for p in ARM_ISA} == ARM_ISA
 
 
 def test_avx512_bodies_decode_with_gfni_only_where_chosen():
@@ -190,36 +194,40 @@ def test_avx512_bodies_decode_with_gfni_only_where_chosen():
     assert "vgf2p8affineqb" not in without and "vpdpbusd" in without
 
 
-# ------------------------------------------------------------------ the NEON bodies on the emulated board
+# ------------------------------------------------------------------ the aarch64 bodies on the emulated boards
 
-NEON_CASES = [(1, 37, 576), (1, 21, 1536), (5, 19, 4095)]
+ARM_CASES = [(1, 37, 576), (1, 21, 1536), (5, 19, 4095), (32, 9, 576), (1, 19, 4095)]
+ARM_ISA = {"arm-neon": "neon", "arm-dotprod": "dotprod", "arm-i8mm": "i8mm"}
 
 
-@pytest.fixture(scope="module")
-def neon_board(tmp_path_factory):
-    """Every NEON case in both modes in one aarch64 library (the arm-neon preset: Cortex-A72, plain NEON), loaded
-    on the emulated board of that CPU model; and the host's assembly."""
+@pytest.fixture(scope="module", params=list(ARM_ISA))
+def arm_board(request, tmp_path_factory):
+    """Every aarch64 case of one preset in one library (arm-neon: Cortex-A72, plain NEON, both modes; arm-dotprod:
+    Cortex-A76, int8 mode's sdot body; arm-i8mm: qemu's "max" CPU, sdot at M = 1 and smmla above; their exact mode
+    is the NEON code), loaded on the emulated board of that CPU model; and the host's assembly."""
     from tvm_anyprec.targets import arm, preset
 
     if arm.missing():
         pytest.skip(f"no emulated aarch64 board: {arm.missing()}")
-    p = preset("arm-neon")
+    p = preset(request.param)
+    modes = ("exact", "int8") if request.param == "arm-neon" else ("int8",)
     funcs = {f"{mode}_{M}_{N}_{K}": make_anyprec_cpu(M, N, K, B, MINB, mode, cpu_isa(p["target"]))
-             for mode in ("exact", "int8") for M, N, K in NEON_CASES}
+             for mode in modes for M, N, K in ARM_CASES}
     lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}),
                       target=tvm.target.Target(p["target"]))
-    path = tmp_path_factory.mktemp("neon") / "lut_neon.so"
+    path = tmp_path_factory.mktemp("arm") / f"lut_{request.param}.so"
     lib.export_library(str(path), fcompile=arm.cross_compiler())
     sess = arm.qemu_session(p["qemu_cpu"])
     sess.upload(str(path))
-    yield sess, sess.load_module(path.name), lib.mod.inspect_source("s")
+    yield request.param, sess, sess.load_module(path.name), lib.mod.inspect_source("s")
 
 
-@pytest.mark.parametrize("M,N,K", NEON_CASES)
-def test_neon_bodies_match_numpy_and_x86(neon_board, M, N, K):
-    """The NEON bodies (tbl lookups) on a Cortex-A72 model: exact mode within fp32 rounding of numpy and of the
-    x86 build; int8 mode's integer sums bit for bit against numpy's integer reference and the x86 build."""
-    sess, lib, _asm = neon_board
+@pytest.mark.parametrize("M,N,K", ARM_CASES[:4])
+def test_arm_bodies_match_numpy_and_x86(arm_board, M, N, K):
+    """The aarch64 bodies (tbl lookups; sdot on arm-dotprod, + smmla at M > 1 on arm-i8mm) on their CPU models: exact mode within fp32 rounding of
+    numpy and of the x86 build; int8 mode's integer sums bit for bit against numpy's integer reference and the x86
+    build, and real-valued inputs as numpy quantizes them."""
+    name, sess, lib, _asm = arm_board
     rng = np.random.default_rng(M + K)
     _planes, bs, luts = _layer(rng, N, K)
     x = rng.standard_normal((M, K)).astype(np.float32)
@@ -227,20 +235,58 @@ def test_neon_bodies_match_numpy_and_x86(neon_board, M, N, K):
     host = _build(M, N, K, "exact", ISAS[-1])
     xi, bsi, tabs, scales, xp = _int_layer(rng, M, N, K)
     host_int = _build(M, N, K, "int8", ISAS[-1])
+    rtabs, rscales = bsl.int_tables(luts, WIDTHS)
     L = lut_width(B, MINB)
     for b in WIDTHS:
-        y = _run(lib[f"exact_{M}_{N}_{K}"], [x, bs, padded], b, M, N, sess.cpu())
-        ref = bsl.reference_exact(x, bs, luts, K, b, lut_offset(b, MINB))
-        scale = np.abs(x).sum(1, keepdims=True) * np.abs(luts.astype(np.float32)).max()
-        assert (np.abs(y - ref) <= 1e-6 * scale).all(), (b, np.abs(y - ref).max())
-        assert (np.abs(y - _run(host, [x, bs, padded], b, M, N)) <= 1e-6 * scale).all(), b
+        if name == "arm-neon":
+            y = _run(lib[f"exact_{M}_{N}_{K}"], [x, bs, padded], b, M, N, sess.cpu())
+            ref = bsl.reference_exact(x, bs, luts, K, b, lut_offset(b, MINB))
+            scale = np.abs(x).sum(1, keepdims=True) * np.abs(luts.astype(np.float32)).max()
+            assert (np.abs(y - ref) <= 1e-6 * scale).all(), (b, np.abs(y - ref).max())
+            assert (np.abs(y - _run(host, [x, bs, padded], b, M, N)) <= 1e-6 * scale).all(), b
         yi = _run(lib[f"int8_{M}_{N}_{K}"], [xi, bsi, tabs, scales], b, M, N, sess.cpu())
         acc = bsl.reference_int8_acc(xp.astype(np.int8), bsi, tabs[:, :L], K, b, lut_offset(b, MINB))
         np.testing.assert_array_equal(yi, acc.sum((-1, -2, -3)).astype(np.float32), err_msg=str(b))
         np.testing.assert_array_equal(yi, _run(host_int, [xi, bsi, tabs, scales], b, M, N), err_msg=str(b))
+        yr = _run(lib[f"int8_{M}_{N}_{K}"], [x, bs, np.pad(rtabs, ((0, 0), (0, LUT_PAD))), rscales], b, M, N,
+                  sess.cpu())
+        ref = bsl.reference_int8(x, bs, rtabs, rscales, K, b, lut_offset(b, MINB), b - MINB)
+        assert np.abs(yr - ref).max() <= 1e-3 * np.abs(ref).max(), b      # float ties of the rounding only
 
 
-def test_neon_bodies_look_up_with_tbl(neon_board):
-    ops = {ln.split()[0] for ln in neon_board[2].splitlines() if ln.startswith("\t") and not ln.strip().startswith(".")}
-    assert {"tbl", "fcvtl"} <= ops and ops & {"smlal", "smlal2"}, sorted(ops)
-    assert not ops & {"sdot", "smmla", "usdot"}            # plain NEON: runs on every aarch64 CPU
+def test_arm_verify_rows_equal_decode_calls(arm_board):
+    """On the board as on x86: each row of an M = 5 call equals an M = 1 call on that row bit for bit (int8 mode),
+    so self-speculative decoding on ARM keeps plain greedy decoding's tokens."""
+    _name, sess, lib, _asm = arm_board
+    N, K = 19, 4095
+    rng = np.random.default_rng(7)
+    _planes, bs, luts = _layer(rng, N, K)
+    x = rng.standard_normal((5, K)).astype(np.float32)
+    tabs, scales = bsl.int_tables(luts, WIDTHS)
+    tables = [np.pad(tabs, ((0, 0), (0, LUT_PAD))), scales]
+    for b in (3, 6, 8):
+        y = _run(lib[f"int8_5_{N}_{K}"], [x, bs, *tables], b, 5, N, sess.cpu())
+        for m in range(5):
+            np.testing.assert_array_equal(y[m], _run(lib[f"int8_1_{N}_{K}"], [x[m:m + 1], bs, *tables], b, 1, N,
+                                                     sess.cpu())[0])
+
+
+def test_arm_bodies_use_their_instructions(arm_board):
+    """arm-neon: tbl lookups, smlal products, no sdot / smmla (runs on every aarch64 CPU); arm-dotprod: int8 mode's
+    products by sdot (no smlal left, no smmla); arm-i8mm: sdot (M = 1) and smmla / usmmla (M > 1)."""
+    name, _sess, _lib, asm = arm_board
+    ops = {ln.split()[0] for ln in asm.splitlines() if ln.startswith("\t") and not ln.strip().startswith(".")}
+    assert "tbl" in ops, sorted(ops)
+    if name == "arm-neon":
+        assert "fcvtl" in ops and ops & {"smlal", "smlal2"}, sorted(ops)
+        assert not ops & {"sdot", "smmla", "usdot"}
+    elif name == "arm-dotprod":
+        assert "sdot" in ops and not ops & {"smlal", "smlal2", "smmla", "usmmla", "usdot"}, sorted(ops)
+    else:
+        assert {"sdot", "smmla", "usmmla"} <= ops and not ops & {"smlal", "smlal2"}, sorted(ops)
+
+
+def test_i8mm_body_takes_weight_rows_in_pairs():
+    with pytest.raises(ValueError, match="even"):
+        make_anyprec_cpu(5, 19, 576, B, MINB, "int8", "i8mm", rows={3: 1})
+    make_anyprec_cpu(1, 19, 576, B, MINB, "int8", "i8mm", rows={3: 1})   # the GEMV is the sdot body: any rows

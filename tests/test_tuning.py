@@ -241,6 +241,8 @@ def test_bitplane_rows_choice_rules(tmp_path):
     assert _choose({1: 50.0, 2: 100.0}, 2) == 1
     assert runs_on("avx2", "avx512gfni") and runs_on("avx512", "avx512gfni") and runs_on("generic", "neon")
     assert not runs_on("avx512gfni", "avx2") and not runs_on("neon", "avx2") and not runs_on("avx2", "neon")
+    assert runs_on("neon", "dotprod") and not runs_on("dotprod", "neon") and not runs_on("dotprod", "avx2")
+    assert runs_on("dotprod", "i8mm") and not runs_on("i8mm", "dotprod")
     spec = AnyPrecCPU(1, 64, 256, 8, 3, "int8", "neon")
     with pytest.raises(TuningError, match="arm-neon"):
         tune_bitplane_rows({"k": spec}, "arm-neon", tmp_path, progress=False)

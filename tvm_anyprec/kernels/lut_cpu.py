@@ -35,6 +35,14 @@ would kill the process):
   byte tables per instruction (b > 6: one ``tbl4`` per 64 entries on the code minus 64j, ORed, since ``tbl``
   returns 0 past its tables), the bytes re-joined into int16 (multiply-accumulate by ``smlal``) or fp16
   (``fcvtl``, FMA).
+* ``dotprod`` (aarch64 with +dotprod: Cortex-A76 and newer, Neoverse N1/V1): the NEON bodies, int8 mode's products by
+  ``sdot`` on the table bytes instead of re-joining them into int16: q = 256 hi + lo, the low-byte table stored
+  minus SDOT_BIAS (signed for ``sdot``; XC adds SDOT_BIAS x the lane's activations back), the two bytes' sums
+  kept apart per block and joined in int32 (``lut_isa.half_sdot``): 4 ``sdot`` per 32 codes where the int16 products
+  take 2 ``zip`` + 8 ``smull``/``smlal``.
+* ``i8mm`` (aarch64 with +i8mm: Neoverse V1/V2/N2, Cortex-A710 and newer): the ``dotprod`` GEMV; at M > 1 (verify,
+  prefill) pairs of weight rows times pairs of rows of X by ``usmmla`` (the unsigned low bytes: no bias) and
+  ``smmla`` (the high bytes), 2 x 2 x 8 products an instruction (``lut_isa.half_mmla``); rows per task even.
 * ``generic``: the same decode with portable vector code; the lookups are gathers (LLVM picks the
   instructions). Any LLVM CPU target.
 """
@@ -50,13 +58,13 @@ from .anyprec import lut_offset, lut_width
 from .lowering import STACK_LOCALS
 from . import lut_avx512
 from .lut_layout import _local, _plane_vector, _prologue, _Shape, each_group, prefetch_row
-from .lut_isa import (decode, dot_int16_avx2, dot_int16_generic, dot_int16_neon, lookup_f32_avx2, lookup_f32_generic,
-                      lookup_fp16_split, lookup_int16_generic, lookup_int16_split, scalar_lookups, split_fp16_tables,
+from .lut_isa import (decode, half_int, half_mmla, half_sdot, lookup_f32_avx2, lookup_f32_generic, lookup_fp16_split,
+                      lookup_int16_generic, lookup_int16_split, scalar_lookups, split_fp16_tables, split_lookup,
                       split_width)
 from .spec import KernelSpec, register
 
 MODES = ("exact", "int8")
-ISAS = ("avx512gfni", "avx512", "avx2", "neon", "generic")
+ISAS = ("avx512gfni", "avx512", "avx2", "i8mm", "dotprod", "neon", "generic")
 AVX512 = ("avx512bw", "avx512vbmi", "avx512vnni")   # what the AVX-512 GEMV body needs (its GFNI decode: + gfni)
 LUT_PAD = 16
 SPLIT_MIN = 3   # exact mode on AVX2: the fp16 byte-split tables from this b (vpermps on fp32 tables below it)
@@ -82,7 +90,12 @@ def cpu_isa(target) -> str:
     if str(tgt.kind.name) != "llvm":
         return "generic"
     if "aarch64" in str(tgt.attrs.get("mtriple", "")):
-        return "neon"
+        try:
+            if codegen.target_has_features("dotprod", tgt):
+                return "i8mm" if codegen.target_has_features("i8mm", tgt) else "dotprod"
+            return "neon"
+        except Exception:
+            return "neon"
     try:
         if all(codegen.target_has_features(f, tgt) for f in AVX512):
             return "avx512gfni" if codegen.target_has_features("gfni", tgt) else "avx512"
@@ -133,34 +146,23 @@ def _codes(PL, p_count: int, n, g, tail: int, VB, CB, b: int, base: int = 0) -> 
     return [CB[T.ramp(base + 32 * i, 1, 32)] for i in range(8)]
 
 
-def _half_int(s: _Shape, h: int, g, m, weights, XP, SX):
-    """float32x8: half h of group g of int8 mode (codes i = 4h..4h+3; ``weights(i)``: their int16 table values
-    as two int16x16) times row m of the activations, the int32 sums of each block of 32 scaled by its scale.
-    Lane t of the first (second) int32x8 sums codes 2t, 2t+1 (16 + 2t, 17 + 2t): block t // 4 (2 + t // 4)."""
-    dot = dot_int16_avx2 if s.avx2 else dot_int16_neon if s.isa == "neon" else dot_int16_generic
-    acc = [None, None]
-    for i in range(4 * h, 4 * h + 4):
-        w = weights(i)
-        for u in range(2):
-            d = dot(w[u], XP[m, T.ramp(GROUP * g + 32 * i + 16 * u, 1, 16)])
-            acc[u] = d if acc[u] is None else acc[u] + d
-    scaled = [T.Cast("float32x8", acc[u]) * SX[m, T.ramp(32 * g + 16 * h + 8 * u, 1, 8)] for u in range(2)]
-    return scaled[0] + scaled[1]
-
-
 def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
-    PL, LUT, XP, SX, WB, CB, TBL, ACC, VB = bufs
+    PL, LUT, XP, SX, XC, WB, CB, TBL, ACC, VB = bufs
     R = len(rows)
     off = lut_offset(b, s.MINB)
     E = max(8, 1 << b)
     if s.M == 1 and s.mode == "int8" and s.tables:   # GEMV: lookups feed the dot products in registers
         for r, n in enumerate(rows):
             codes = _codes(PL, b, n, g, tail, VB, CB, b)
-            a = ACC[T.ramp(r * 8, 1, 8)]
+            a = ACC[T.ramp(r * 8, 1, 4 if s.sdot else 8)]   # sdot: one lane per block of 32
             for h in range(2):
-                a = a + _half_int(s, h, g, 0, lambda i, r=r: lookup_int16_split(
+                if s.sdot:
+                    a = a + half_sdot(h, g, 0, lambda i, r=r: split_lookup(
+                        TBL, r * 2 * split_width(b), b, codes[i], s.isa), XP, SX, XC)
+                    continue
+                a = a + half_int(s, h, g, 0, lambda i, r=r: lookup_int16_split(
                     TBL, r * 2 * split_width(b), b, codes[i], s.isa), XP, SX)
-            T.buffer_store(ACC, a, [T.ramp(r * 8, 1, 8)])
+            T.buffer_store(ACC, a, [T.ramp(r * 8, 1, 4 if s.sdot else 8)])
         return
     if s.M == 1 and s.mode == "exact" and s.tables:   # GEMV: the rows of a tile share each x load
         for r, n in enumerate(rows):
@@ -194,7 +196,11 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
 
         def step(i, r=r, n=n):
             c = CB[T.ramp(32 * i, 1, 32)]
-            if s.mode == "int8":
+            if s.sdot:   # the low and high table bytes, for sdot
+                pair = split_lookup(TBL, r * 2 * split_width(b), b, c, s.isa)
+                for u in range(2):
+                    T.buffer_store(WB, pair[u], [T.ramp(r * 2 * GROUP + 64 * i + 32 * u, 1, 32)])
+            elif s.mode == "int8":
                 vals = lookup_int16_split(TBL, r * 2 * split_width(b), b, c, s.isa) if s.tables else \
                     lookup_int16_generic(LUT, n, off, b, c)
                 for u in range(2):
@@ -211,15 +217,34 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
 
         _each(8, step, unroll=b <= 4 or s.isa == "generic")   # (a gather index in a TIR loop trips TVM's
                                                               # region analysis: the generic bodies unroll)
+    if s.mmla:   # pairs of rows of X (the last row twice for odd M) times pairs of weight rows
+        with T.serial(0, (s.M + 1) // 2) as mp:
+            for rp in range(R // 2):
+                def pair(i, j, rp=rp):
+                    return [T.vectorcombine("int8x16", *(WB[T.ramp(r * 2 * GROUP + 64 * i + 32 * u + 8 * j, 1, 8)]
+                                                          for r in (2 * rp, 2 * rp + 1))) for u in range(2)]
+                base = (mp * (R // 2) + rp) * 16
+                acc = [ACC[T.ramp(base + 4 * j, 1, 4)] for j in range(4)]
+                for h in range(2):
+                    f = half_mmla(h, g, 2 * mp, T.min(2 * mp + 1, s.M - 1), pair, XP, SX)
+                    acc = [acc[j] + f[j] for j in range(4)]
+                for j in range(4):
+                    T.buffer_store(ACC, acc[j], [T.ramp(base + 4 * j, 1, 4)])
+        return
     with T.serial(0, s.M) as m:
         xo = GROUP * g
         if s.mode == "int8":
             for r in range(R):
-                a = ACC[T.ramp((m * R + r) * 8, 1, 8)]
+                lanes = T.ramp((m * R + r) * 8, 1, 4 if s.sdot else 8)
+                a = ACC[lanes]
                 for h in range(2):
-                    a = a + _half_int(s, h, g, m, lambda i, r=r: [WB[T.ramp(r * GROUP + 32 * i + 16 * u, 1, 16)]
-                                                                  for u in range(2)], XP, SX)
-                T.buffer_store(ACC, a, [T.ramp((m * R + r) * 8, 1, 8)])
+                    if s.sdot:
+                        a = a + half_sdot(h, g, m, lambda i, r=r: [
+                            WB[T.ramp(r * 2 * GROUP + 64 * i + 32 * u, 1, 32)] for u in range(2)], XP, SX, XC)
+                    else:
+                        a = a + half_int(s, h, g, m, lambda i, r=r: [
+                            WB[T.ramp(r * GROUP + 32 * i + 16 * u, 1, 16)] for u in range(2)], XP, SX)
+                T.buffer_store(ACC, a, [lanes])
         else:
             for i in range(8):
                 for q in range(tail):
@@ -239,7 +264,8 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y):
     with T.parallel(0, NT) as nt:
         # the GEMV paths feed the lookups straight into the dot products (scalar lookups go through WB)
         fast = s.M == 1 and s.tables and _form(s, b) != "scalar"
-        WB = None if fast else _local((R * GROUP,), "int16" if s.mode == "int8" else "float32")
+        WB = None if fast else _local((R * 2 * GROUP,), "int8") if s.sdot else \
+            _local((R * GROUP,), "int16" if s.mode == "int8" else "float32")
         ACC = _local((s.M * R * 8,), "float32")
         CB = _local((R * GROUP,), "uint8")
         VB = _local((32 * b,), "uint8")
@@ -254,21 +280,26 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y):
             off = lut_offset(b, s.MINB)
             for r, n in enumerate(rows):
                 if split:
-                    split_fp16_tables(LUT, n, off, b, TBL, r * 2 * split_width(b))
+                    split_fp16_tables(LUT, n, off, b, TBL, r * 2 * split_width(b), signed_low=s.sdot and not s.mmla)
                     continue
                 for t in range(E // 8):
                     T.buffer_store(TBL, T.Cast("float32x8", LUT[n, T.ramp(off + 8 * t, 1, 8)]),
                                    [T.ramp(r * E + 8 * t, 1, 8)])
-        bufs = (PL, LUT, XP, SX, WB, CB, TBL, ACC, VB)
+        bufs = (PL, LUT, XP, SX, XC, WB, CB, TBL, ACC, VB)
         each_group(s, lambda g, tail: _group(s, b, rows, g, tail, bufs))
         with T.serial(0, s.M) as m:
             for r in range(R):
                 with T.If(nt * R + r < s.N):
                     with T.Then():
-                        base = (m * R + r) * 8
-                        total = ACC[base]
-                        for e in range(1, 8):
-                            total = total + ACC[base + e]
+                        # lanes summed in order; mmla: lane 2 (r % 2) + m % 2 of the pair tile's 4 block vectors
+                        if s.mmla:
+                            lanes = [((m // 2) * (R // 2) + r // 2) * 16 + 2 * (r % 2) + m % 2 + 4 * j
+                                     for j in range(4)]
+                        else:
+                            lanes = [(m * R + r) * 8 + e for e in range(4 if s.sdot else 8)]
+                        total = ACC[lanes[0]]
+                        for e in lanes[1:]:
+                            total = total + ACC[e]
                         if s.mode == "int8":
                             total = total * WS[rows[r], b - s.MINB]
                         T.buffer_store(Y, total, [m, nt * R + r])
@@ -300,8 +331,10 @@ def make_anyprec_cpu(M: int, N: int, K: int, max_bits: int = 8, min_bits: int = 
     RB, L = row_bytes(K), table_width(max_bits, min_bits)
     widths = list(range(MINB, B + 1))
     rows = dict(rows or {})
+    if s.mmla and any(r % 2 for r in rows.values()):
+        raise ValueError(f"the i8mm body at M > 1 takes weight rows in pairs: rows per task must be even, got {rows}")
     # int8 mode: int8 values, widened for the int16 products (the AVX-512 body multiplies bytes)
-    xdt = "float32" if mode == "exact" else "int8" if s.wide else "int16"
+    xdt = "float32" if mode == "exact" else "int8" if s.wide or s.sdot else "int16"
 
     if mode == "int8":
         @T.prim_func
@@ -312,7 +345,7 @@ def make_anyprec_cpu(M: int, N: int, K: int, max_bits: int = 8, min_bits: int = 
             XP = T.alloc_buffer((M, G * GROUP), xdt)
             SX = T.alloc_buffer((M, G * 32), "float32")
             XC = T.alloc_buffer((M, G * 32), "int32")
-            _prologue(s, X, XP, SX, XC if s.wide else None)
+            _prologue(s, X, XP, SX, XC if s.xc else None)
             _dispatch(s, T.min(T.max(NBITS[0], MINB), B), widths, rows, (PLANES, TABS, SCALES, XP, SX, XC, Y))
 
         func = anyprec_cpu_int8

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from ..quant.byteslice import GROUP
+
+ARM_ISAS = ("i8mm", "dotprod", "neon")   # the aarch64 bodies: NEON ``tbl`` lookups (+ ``sdot`` for the int8 sums:
+                                         # "dotprod"; + ``smmla`` / ``usmmla`` at M > 1: "i8mm")
+SDOT_BIAS = 128   # "dotprod": a table's low bytes are stored minus 128 (signed for sdot); the sums add it back
+
 
 def _u8(v: int, lanes: int = 32):
     return T.broadcast(T.uint8(v), lanes)
@@ -82,14 +88,18 @@ def split_width(b: int) -> int:
     return max(16, 1 << b)
 
 
-def split_fp16_tables(LUT, n, off, b: int, TB, base: int) -> None:
+def split_fp16_tables(LUT, n, off, b: int, TB, base: int, signed_low: bool = False) -> None:
     """Row n's fp16 LUT of bit-width b as two byte tables in TB (uint8): low bytes at base, high bytes at
-    base + split_width(b) (whole 16-entry tables; for b < 4 the entries past 2^b are never indexed)."""
+    base + split_width(b) (whole 16-entry tables; for b < 4 the entries past 2^b are never indexed).
+    ``signed_low``: the low bytes stored minus SDOT_BIAS (bit 7 flipped), as int8 they are the signed operand of
+    ``sdot``: an int16 q = 256 * (high byte as int8) + (low byte as int8) + SDOT_BIAS."""
     w = split_width(b)
     for t in range(w // 16):
         v = T.reinterpret("uint16x16", LUT[n, T.ramp(off + 16 * t, 1, 16)])
-        T.buffer_store(TB, T.Cast("uint8x16", T.bitwise_and(v, T.broadcast(T.uint16(255), 16))),
-                       [T.ramp(base + 16 * t, 1, 16)])
+        low = T.bitwise_and(v, T.broadcast(T.uint16(255), 16))
+        if signed_low:
+            low = T.bitwise_xor(low, T.broadcast(T.uint16(SDOT_BIAS), 16))
+        T.buffer_store(TB, T.Cast("uint8x16", low), [T.ramp(base + 16 * t, 1, 16)])
         T.buffer_store(TB, T.Cast("uint8x16", T.shift_right(v, T.broadcast(T.uint16(8), 16))),
                        [T.ramp(base + w + 16 * t, 1, 16)])
 
@@ -113,23 +123,23 @@ def lookup_bytes_neon(table, b: int, c):
     return T.vectorcombine("int8x32", halves[0], halves[1])
 
 
-def _split_lookup(TB, base: int, b: int, c, isa: str):
+def split_lookup(TB, base: int, b: int, c, isa: str):
     """(low bytes, high bytes) of the 16-bit table entries of 32 codes: the split tables at TB[base] (from
     ``split_fp16_tables``), each looked up like an int8 table (``lookup_bytes_avx2`` / ``lookup_bytes_neon``)."""
     def table(half):
         def get(t):
             t16 = T.reinterpret("int8x16", TB[T.ramp(base + half * split_width(b) + 16 * t, 1, 16)])
-            return t16 if isa == "neon" else T.vectorcombine("int8x32", t16, t16)
+            return t16 if isa in ARM_ISAS else T.vectorcombine("int8x32", t16, t16)
         return get
 
-    look = lookup_bytes_neon if isa == "neon" else lookup_bytes_avx2
+    look = lookup_bytes_neon if isa in ARM_ISAS else lookup_bytes_avx2
     return look(table(0), b, c), look(table(1), b, c)
 
 
 def lookup_fp16_split(TB, base: int, b: int, c, isa: str) -> list:
-    """The fp16 LUT entries of 32 codes as four float32x8 (codes 8q..8q+7): the bytes (``_split_lookup``)
+    """The fp16 LUT entries of 32 codes as four float32x8 (codes 8q..8q+7): the bytes (``split_lookup``)
     interleaved into fp16 and widened (vcvtph2ps, fcvtl)."""
-    lo, hi = _split_lookup(TB, base, b, c, isa)
+    lo, hi = split_lookup(TB, base, b, c, isa)
     out = []
     for q in range(4):
         pair = T.Shuffle([lo, hi], [v for e in range(8) for v in (8 * q + e, 32 + 8 * q + e)])
@@ -138,9 +148,9 @@ def lookup_fp16_split(TB, base: int, b: int, c, isa: str) -> list:
 
 
 def lookup_int16_split(TB, base: int, b: int, c, isa: str) -> list:
-    """The int16 table entries of 32 codes as two int16x16 (codes 0..15, 16..31): the bytes (``_split_lookup``
+    """The int16 table entries of 32 codes as two int16x16 (codes 0..15, 16..31): the bytes (``split_lookup``
     on the int16 table split by ``split_fp16_tables``) re-joined."""
-    lo, hi = _split_lookup(TB, base, b, c, isa)
+    lo, hi = split_lookup(TB, base, b, c, isa)
     return [T.reinterpret("int16x16", T.Shuffle([lo, hi], [v for e in range(16 * u, 16 * u + 16) for v in (e, 32 + e)]))
             for u in range(2)]
 
@@ -168,6 +178,18 @@ def dot_int16_neon(w, x):
     return part([0, 1, 2, 3, 8, 9, 10, 11]) + part([4, 5, 6, 7, 12, 13, 14, 15])
 
 
+def sdot(acc, a, b):
+    """int32x4: acc + lane t = the dot product of bytes 4t..4t+3 of a and b (int8x16; ``sdot``, +dotprod)."""
+    return T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc, a, b)
+
+
+def smmla(acc, a, b, unsigned_a: bool = False):
+    """int32x4: acc + the 2 x 2 products of a's two 8-byte rows and b's (lane 2i + j: row i of a . row j of b;
+    ``smmla``, or ``usmmla`` with a unsigned; +i8mm)."""
+    return T.call_llvm_pure_intrin("int32x4", f"llvm.aarch64.neon.{'us' if unsigned_a else 's'}mmla.v4i32.v16i8",
+                                   acc, a, b)
+
+
 def lookup_f32_avx2(TBL, base, b: int, idx):
     """float32x8: TBL[base + idx] for 8 int32 codes by vpermps on 8-entry tables and a vblendvps tree."""
     vals = [_x86("avx2.permps", "float32x8", TBL[T.ramp(base + 8 * t, 1, 8)], idx)
@@ -187,3 +209,62 @@ def scalar_lookups(TBL, tbase, CB, cbase, WB, wbase, n: int = 256) -> None:
     """WB[wbase + k] = TBL[tbase + CB[cbase + k]] for n codes (a group), one scalar load each."""
     with T.serial(0, n) as k:
         T.buffer_store(WB, TBL[tbase + T.Cast("int32", CB[cbase + k])], [wbase + k])
+
+
+def half_int(s, h: int, g, m, weights, XP, SX):
+    """float32x8: half h of group g of int8 mode (codes i = 4h..4h+3; ``weights(i)``: their int16 table values
+    as two int16x16) times row m of the activations, the int32 sums of each block of 32 scaled by its scale.
+    Lane t of the first (second) int32x8 sums codes 2t, 2t+1 (16 + 2t, 17 + 2t): block t // 4 (2 + t // 4)."""
+    dot = dot_int16_avx2 if s.avx2 else dot_int16_neon if s.isa == "neon" else dot_int16_generic
+    acc = [None, None]
+    for i in range(4 * h, 4 * h + 4):
+        w = weights(i)
+        for u in range(2):
+            d = dot(w[u], XP[m, T.ramp(GROUP * g + 32 * i + 16 * u, 1, 16)])
+            acc[u] = d if acc[u] is None else acc[u] + d
+    scaled = [T.Cast("float32x8", acc[u]) * SX[m, T.ramp(32 * g + 16 * h + 8 * u, 1, 8)] for u in range(2)]
+    return scaled[0] + scaled[1]
+
+
+def half_sdot(h: int, g, m, pairs, XP, SX, XC):
+    """float32x8: half h of group g of int8 mode on "dotprod" (``pairs(i)``: the low and high table bytes of code
+    vector i, int8x32, the low ones minus SDOT_BIAS) times row m of the activations (int8). ``sdot`` lane t of
+    the bytes 16u..16u+15 sums 4 codes of block j = 2u + t // 2; the high and low bytes' sums are kept apart over
+    the half's 4 code vectors, then joined: 256 high + low, the lanes 2j and 2j + 1 added, + XC (SDOT_BIAS x
+    the block's activations): the exact int32 sum of block (j, h) in lane j, scaled by its scale (float32x4)."""
+    zero = T.broadcast(T.int32(0), 4)
+    lo_acc, hi_acc = [zero, zero], [zero, zero]
+    for i in range(4 * h, 4 * h + 4):
+        lo, hi = pairs(i)
+        for u in range(2):
+            x = XP[m, T.ramp(GROUP * g + 32 * i + 16 * u, 1, 16)]
+            half = list(range(16 * u, 16 * u + 16))
+            lo_acc[u] = sdot(lo_acc[u], T.Shuffle([lo], half), x)
+            hi_acc[u] = sdot(hi_acc[u], T.Shuffle([hi], half), x)
+    total = [T.shift_left(hi_acc[u], T.broadcast(T.int32(8), 4)) + lo_acc[u] for u in range(2)]
+    t8 = T.vectorcombine("int32x8", total[0], total[1])
+    lanes = T.ramp(32 * g + 16 * h, 1, 4)
+    blocks = T.Shuffle([t8], [0, 2, 4, 6]) + T.Shuffle([t8], [1, 3, 5, 7])
+    return T.Cast("float32x4", blocks + XC[m, lanes]) * SX[m, lanes]
+
+
+def half_mmla(h: int, g, m0, m1, pair, XP, SX) -> list:
+    """Half h of group g of int8 mode on "i8mm" for rows m0, m1 of the activations and two weight rows: per block
+    j a float32x4, lanes [n0 m0, n0 m1, n1 m0, n1 m1] (``pair(i, j)``: the two rows' low and high table bytes
+    of block j of code vector i, each int8x16 = row n0's 8 bytes then n1's; the low bytes unsigned). Over the
+    block's 4 code vectors ``usmmla`` sums the low bytes, ``smmla`` the high ones; 256 high + low is the exact
+    int32 sum ``half_sdot`` gives in lane j for each pair (m, n), scaled the same way: the same float steps, so
+    each row of an M > 1 call equals an M = 1 call bit for bit."""
+    zero = T.broadcast(T.int32(0), 4)
+    s0, s1 = (SX[m, T.ramp(32 * g + 16 * h, 1, 4)] for m in (m0, m1))
+    out = []
+    for j in range(4):
+        lo_acc = hi_acc = zero
+        for i in range(4 * h, 4 * h + 4):
+            lo, hi = pair(i, j)
+            x = T.vectorcombine("int8x16", *(XP[m, T.ramp(GROUP * g + 32 * i + 8 * j, 1, 8)] for m in (m0, m1)))
+            lo_acc = smmla(lo_acc, lo, x, unsigned_a=True)
+            hi_acc = smmla(hi_acc, hi, x)
+        total = T.shift_left(hi_acc, T.broadcast(T.int32(8), 4)) + lo_acc
+        out.append(T.Cast("float32x4", total) * T.Shuffle([s0, s1], [j, 4 + j, j, 4 + j]))
+    return out

@@ -10,7 +10,7 @@ from tvm.script import tirx as T
 from ..quant.byteslice import GROUP, INT8_MAX, blocks, groups
 from .anyprec import lut_offset
 from .lowering import KEEP
-from .lut_isa import _u8, lane_reduce
+from .lut_isa import ARM_ISAS, SDOT_BIAS, _u8, lane_reduce
 
 WIDE_MAX_M = 32  # rows of X up to which the AVX-512 body runs (decode, verify, the 32-token prefill chunk; its code
                  # grows with M up to lut_avx512.UNROLL_M, a loop above). 32x4096x4096 int8, Xeon, 2 threads: 4.8 /
@@ -48,7 +48,22 @@ class _Shape:
     @property
     def tables(self) -> bool:
         """The row's 16-bit tables are split into byte tables held in registers (``vpshufb`` / NEON ``tbl``)."""
-        return self.avx2 or self.isa == "neon"
+        return self.avx2 or self.isa in ARM_ISAS
+
+    @property
+    def sdot(self) -> bool:
+        """int8 mode on "dotprod" / "i8mm" targets: the table bytes times the int8 activations by ``sdot``."""
+        return self.isa in ("dotprod", "i8mm") and self.mode == "int8"
+
+    @property
+    def mmla(self) -> bool:
+        """int8 mode on "i8mm" targets at M > 1: pairs of weight rows times pairs of rows of X by ``smmla``."""
+        return self.isa == "i8mm" and self.mode == "int8" and self.M > 1
+
+    @property
+    def xc(self) -> bool:
+        """The int8 prologue fills XC (the bias lanes of biased byte tables): the AVX-512 body and ``sdot``."""
+        return self.mode == "int8" and (self.wide or self.sdot)
 
     @property
     def wide(self) -> bool:
@@ -134,7 +149,9 @@ def _prologue(s: _Shape, X, XP, SX, XC=None):
     reads each pair of codes (2q, 2q+1) in the order its byte unpacks leave the fp16 values: position 64q + 32a +
     16c + 8h + l holds code 2q + c, lane 8(a + 2h) + l. With the GFNI decode (``s.gfni``) position 64z + 8w + i
     (w = 2j + e) holds column 64j + 8i + 2z + e, and one int32 lane t per group (block (t // 4, t % 2)) sums
-    bytes 4t..4t+3 of all four code vectors: SX and XC have 16 lanes per group."""
+    bytes 4t..4t+3 of all four code vectors: SX and XC have 16 lanes per group. The "dotprod" body (``s.sdot``)
+    keeps the int8 values in the NEON order and one lane per block (j, h): SX[m, 32g + 16h + j] and XC (SDOT_BIAS x
+    the block's sum, ``_sdot_bias_lanes``)."""
     loop = T.parallel if s.M > 1 else T.serial
     if s.mode == "int8":
         with loop(0, s.M) as m:
@@ -197,9 +214,9 @@ def _quantize_group(s: _Shape, m, g, X, XP, SX, XC, nblocks: int, last: bool = F
         T.buffer_store(amax, lane_reduce(T.max(T.abs(halves[0]), T.abs(halves[1])), 16, T.max), [0])
         inv = T.Select(amax[0] > T.float32(0), T.float32(INT8_MAX) / T.max(amax[0], T.float32(1e-30)),
                        T.float32(0))
-        for u in range(8 if compact else 4):
+        for u in range(8 if compact else 1 if s.sdot else 4):
             lane = 16 * j + 2 * u + h if compact else 4 * j + 2 * (u % 2) + h if s.gfni else \
-                16 * h + (8 * (u // 2) + 2 * j + u % 2 if s.wide else 4 * j + u)
+                16 * h + (8 * (u // 2) + 2 * j + u % 2 if s.wide else j if s.sdot else 4 * j + u)
             T.buffer_store(SX, amax[0] / T.float32(INT8_MAX), [m, 32 * g + lane])
         qs = []
         for v in (0, 1):
@@ -213,16 +230,24 @@ def _quantize_group(s: _Shape, m, g, X, XP, SX, XC, nblocks: int, last: bool = F
                 T.buffer_store(XP, T.Shuffle([qb], [8 * i + l for i in range(4)]), [m, T.ramp(GROUP * g + pos, 1, 4)])
             _bias_lanes(qs[0] + qs[1], compact, XC, m, g, j, h)
             continue
-        for i, l in [(i, l) for i in range(4) for l in range(8)]:   # column c0 + 8i + l
-            T.buffer_store(XP, QB[8 * i + l], [m, GROUP * g + 32 * (4 * h + i) + 8 * j + l])
+        for i in range(4):   # columns c0 + 8i + l, l = 0..7: 8 consecutive values of XP
+            T.buffer_store(XP, QB[T.ramp(8 * i, 1, 8)], [m, T.ramp(GROUP * g + 32 * (4 * h + i) + 8 * j, 1, 8)])
+        if s.sdot:
+            _sdot_bias_lanes(qs[0] + qs[1], XC, m, g, j, h)
 
     def bias(first, terms):   # BIAS16 * the sum of the lane's bytes, one expression (no store-load chain)
         return sum((T.Cast("int32", XP[m, GROUP * g + first + o]) for o in terms), T.int32(0)) * BIAS16
 
-    if XC is not None and not s.gfni:   # lane t of half h: bytes 4t..4t+3 of pairs 2h and 2h + 1
+    if XC is not None and s.wide and not s.gfni:   # lane t of half h: bytes 4t..4t+3 of pairs 2h and 2h + 1
         with T.grid(2, 16) as (h, t):
             T.buffer_store(XC, bias(64 * 2 * h + 4 * t, [64 * c + u for c in range(2) for u in range(4)]),
                            [m, 32 * g + 16 * h + t])
+
+
+def _sdot_bias_lanes(v, XC, m, g, j: int, h: int) -> None:
+    """The "dotprod" body's XC lane of block (j, h) from ``v`` (as in ``_bias_lanes``): lane 16h + j of group g is
+    SDOT_BIAS times the sum of the block's quantized columns."""
+    T.buffer_store(XC, T.Cast("int32", lane_reduce(v, 16)) * SDOT_BIAS, [m, 32 * g + 16 * h + j])
 
 
 def _bias_lanes(v, compact: bool, XC, m, g, j: int, h: int) -> None:

@@ -46,7 +46,9 @@ def wide(spec: AnyPrecCPU) -> bool:
 def candidates(spec: AnyPrecCPU) -> tuple:
     """Rows per task worth measuring: the AVX-512 body holds 1 or 2 rows' tables in registers (3 spill), the
     AVX2 / NEON / generic bodies take up to 4."""
-    return (1, 2) if wide(spec) else (1, 2, 4)
+    if wide(spec):
+        return (1, 2)
+    return (2, 4) if spec.isa == "i8mm" and spec.mode == "int8" and spec.M > 1 else (1, 2, 4)
 
 
 def _choose(us: dict, default: int) -> int:
@@ -159,17 +161,20 @@ def host_isa() -> str:
     """The bitplane kernel's instruction set for this machine's CPU (``kernels.lut_cpu.cpu_isa``)."""
     from ..kernels.lut_cpu import cpu_isa
 
-    return cpu_isa(preset("x86" if host_arch() == "x86_64" else "arm-neon")["target"])
+    if host_arch() == "x86_64":
+        return cpu_isa(preset("x86")["target"])
+    from tvm.target import codegen
+    return cpu_isa({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": codegen.llvm_get_system_cpu()})
 
 
 def runs_on(isa: str, here: str) -> bool:
     """Whether kernels of instruction set ``isa`` run on a CPU whose best is ``here`` (ISAS is ordered)."""
     from ..kernels.lut_cpu import ISAS
 
-    x86 = ("avx512gfni", "avx512", "avx2")
     if isa == "generic" or isa == here:
         return True
-    return isa in x86 and here in x86 and ISAS.index(isa) > ISAS.index(here)
+    return any(isa in fam and here in fam and ISAS.index(isa) > ISAS.index(here)
+               for fam in (("avx512gfni", "avx512", "avx2"), ("i8mm", "dotprod", "neon")))
 
 
 def _cpu_name() -> str:
