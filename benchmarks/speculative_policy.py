@@ -28,42 +28,54 @@ PROMPTS = ["To be, or not to be, that is the question:",
 
 
 def bench_speculative(sess, prompts, tokens, bits, drafts, draft_lens, repeats):
-    rows = []
+    """Plain and speculative greedy decoding of every prompt, rounds interleaved: after one untimed warm-up run of
+    each config, each round times every config on every prompt (the configs' order rotated per round), so a slow
+    phase of the machine or a first-call cost falls on no config alone. Per config: the sum over prompts of each
+    prompt's median time (min / max: the sums of the fastest / slowest rounds' times)."""
+    configs = [None] + [(d, k) for d in drafts for k in draft_lens]
 
-    def timed(fn):
-        ts, out = [], None
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = fn()
-            ts.append(time.perf_counter() - t0)
-        return out, statistics.median(ts), min(ts), max(ts)
+    def run(cfg, ids, st=None):
+        if cfg is None:
+            return sess.generate_ids(ids, tokens, bits)
+        return sess.generate_speculative(ids, tokens, bits, cfg[0], cfg[1], stats=st)
 
-    plain_out, plain_t, lo, hi = [], 0.0, 0.0, 0.0
-    for ids in prompts:
-        o, t, a, b = timed(lambda: sess.generate_ids(ids, tokens, bits))
-        plain_out.append(o)
-        plain_t, lo, hi = plain_t + t, lo + a, hi + b
-    n_tok = sum(len(o) for o in plain_out)
-    rows.append({"config": f"plain {bits}-bit", "tokens": n_tok, "seconds": plain_t, "min_s": lo, "max_s": hi,
-                 "tokens_per_s": n_tok / plain_t, "acceptance": None, "vs_plain": 1.0})
-    for d in drafts:
-        for k in draft_lens:
-            tot = {"drafted": 0, "accepted": 0, "rounds": 0, "draft_s": 0.0, "verify_s": 0.0}
-            t_sum, lo, hi = 0.0, 0.0, 0.0
-            for ids, ref in zip(prompts, plain_out):
+    for cfg in configs:   # warm-up (first calls of each graph and bit-width), untimed
+        run(cfg, prompts[0], {})
+    times = {cfg: [[] for _ in prompts] for cfg in configs}
+    stats = {cfg: {"drafted": 0, "accepted": 0, "rounds": 0, "draft_s": 0.0, "verify_s": 0.0} for cfg in configs}
+    plain_out = [None] * len(prompts)
+    for rnd in range(repeats):
+        for cfg in configs[rnd % len(configs):] + configs[:rnd % len(configs)]:
+            for i, ids in enumerate(prompts):
                 st = {}
-                o, t, a, b = timed(lambda: sess.generate_speculative(ids, tokens, bits, d, k, stats=st))
-                if o != ref:
-                    raise AssertionError(f"speculative {d}->{bits} output differs from plain greedy decoding")
-                for key in tot:
-                    tot[key] += st[key]
-                t_sum, lo, hi = t_sum + t, lo + a, hi + b
-            rows.append({"config": f"draft {d}-bit x{k}, verify {bits}-bit", "tokens": n_tok, "seconds": t_sum,
-                         "min_s": lo, "max_s": hi, "tokens_per_s": n_tok / t_sum,
-                         "acceptance": tot["accepted"] / max(tot["drafted"], 1), "vs_plain": plain_t / t_sum,
-                         # st holds the last repeat's counts and times (generate_speculative resets it)
-                         "rounds": tot["rounds"], "draft_s_per_round": tot["draft_s"] / max(tot["rounds"], 1),
-                         "verify_s_per_round": tot["verify_s"] / max(tot["rounds"], 1)})
+                t0 = time.perf_counter()
+                o = run(cfg, ids, st)
+                times[cfg][i].append(time.perf_counter() - t0)
+                if cfg is None:
+                    plain_out[i] = o
+                elif rnd == repeats - 1:   # the counts and times of one round (generate_speculative resets st)
+                    for key in stats[cfg]:
+                        stats[cfg][key] += st[key]
+    for cfg in configs[1:]:   # every speculative output checked against plain greedy (the last round's)
+        for i, ids in enumerate(prompts):
+            if run(cfg, ids, {}) != plain_out[i]:
+                raise AssertionError(f"speculative {cfg[0]}->{bits} output differs from plain greedy decoding")
+    n_tok = sum(len(o) for o in plain_out)
+    total = {cfg: sum(statistics.median(t) for t in times[cfg]) for cfg in configs}
+    rows = []
+    for cfg in configs:
+        lo, hi = (sum(f(t) for t in times[cfg]) for f in (min, max))
+        row = {"config": f"plain {bits}-bit" if cfg is None else f"draft {cfg[0]}-bit x{cfg[1]}, verify {bits}-bit",
+               "tokens": n_tok, "seconds": total[cfg], "min_s": lo, "max_s": hi, "tokens_per_s": n_tok / total[cfg],
+               "acceptance": None, "vs_plain": total[None] / total[cfg],
+               "vs_plain_per_round": [sum(t[r] for t in times[None]) / sum(t[r] for t in times[cfg])
+                                      for r in range(repeats)]}
+        if cfg is not None:
+            tot = stats[cfg]
+            row.update({"acceptance": tot["accepted"] / max(tot["drafted"], 1), "rounds": tot["rounds"],
+                        "draft_s_per_round": tot["draft_s"] / max(tot["rounds"], 1),
+                        "verify_s_per_round": tot["verify_s"] / max(tot["rounds"], 1)})
+        rows.append(row)
     return rows
 
 
@@ -117,12 +129,14 @@ def main(argv=None):
             f"{platform.machine()}, {time.strftime('%Y-%m-%d')}, verify graph: "
             f"{'verify' if 'verify' in sess.functions else 'prefill'} ({sess.spec(sess._verify_fn())['chunk']} tokens)")
     print("self-speculative decoding (outputs checked equal to plain greedy): " + head)
-    print(f"{'config':<34}{'tok/s':>8}{'accept':>8}{'vs plain':>10}{'draft ms/rnd':>14}{'verify ms/rnd':>15}")
+    print(f"{'config':<34}{'tok/s':>8}{'accept':>8}{'vs plain':>10}{'per round':>13}{'draft ms/rnd':>14}"
+          f"{'verify ms/rnd':>15}")
     for r in spec:
         acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
         dr = f"{r['draft_s_per_round'] * 1e3:.0f}" if "draft_s_per_round" in r else ""
         vr = f"{r['verify_s_per_round'] * 1e3:.0f}" if "verify_s_per_round" in r else ""
-        print(f"{r['config']:<34}{r['tokens_per_s']:>8.2f}{acc:>8}{r['vs_plain']:>9.2f}x{dr:>14}{vr:>15}")
+        spread = f"{min(r['vs_plain_per_round']):.2f}-{max(r['vs_plain_per_round']):.2f}"
+        print(f"{r['config']:<34}{r['tokens_per_s']:>8.2f}{acc:>8}{r['vs_plain']:>9.2f}x{spread:>13}{dr:>14}{vr:>15}")
     print("\nprecision policy, per-step (decode-step latency measured per bit-width: "
           + ", ".join(f"{b}: {v:.1f} ms" for b, v in lat.items()) + ")")
     print(f"{'budget ms':>10}{'feasible':>9}{'bits used':>14}{'mean ms':>9}{'max ms':>8}{'met':>6}")
