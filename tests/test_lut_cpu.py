@@ -52,6 +52,8 @@ def _int_layer(rng, M, N, K):
     for b in WIDTHS:
         q = rng.integers(-1000, 1001, (N, 1 << b))
         q[:, 0] = 1000
+        if b in bsl.BYTE_TABLE_BITS:   # the int16 tables there are 256 x an int8 value (int_tables)
+            q = 256 * rng.integers(-4, 5, (N, 1 << b))
         tabs[:, lut_offset(b, MINB):lut_offset(b, MINB) + (1 << b)] = q
     src = bsl.decode_order(K)
     xp = rng.integers(-9, 10, (M, src.size))
@@ -62,6 +64,27 @@ def _int_layer(rng, M, N, K):
     x = np.zeros((M, K), np.float32)
     x[:, src[src >= 0]] = xp[:, src >= 0]
     return x, bs, tabs, np.ones((N, len(WIDTHS)), np.float32), xp
+
+
+def test_int_tables_byte_tables_at_low_bits():
+    """At BYTE_TABLE_BITS the int16 tables are 256 x an int8 value (zero low bytes: the AVX-512 body reads only the
+    high bytes there), with a scale per row no worse than the max scale's; elsewhere int16 with the max scale."""
+    rng = np.random.default_rng(2)
+    luts = (rng.standard_normal((64, lut_width(B, MINB))) * rng.uniform(0.01, 3, (64, 1))).astype(np.float16)
+    tabs, scales = bsl.int_tables(luts, WIDTHS)
+    for t, b in enumerate(WIDTHS):
+        part = luts[:, lut_offset(b, MINB):lut_offset(b, MINB) + (1 << b)].astype(np.float32)
+        q = tabs[:, lut_offset(b, MINB):lut_offset(b, MINB) + (1 << b)].astype(np.int32)
+        err = np.abs(q * scales[:, t:t + 1] - part)
+        amax = np.abs(part).max(1, keepdims=True)
+        if b in bsl.BYTE_TABLE_BITS:
+            assert (q % 256 == 0).all() and (np.abs(q) <= 127 * 256).all(), b
+            assert (err <= 256 * scales[:, t:t + 1] / 2 * 1.0001).all(), b          # rounding only, no clipping
+            s_max = amax / 127                                                    # the max scale's error
+            err_max = ((part - s_max * np.rint(part / s_max)) ** 2).sum(1)
+            assert ((err ** 2).sum(1) <= err_max * 1.0001 + 1e-12).all(), b
+        else:
+            assert (err <= amax / 32767 * 0.501).all() and (q % 256 != 0).any(), b
 
 
 @pytest.mark.parametrize("K", [576, 1536, 4095])

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from ..quant.byteslice import GROUP
+from ..quant.byteslice import BYTE_TABLE_BITS, GROUP
 from .anyprec import lut_offset
 from .lut_isa import _shift, _srl16, lane_reduce
 from .lut_layout import _local, _plane_vector, each_group, prefetch_row
@@ -132,7 +132,8 @@ def prepare_tables(s, b: int, LUT, n, TB, base: int) -> None:
 
     half = lambda sh: lambda t: T.Cast("uint8x16", T.bitwise_and(T.shift_right(  # noqa: E731
         T.reinterpret("uint16x16", entries(t)), T.broadcast(T.uint16(sh), 16)), T.broadcast(T.uint16(255), 16)))
-    _store_table(TB, base, b, half(0))
+    if 0 in halves(s, b):
+        _store_table(TB, base, b, half(0))
     if s.mode == "int8":   # the high bytes of q + 32768
         _store_table(TB, base + table_bytes(b), b, lambda t: T.bitwise_xor(half(8)(t), T.broadcast(T.uint8(0x80), 16)))
     else:
@@ -152,12 +153,20 @@ def _f32(v16, half: int):
     return T.Cast("float32x16", T.reinterpret("float16x16", part))
 
 
-def _int8_sums(s, looked, XP, XC, g, m, compact: int = 0, chains: int = 2) -> list:
+def halves(s, b: int) -> tuple:
+    """The table halves (0: low bytes, 1: high bytes) int8 mode looks up and multiplies at b bits: only the high
+    one at BYTE_TABLE_BITS, where the int16 tables are 256 x an int8 value (``byteslice.int_tables``): 4 lookups and
+    4 ``vpdpbusd`` per 256 weights instead of 8 and 8 (4096x11008 GEMV, 2 threads, Zen 4: 805 -> 610 us at 3 bits,
+    990 -> 769 us at 4)."""
+    return (1,) if s.mode == "int8" and b in BYTE_TABLE_BITS else (0, 1)
+
+
+def _int8_sums(s, looked, XP, XC, g, m, compact: int = 0, chains: int = 2, ks: tuple = (0, 1)) -> list:
     """int8 mode: [(int32x16 exact sums, SX lane offset)] of one row and group (``looked(k, q)``: table half k's
     bytes for code vector q): per half-group of the paired decode (lane t: bytes 4t..4t+3 of pairs 2h, 2h + 1, block
     ((t % 8) // 2, h)), or one for the GFNI decode (lane t: bytes 4t..4t+3 of all four code vectors, block
     (t // 4, t % 2); two chains per table half), or one per code vector of a compact last group (vector j: lane
-    offset 16j, block (j, t % 2))."""
+    offset 16j, block (j, t % 2)). ``ks``: the table halves multiplied (``halves``; a half left out is zero)."""
     parts = [(16 * j, (j,)) for j in range(compact)] if compact else [(0, range(4))] if s.gfni else \
         [(16 * h, (2 * h, 2 * h + 1)) for h in range(2)]
     out = []
@@ -165,17 +174,18 @@ def _int8_sums(s, looked, XP, XC, g, m, compact: int = 0, chains: int = 2) -> li
         acc = [[T.broadcast(T.int32(0), 16)] * 2 for _ in range(2)]   # [table half][q % chains]
         for q in qs:
             x = XP[m, T.ramp(GROUP * g + VEC * q, 1, VEC)]
-            for k in range(2):
+            for k in ks:
                 acc[k][q % chains] = _x86("avx512.vpdpbusd.512", "int32x16", acc[k][q % chains], looked(k, q), x)
-        lo, hi = acc[0][0] + acc[0][1], acc[1][0] + acc[1][1]
-        out.append((lo + T.shift_left(hi, T.broadcast(T.int32(8), 16)) - XC[m, T.ramp(32 * g + lane, 1, 16)], lane))
+        hi = T.shift_left(acc[1][0] + acc[1][1], T.broadcast(T.int32(8), 16))
+        total = hi + acc[0][0] + acc[0][1] if 0 in ks else hi
+        out.append((total - XC[m, T.ramp(32 * g + lane, 1, 16)], lane))
     return out
 
 
-def _int8_row(s, looked, XP, SX, XC, ACC, g, m, base, compact: int = 0, chains: int = 2) -> None:
+def _int8_row(s, looked, XP, SX, XC, ACC, g, m, base, compact: int = 0, chains: int = 2, ks: tuple = (0, 1)) -> None:
     """int8 mode: one row's int32 sums of a group, scaled per block of 32 activations, into its accumulator."""
     a = ACC[T.ramp(base, 1, 16)]
-    for total, lane in _int8_sums(s, looked, XP, XC, g, m, compact, chains):
+    for total, lane in _int8_sums(s, looked, XP, XC, g, m, compact, chains, ks):
         a = a + T.Cast("float32x16", total) * SX[m, T.ramp(32 * g + lane, 1, 16)]
     T.buffer_store(ACC, a, [T.ramp(base, 1, 16)])
 
@@ -199,21 +209,22 @@ def _group(s, b: int, rows: list, g, tail: int, bufs) -> None:
         return lambda k: lambda t: T.reinterpret("int8x64", TB[T.ramp((2 * r + k) * W + VEC * t, 1, VEC)])
 
     R = len(rows)
+    ks = halves(s, b)
     if LK is not None:   # int8, M > UNROLL_M: each row's looked-up bytes once into LK, then a loop over X's rows
-        for r, k, q in [(r, k, q) for r in range(R) for k in range(2) for q in range(NQ)]:
+        for r, k, q in [(r, k, q) for r in range(R) for k in ks for q in range(NQ)]:
             code = CB[T.ramp(r * GROUP + VEC * q, 1, VEC)]
             T.buffer_store(LK, lookup(table(r)(k), b, code), [T.ramp(((r * 2 + k) * 4 + q) * VEC, 1, VEC)])
         with T.serial(0, s.M) as m:
             for r in range(R):
                 looked = lambda k, q, r=r: LK[T.ramp(((r * 2 + k) * 4 + q) * VEC, 1, VEC)]  # noqa: E731
-                _int8_row(s, looked, XP, SX, XC, ACC, g, m, (r * s.M + m) * acc_width(s), compact, 1)
+                _int8_row(s, looked, XP, SX, XC, ACC, g, m, (r * s.M + m) * acc_width(s), compact, 1, ks)
         return
     for r, m in [(r, m) for r in range(R) for m in range(s.M)]:   # every row of X: the M = 1 order
         code = [CB[T.ramp(r * GROUP + VEC * q, 1, VEC)] for q in range(NQ)]
         base = (r * s.M + m) * acc_width(s)
         if s.mode == "int8":
             _int8_row(s, lambda k, q, r=r, code=code: lookup(table(r)(k), b, code[q]), XP, SX, XC, ACC, g, m, base,
-                      compact)
+                      compact, 2, ks)
             continue
         accs = [ACC[T.ramp(base + 16 * k, 1, 16)] for k in range(4)]
         for q in range(4):
