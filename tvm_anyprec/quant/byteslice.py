@@ -111,7 +111,8 @@ def byte_table(part: np.ndarray, steps: int = 128) -> tuple[np.ndarray, np.ndarr
     row's centroids (d = 127, the max scale, is a candidate: never worse than it). With 8 or 16 centroids the
     max scale leaves errors a shorter step removes: SmolLM2-135M, Hamlet 16 x 128 tokens, torch, the bench parent
     (lm_head fp32): 3 bits 117.27 (fp16 centroids) -> 118.29 with the max scale (+0.87%), 117.36 with the chosen
-    one (+0.08%); 4 bits 73.34 -> 73.45 / 73.48 (+0.16 / +0.19%)."""
+    one (+0.08%); 4 bits 73.34 -> 73.45 / 73.48 (+0.16 / +0.19%). Not used above 4 bits: 5 bits 63.19 -> 63.47 /
+    63.77 (+0.43 / +0.91%), 6 bits 62.37 -> 62.94 / 63.04 (+0.91 / +1.06%)."""
     part = np.asarray(part, np.float32)
     amax = np.abs(part).max(1, keepdims=True)
     amax = np.where(amax > 0, amax, 1.0).astype(np.float32)
