@@ -321,3 +321,23 @@ def test_i8mm_body_takes_weight_rows_in_pairs():
     with pytest.raises(ValueError, match="even"):
         make_anyprec_cpu(5, 19, 576, B, MINB, "int8", "i8mm", rows={3: 1})
     make_anyprec_cpu(1, 19, 576, B, MINB, "int8", "i8mm", rows={3: 1})   # the GEMV is the sdot body: any rows
+
+
+def test_arm_bodies_read_one_byte_at_byte_table_bits():
+    """At BYTE_TABLE_BITS (tables 256 x an int8 value) the sdot / smmla bodies look up and multiply the high bytes
+    only: half the tbl and sdot of 5 bits at M = 1, no usmmla at M = 5 (the assembly; the results are checked on the
+    boards above, which run every bit-width)."""
+    from tvm_anyprec.targets import preset
+
+    def ops(isa, preset_name, M, b):
+        f = make_anyprec_cpu(M, 16, 1024, b, b, "int8", isa).with_attr("global_symbol", "main")
+        asm = tvm.compile(tvm.IRModule({"main": f}), target=tvm.target.Target(preset(preset_name)["target"]))
+        return [ln.split()[0] for ln in asm.mod.inspect_source("s").splitlines()
+                if ln.startswith("\t") and not ln.strip().startswith(".")]
+
+    low, high = ops("dotprod", "arm-dotprod", 1, 4), ops("dotprod", "arm-dotprod", 1, 5)
+    assert 4 in bsl.BYTE_TABLE_BITS and 5 not in bsl.BYTE_TABLE_BITS
+    assert 2 * low.count("sdot") == high.count("sdot") > 0
+    assert 2 * sum(o.startswith("tbl") for o in low) == sum(o.startswith("tbl") for o in high)
+    low, high = ops("i8mm", "arm-i8mm", 5, 4), ops("i8mm", "arm-i8mm", 5, 5)
+    assert low.count("usmmla") == 0 < high.count("usmmla") and low.count("smmla") == high.count("smmla") > 0

@@ -53,7 +53,7 @@ from typing import ClassVar
 
 from tvm.script import tirx as T
 
-from ..quant.byteslice import GROUP, TABLE_DTYPE, row_bytes
+from ..quant.byteslice import BYTE_TABLE_BITS, GROUP, TABLE_DTYPE, row_bytes
 from .anyprec import lut_offset, lut_width
 from .lowering import STACK_LOCALS
 from . import lut_avx512
@@ -149,6 +149,7 @@ def _codes(PL, p_count: int, n, g, tail: int, VB, CB, b: int, base: int = 0) -> 
 def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
     PL, LUT, XP, SX, XC, WB, CB, TBL, ACC, VB = bufs
     R = len(rows)
+    hi_only = s.sdot and b in BYTE_TABLE_BITS   # zero low bytes (byteslice.int_tables): only the high bytes' products
     off = lut_offset(b, s.MINB)
     E = max(8, 1 << b)
     if s.M == 1 and s.mode == "int8" and s.tables:   # GEMV: lookups feed the dot products in registers
@@ -158,7 +159,7 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
             for h in range(2):
                 if s.sdot:
                     a = a + half_sdot(h, g, 0, lambda i, r=r: split_lookup(
-                        TBL, r * 2 * split_width(b), b, codes[i], s.isa), XP, SX, XC)
+                        TBL, r * 2 * split_width(b), b, codes[i], s.isa, hi_only), XP, SX, XC, hi_only)
                     continue
                 a = a + half_int(s, h, g, 0, lambda i, r=r: lookup_int16_split(
                     TBL, r * 2 * split_width(b), b, codes[i], s.isa), XP, SX)
@@ -197,8 +198,8 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
         def step(i, r=r, n=n):
             c = CB[T.ramp(32 * i, 1, 32)]
             if s.sdot:   # the low and high table bytes, for sdot
-                pair = split_lookup(TBL, r * 2 * split_width(b), b, c, s.isa)
-                for u in range(2):
+                pair = split_lookup(TBL, r * 2 * split_width(b), b, c, s.isa, hi_only)
+                for u in range(1 if hi_only else 0, 2):
                     T.buffer_store(WB, pair[u], [T.ramp(r * 2 * GROUP + 64 * i + 32 * u, 1, 32)])
             elif s.mode == "int8":
                 vals = lookup_int16_split(TBL, r * 2 * split_width(b), b, c, s.isa) if s.tables else \
@@ -221,12 +222,13 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
         with T.serial(0, (s.M + 1) // 2) as mp:
             for rp in range(R // 2):
                 def pair(i, j, rp=rp):
-                    return [T.vectorcombine("int8x16", *(WB[T.ramp(r * 2 * GROUP + 64 * i + 32 * u + 8 * j, 1, 8)]
-                                                          for r in (2 * rp, 2 * rp + 1))) for u in range(2)]
+                    return [None if u == 0 and hi_only else T.vectorcombine("int8x16", *(
+                        WB[T.ramp(r * 2 * GROUP + 64 * i + 32 * u + 8 * j, 1, 8)] for r in (2 * rp, 2 * rp + 1)))
+                            for u in range(2)]
                 base = (mp * (R // 2) + rp) * 16
                 acc = [ACC[T.ramp(base + 4 * j, 1, 4)] for j in range(4)]
                 for h in range(2):
-                    f = half_mmla(h, g, 2 * mp, T.min(2 * mp + 1, s.M - 1), pair, XP, SX)
+                    f = half_mmla(h, g, 2 * mp, T.min(2 * mp + 1, s.M - 1), pair, XP, SX, hi_only)
                     acc = [acc[j] + f[j] for j in range(4)]
                 for j in range(4):
                     T.buffer_store(ACC, acc[j], [T.ramp(base + 4 * j, 1, 4)])
@@ -240,7 +242,7 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                 for h in range(2):
                     if s.sdot:
                         a = a + half_sdot(h, g, m, lambda i, r=r: [
-                            WB[T.ramp(r * 2 * GROUP + 64 * i + 32 * u, 1, 32)] for u in range(2)], XP, SX, XC)
+                            WB[T.ramp(r * 2 * GROUP + 64 * i + 32 * u, 1, 32)] for u in range(2)], XP, SX, XC, hi_only)
                     else:
                         a = a + half_int(s, h, g, m, lambda i, r=r: [
                             WB[T.ramp(r * GROUP + 32 * i + 16 * u, 1, 16)] for u in range(2)], XP, SX)

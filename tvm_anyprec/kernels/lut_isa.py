@@ -123,9 +123,10 @@ def lookup_bytes_neon(table, b: int, c):
     return T.vectorcombine("int8x32", halves[0], halves[1])
 
 
-def split_lookup(TB, base: int, b: int, c, isa: str):
+def split_lookup(TB, base: int, b: int, c, isa: str, hi_only: bool = False):
     """(low bytes, high bytes) of the 16-bit table entries of 32 codes: the split tables at TB[base] (from
-    ``split_fp16_tables``), each looked up like an int8 table (``lookup_bytes_avx2`` / ``lookup_bytes_neon``)."""
+    ``split_fp16_tables``), each looked up like an int8 table (``lookup_bytes_avx2`` / ``lookup_bytes_neon``).
+    ``hi_only``: (None, high bytes), for tables whose low bytes are zero (``byteslice.BYTE_TABLE_BITS``)."""
     def table(half):
         def get(t):
             t16 = T.reinterpret("int8x16", TB[T.ramp(base + half * split_width(b) + 16 * t, 1, 16)])
@@ -133,7 +134,7 @@ def split_lookup(TB, base: int, b: int, c, isa: str):
         return get
 
     look = lookup_bytes_neon if isa in ARM_ISAS else lookup_bytes_avx2
-    return look(table(0), b, c), look(table(1), b, c)
+    return None if hi_only else look(table(0), b, c), look(table(1), b, c)
 
 
 def lookup_fp16_split(TB, base: int, b: int, c, isa: str) -> list:
@@ -226,12 +227,14 @@ def half_int(s, h: int, g, m, weights, XP, SX):
     return scaled[0] + scaled[1]
 
 
-def half_sdot(h: int, g, m, pairs, XP, SX, XC):
+def half_sdot(h: int, g, m, pairs, XP, SX, XC, hi_only: bool = False):
     """float32x8: half h of group g of int8 mode on "dotprod" (``pairs(i)``: the low and high table bytes of code
     vector i, int8x32, the low ones minus SDOT_BIAS) times row m of the activations (int8). ``sdot`` lane t of
     the bytes 16u..16u+15 sums 4 codes of block j = 2u + t // 2; the high and low bytes' sums are kept apart over
     the half's 4 code vectors, then joined: 256 high + low, the lanes 2j and 2j + 1 added, + XC (SDOT_BIAS x
-    the block's activations): the exact int32 sum of block (j, h) in lane j, scaled by its scale (float32x4)."""
+    the block's activations): the exact int32 sum of block (j, h) in lane j, scaled by its scale (float32x4).
+    ``hi_only`` (tables with zero low bytes, ``byteslice.BYTE_TABLE_BITS``): the low bytes' sum would be -SDOT_BIAS
+    x the activations, which XC cancels: both left out, 256 x the high bytes' sum is the same exact sum."""
     zero = T.broadcast(T.int32(0), 4)
     lo_acc, hi_acc = [zero, zero], [zero, zero]
     for i in range(4 * h, 4 * h + 4):
@@ -239,22 +242,24 @@ def half_sdot(h: int, g, m, pairs, XP, SX, XC):
         for u in range(2):
             x = XP[m, T.ramp(GROUP * g + 32 * i + 16 * u, 1, 16)]
             half = list(range(16 * u, 16 * u + 16))
-            lo_acc[u] = sdot(lo_acc[u], T.Shuffle([lo], half), x)
+            if not hi_only:
+                lo_acc[u] = sdot(lo_acc[u], T.Shuffle([lo], half), x)
             hi_acc[u] = sdot(hi_acc[u], T.Shuffle([hi], half), x)
-    total = [T.shift_left(hi_acc[u], T.broadcast(T.int32(8), 4)) + lo_acc[u] for u in range(2)]
+    total = [T.shift_left(hi_acc[u], T.broadcast(T.int32(8), 4)) for u in range(2)]
+    total = total if hi_only else [total[u] + lo_acc[u] for u in range(2)]
     t8 = T.vectorcombine("int32x8", total[0], total[1])
     lanes = T.ramp(32 * g + 16 * h, 1, 4)
     blocks = T.Shuffle([t8], [0, 2, 4, 6]) + T.Shuffle([t8], [1, 3, 5, 7])
-    return T.Cast("float32x4", blocks + XC[m, lanes]) * SX[m, lanes]
+    return T.Cast("float32x4", blocks if hi_only else blocks + XC[m, lanes]) * SX[m, lanes]
 
 
-def half_mmla(h: int, g, m0, m1, pair, XP, SX) -> list:
+def half_mmla(h: int, g, m0, m1, pair, XP, SX, hi_only: bool = False) -> list:
     """Half h of group g of int8 mode on "i8mm" for rows m0, m1 of the activations and two weight rows: per block
     j a float32x4, lanes [n0 m0, n0 m1, n1 m0, n1 m1] (``pair(i, j)``: the two rows' low and high table bytes
     of block j of code vector i, each int8x16 = row n0's 8 bytes then n1's; the low bytes unsigned). Over the
     block's 4 code vectors ``usmmla`` sums the low bytes, ``smmla`` the high ones; 256 high + low is the exact
     int32 sum ``half_sdot`` gives in lane j for each pair (m, n), scaled the same way: the same float steps, so
-    each row of an M > 1 call equals an M = 1 call bit for bit."""
+    each row of an M > 1 call equals an M = 1 call bit for bit. ``hi_only``: zero low bytes, their products left out."""
     zero = T.broadcast(T.int32(0), 4)
     s0, s1 = (SX[m, T.ramp(32 * g + 16 * h, 1, 4)] for m in (m0, m1))
     out = []
@@ -263,8 +268,10 @@ def half_mmla(h: int, g, m0, m1, pair, XP, SX) -> list:
         for i in range(4 * h, 4 * h + 4):
             lo, hi = pair(i, j)
             x = T.vectorcombine("int8x16", *(XP[m, T.ramp(GROUP * g + 32 * i + 8 * j, 1, 8)] for m in (m0, m1)))
-            lo_acc = smmla(lo_acc, lo, x, unsigned_a=True)
+            if not hi_only:
+                lo_acc = smmla(lo_acc, lo, x, unsigned_a=True)
             hi_acc = smmla(hi_acc, hi, x)
-        total = T.shift_left(hi_acc, T.broadcast(T.int32(8), 4)) + lo_acc
+        total = T.shift_left(hi_acc, T.broadcast(T.int32(8), 4))
+        total = total if hi_only else total + lo_acc
         out.append(T.Cast("float32x4", total) * T.Shuffle([s0, s1], [j, 4 + j, j, 4 + j]))
     return out
