@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from ..quant.byteslice import BYTE_TABLE_BITS, GROUP
+from ..quant.byteslice import GROUP
 from .anyprec import lut_offset
 from .lut_isa import _shift, _srl16, lane_reduce
 from .lut_layout import _local, _plane_vector, each_group, prefetch_row
@@ -158,7 +158,7 @@ def halves(s, b: int) -> tuple:
     one at BYTE_TABLE_BITS, where the int16 tables are 256 x an int8 value (``byteslice.int_tables``): 4 lookups and
     4 ``vpdpbusd`` per 256 weights instead of 8 and 8 (4096x11008 GEMV, 2 threads, Zen 4, same-process A/B: 0.905
     -> 0.707 ms at 3 bits, 0.923 -> 0.807 ms at 4)."""
-    return (1,) if s.mode == "int8" and b in BYTE_TABLE_BITS else (0, 1)
+    return (1,) if s.byte_tables(b) else (0, 1)
 
 
 def _int8_sums(s, looked, XP, XC, g, m, compact: int = 0, chains: int = 2, ks: tuple = (0, 1)) -> list:

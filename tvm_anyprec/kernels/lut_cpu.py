@@ -53,7 +53,7 @@ from typing import ClassVar
 
 from tvm.script import tirx as T
 
-from ..quant.byteslice import BYTE_TABLE_BITS, GROUP, TABLE_DTYPE, row_bytes
+from ..quant.byteslice import GROUP, TABLE_DTYPE, row_bytes
 from .anyprec import lut_offset, lut_width
 from .lowering import STACK_LOCALS
 from . import lut_avx512
@@ -149,13 +149,13 @@ def _codes(PL, p_count: int, n, g, tail: int, VB, CB, b: int, base: int = 0) -> 
 def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
     PL, LUT, XP, SX, XC, WB, CB, TBL, ACC, VB = bufs
     R = len(rows)
-    hi_only = s.sdot and b in BYTE_TABLE_BITS   # zero low bytes (byteslice.int_tables): only the high bytes' products
+    hi_only = s.sdot and s.byte_tables(b)   # zero low bytes (byteslice.int_tables): only the high bytes' products
     off = lut_offset(b, s.MINB)
     E = max(8, 1 << b)
     if s.M == 1 and s.mode == "int8" and s.tables:   # GEMV: lookups feed the dot products in registers
         for r, n in enumerate(rows):
             codes = _codes(PL, b, n, g, tail, VB, CB, b)
-            a = ACC[T.ramp(r * 8, 1, 4 if s.sdot else 8)]   # sdot: one lane per block of 32
+            a = ACC[T.ramp(r * 8, 1, s.acc_lanes)]
             for h in range(2):
                 if s.sdot:
                     a = a + half_sdot(h, g, 0, lambda i, r=r: split_lookup(
@@ -163,7 +163,7 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                     continue
                 a = a + half_int(s, h, g, 0, lambda i, r=r: lookup_int16_split(
                     TBL, r * 2 * split_width(b), b, codes[i], s.isa), XP, SX)
-            T.buffer_store(ACC, a, [T.ramp(r * 8, 1, 4 if s.sdot else 8)])
+            T.buffer_store(ACC, a, [T.ramp(r * 8, 1, s.acc_lanes)])
         return
     if s.M == 1 and s.mode == "exact" and s.tables:   # GEMV: the rows of a tile share each x load
         for r, n in enumerate(rows):
@@ -237,7 +237,7 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
         xo = GROUP * g
         if s.mode == "int8":
             for r in range(R):
-                lanes = T.ramp((m * R + r) * 8, 1, 4 if s.sdot else 8)
+                lanes = T.ramp((m * R + r) * 8, 1, s.acc_lanes)
                 a = ACC[lanes]
                 for h in range(2):
                     if s.sdot:
@@ -298,7 +298,7 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y):
                             lanes = [((m // 2) * (R // 2) + r // 2) * 16 + 2 * (r % 2) + m % 2 + 4 * j
                                      for j in range(4)]
                         else:
-                            lanes = [(m * R + r) * 8 + e for e in range(4 if s.sdot else 8)]
+                            lanes = [(m * R + r) * 8 + e for e in range(s.acc_lanes)]
                         total = ACC[lanes[0]]
                         for e in lanes[1:]:
                             total = total + ACC[e]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import tvm
 from tvm.script import tirx as T
 
-from ..quant.byteslice import GROUP, INT8_MAX, blocks, groups
+from ..quant.byteslice import BYTE_TABLE_BITS, GROUP, INT8_MAX, blocks, groups
 from .anyprec import lut_offset
 from .lowering import KEEP
 from .lut_isa import ARM_ISAS, SDOT_BIAS, _u8, lane_reduce
@@ -59,6 +59,17 @@ class _Shape:
     def mmla(self) -> bool:
         """int8 mode on "i8mm" targets at M > 1: pairs of weight rows times pairs of rows of X by ``smmla``."""
         return self.isa == "i8mm" and self.mode == "int8" and self.M > 1
+
+    @property
+    def acc_lanes(self) -> int:
+        """fp32 accumulator lanes per (row of X, weight row) of the AVX2 / NEON / generic bodies: one per block of 32
+        with sdot, else the 8 lanes of the int16 / fp32 products."""
+        return 4 if self.sdot else 8
+
+    def byte_tables(self, b: int) -> bool:
+        """int8 mode at b bits reads only the high table bytes (BYTE_TABLE_BITS: the tables are 256 x an int8
+        value, ``byteslice.int_tables``): the AVX-512 body and the sdot / smmla bodies."""
+        return self.mode == "int8" and b in BYTE_TABLE_BITS
 
     @property
     def xc(self) -> bool:

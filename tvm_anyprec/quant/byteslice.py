@@ -20,7 +20,8 @@ from .bitplanes import unpack_bitplanes
 BLOCK = 64      # weights per 8-byte block of a plane row
 GROUP = 256     # weights per 32-byte vector of a plane (4 blocks); the activation scale group of int8 mode
 INT8_MAX = 127
-TABLE_MAX = 32767   # int8 mode's centroid tables are int16: int8 tables cost +0.9..1.2% perplexity (see int_tables)
+TABLE_MAX = 32767   # int8 mode's centroid tables are int16: int8 tables cost +0.4..1.2% perplexity from 5 bits on
+                    # (see int_tables, byte_table)
 TABLE_DTYPE = "int16"
 BYTE_TABLE_BITS = (3, 4)   # bit-widths whose int16 tables are 256 x an int8 value (zero low bytes, ``int_tables``): the
                            # AVX-512 body looks up and multiplies one byte per code instead of two there

@@ -36,19 +36,22 @@ COLD_BYTES = 96 << 20   # the copies of one layer cycled through per timing pass
 PASSES = 7              # timing rounds per bit-width (each times every candidate); the median is kept
 
 
-def wide(spec: AnyPrecCPU) -> bool:
-    """Whether the kernel runs the AVX-512 body (``lut_layout._Shape.wide``)."""
+def _shape(spec: AnyPrecCPU):
     from ..kernels.lut_layout import _Shape
 
-    return _Shape(spec.M, spec.N, spec.K, spec.max_bits, spec.min_bits, spec.mode, spec.isa).wide
+    return _Shape(spec.M, spec.N, spec.K, spec.max_bits, spec.min_bits, spec.mode, spec.isa)
+
+
+def wide(spec: AnyPrecCPU) -> bool:
+    """Whether the kernel runs the AVX-512 body (``lut_layout._Shape.wide``)."""
+    return _shape(spec).wide
 
 
 def candidates(spec: AnyPrecCPU) -> tuple:
     """Rows per task worth measuring: the AVX-512 body holds 1 or 2 rows' tables in registers (3 spill), the
-    AVX2 / NEON / generic bodies take up to 4."""
-    if wide(spec):
-        return (1, 2)
-    return (2, 4) if spec.isa == "i8mm" and spec.mode == "int8" and spec.M > 1 else (1, 2, 4)
+    AVX2 / NEON / generic bodies take up to 4, the i8mm body at M > 1 pairs of them."""
+    s = _shape(spec)
+    return (1, 2) if s.wide else (2, 4) if s.mmla else (1, 2, 4)
 
 
 def _choose(us: dict, default: int) -> int:
