@@ -43,7 +43,7 @@ def bench_speculative(sess, prompts, tokens, bits, drafts, draft_lens, repeats):
         run(cfg, prompts[0], {})
     times = {cfg: [[] for _ in prompts] for cfg in configs}
     stats = {cfg: {"drafted": 0, "accepted": 0, "rounds": 0, "draft_s": 0.0, "verify_s": 0.0} for cfg in configs}
-    plain_out = [None] * len(prompts)
+    outs = {cfg: [None] * len(prompts) for cfg in configs}   # the last round's outputs
     for rnd in range(repeats):
         for cfg in configs[rnd % len(configs):] + configs[:rnd % len(configs)]:
             for i, ids in enumerate(prompts):
@@ -51,15 +51,14 @@ def bench_speculative(sess, prompts, tokens, bits, drafts, draft_lens, repeats):
                 t0 = time.perf_counter()
                 o = run(cfg, ids, st)
                 times[cfg][i].append(time.perf_counter() - t0)
-                if cfg is None:
-                    plain_out[i] = o
-                elif rnd == repeats - 1:   # the counts and times of one round (generate_speculative resets st)
+                outs[cfg][i] = o
+                if cfg is not None and rnd == repeats - 1:   # the counts and times of one round (generate_speculative resets st)
                     for key in stats[cfg]:
                         stats[cfg][key] += st[key]
+    plain_out = outs[None]
     for cfg in configs[1:]:   # every speculative output checked against plain greedy (the last round's)
-        for i, ids in enumerate(prompts):
-            if run(cfg, ids, {}) != plain_out[i]:
-                raise AssertionError(f"speculative {cfg[0]}->{bits} output differs from plain greedy decoding")
+        if outs[cfg] != plain_out:
+            raise AssertionError(f"speculative {cfg[0]}->{bits} output differs from plain greedy decoding")
     n_tok = sum(len(o) for o in plain_out)
     total = {cfg: sum(statistics.median(t) for t in times[cfg]) for cfg in configs}
     rows = []

@@ -227,8 +227,14 @@ def half_int(s, h: int, g, m, weights, XP, SX):
     return scaled[0] + scaled[1]
 
 
+def _join_bytes(hi_acc, lo_acc, hi_only: bool):
+    """int32x4: 256 x the high bytes' sums + the low bytes' (``hi_only``: the low bytes are zero, left out)."""
+    hi = T.shift_left(hi_acc, T.broadcast(T.int32(8), 4))
+    return hi if hi_only else hi + lo_acc
+
+
 def half_sdot(h: int, g, m, pairs, XP, SX, XC, hi_only: bool = False):
-    """float32x8: half h of group g of int8 mode on "dotprod" (``pairs(i)``: the low and high table bytes of code
+    """float32x4: half h of group g of int8 mode on "dotprod" (``pairs(i)``: the low and high table bytes of code
     vector i, int8x32, the low ones minus SDOT_BIAS) times row m of the activations (int8). ``sdot`` lane t of
     the bytes 16u..16u+15 sums 4 codes of block j = 2u + t // 2; the high and low bytes' sums are kept apart over
     the half's 4 code vectors, then joined: 256 high + low, the lanes 2j and 2j + 1 added, + XC (SDOT_BIAS x
@@ -245,8 +251,7 @@ def half_sdot(h: int, g, m, pairs, XP, SX, XC, hi_only: bool = False):
             if not hi_only:
                 lo_acc[u] = sdot(lo_acc[u], T.Shuffle([lo], half), x)
             hi_acc[u] = sdot(hi_acc[u], T.Shuffle([hi], half), x)
-    total = [T.shift_left(hi_acc[u], T.broadcast(T.int32(8), 4)) for u in range(2)]
-    total = total if hi_only else [total[u] + lo_acc[u] for u in range(2)]
+    total = [_join_bytes(hi_acc[u], lo_acc[u], hi_only) for u in range(2)]
     t8 = T.vectorcombine("int32x8", total[0], total[1])
     lanes = T.ramp(32 * g + 16 * h, 1, 4)
     blocks = T.Shuffle([t8], [0, 2, 4, 6]) + T.Shuffle([t8], [1, 3, 5, 7])
@@ -271,7 +276,5 @@ def half_mmla(h: int, g, m0, m1, pair, XP, SX, hi_only: bool = False) -> list:
             if not hi_only:
                 lo_acc = smmla(lo_acc, lo, x, unsigned_a=True)
             hi_acc = smmla(hi_acc, hi, x)
-        total = T.shift_left(hi_acc, T.broadcast(T.int32(8), 4))
-        total = total if hi_only else total + lo_acc
-        out.append(T.Cast("float32x4", total) * T.Shuffle([s0, s1], [j, 4 + j, j, 4 + j]))
+        out.append(T.Cast("float32x4", _join_bytes(hi_acc, lo_acc, hi_only)) * T.Shuffle([s0, s1], [j, 4 + j, j, 4 + j]))
     return out

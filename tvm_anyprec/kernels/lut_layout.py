@@ -73,8 +73,9 @@ class _Shape:
 
     @property
     def xc(self) -> bool:
-        """The int8 prologue fills XC (the bias lanes of biased byte tables): the AVX-512 body and ``sdot``."""
-        return self.mode == "int8" and (self.wide or self.sdot)
+        """The int8 prologue fills XC (the bias lanes of biased byte tables): the AVX-512 body and ``sdot`` (not
+        ``mmla``: its unsigned low bytes need no bias)."""
+        return self.mode == "int8" and (self.wide or (self.sdot and not self.mmla))
 
     @property
     def wide(self) -> bool:
@@ -243,7 +244,7 @@ def _quantize_group(s: _Shape, m, g, X, XP, SX, XC, nblocks: int, last: bool = F
             continue
         for i in range(4):   # columns c0 + 8i + l, l = 0..7: 8 consecutive values of XP
             T.buffer_store(XP, QB[T.ramp(8 * i, 1, 8)], [m, T.ramp(GROUP * g + 32 * (4 * h + i) + 8 * j, 1, 8)])
-        if s.sdot:
+        if s.sdot and s.xc:
             _sdot_bias_lanes(qs[0] + qs[1], XC, m, g, j, h)
 
     def bias(first, terms):   # BIAS16 * the sum of the lane's bytes, one expression (no store-load chain)
