@@ -112,6 +112,7 @@ def main(argv=None):
 
     from tvm_anyprec import api
     from tvm_anyprec.runtime import Session
+    from tvm_anyprec.speculative import verify_graphs
 
     art = Path(args.artifact)
     if not (art / "manifest.json").exists():
@@ -125,8 +126,8 @@ def main(argv=None):
     lat, pol = bench_policy(sess, prompts[0], args.tokens)
 
     head = (f"SmolLM2-135M, {len(PROMPTS)} prompts x {args.tokens} new tokens, {args.threads} threads, "
-            f"{platform.machine()}, {time.strftime('%Y-%m-%d')}, verify graph: "
-            f"{'verify' if 'verify' in sess.functions else 'prefill'} ({sess.spec(sess._verify_fn())['chunk']} tokens)")
+            f"{platform.machine()}, {time.strftime('%Y-%m-%d')}, verify graphs: "
+            + ", ".join(f"{fn} ({chunk} tokens)" for chunk, fn in verify_graphs(sess)))
     print("self-speculative decoding (outputs checked equal to plain greedy): " + head)
     print(f"{'config':<34}{'tok/s':>8}{'accept':>8}{'vs plain':>10}{'per round':>13}{'draft ms/rnd':>14}"
           f"{'verify ms/rnd':>15}")

@@ -14,7 +14,7 @@ PROMPT = "To be, or not to be, that is the question:"
 def test_artifact_layout(real_artifact):
     m = api.inspect(real_artifact)
     assert m["kind"] == "compiled" and m["bit_widths"] == [3, 4, 5, 6, 7, 8]
-    assert len(m["layers"]) == 210 and set(m["functions"]) == {"decode", "prefill", "prefill_cache", "verify"}
+    assert len(m["layers"]) == 210 and set(m["functions"]) == {"decode", "prefill", "prefill_cache", "verify_3", "verify"}
     twin = m["functions"]["prefill_cache"]
     assert twin["logits"] is False and twin["outputs"] == m["functions"]["prefill"]["outputs"][1:]
     assert twin["inputs"] == m["functions"]["prefill"]["inputs"]

@@ -103,3 +103,19 @@ def test_speculation_plan_from_measured_costs():
     assert plan_speculation(8, lat, verify, {3: 0.05, 4: 0.1}).draft_bits is None
     assert plan_speculation(8, lat, {k: 400.0 for k in range(1, 5)}, {3: 0.6, 4: 0.8}).draft_bits is None
     assert plan_speculation(3, lat, verify, {3: 0.9}).draft_bits is None   # nothing below 3 bits
+
+
+def test_verify_graph_names_and_choice():
+    """An export's verify graphs (the largest keeps the name ``verify``) and the one a round of k drafts runs:
+    the smallest that holds the current token and the drafts."""
+    from tvm_anyprec.frontend.onnx_import import graph_names
+    from tvm_anyprec.speculative import verify_fn
+
+    assert graph_names(32) == [("decode", 1), ("prefill", 32), ("verify_3", 3), ("verify", 5)]
+    assert graph_names(16, 5) == [("decode", 1), ("prefill", 16), ("verify", 5)]
+    assert graph_names(32, 0) == graph_names(32, ()) == [("decode", 1), ("prefill", 32)]
+    assert graph_names(32, (4, 2, 4)) == [("decode", 1), ("prefill", 32), ("verify_2", 2), ("verify", 4)]
+    graphs = [(3, "verify_3"), (5, "verify")]
+    assert [verify_fn(graphs, k + 1) for k in range(1, 5)] == [(3, "verify_3")] * 2 + [(5, "verify")] * 2
+    with pytest.raises(ValueError, match="no verify graph takes 6 tokens"):
+        verify_fn(graphs, 6)

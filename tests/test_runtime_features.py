@@ -21,15 +21,19 @@ def prompt_ids(session):
     return [session.tokenizer(p)["input_ids"] for p in PROMPTS]
 
 
-@pytest.mark.parametrize("bits,draft", [(8, 3), (6, 4)])
-def test_speculative_equals_greedy(session, prompt_ids, bits, draft):
+@pytest.mark.parametrize("bits,draft,draft_len", [(8, 3, 4), (6, 4, 4), (8, 4, 2)])
+def test_speculative_equals_greedy(session, prompt_ids, bits, draft, draft_len):
+    """Output equal to plain greedy decoding; rounds of 2 drafts run the 3-token verify graph (verify_3), rounds
+    of 4 the 5-token one (the last rounds may draft fewer)."""
     total = {"drafted": 0, "accepted": 0}
     for ids in prompt_ids:
         plain = session.generate_ids(ids, 16, bits)
         st = {}
-        spec = session.generate_speculative(ids, 16, bits, draft, draft_len=4, stats=st)
+        spec = session.generate_speculative(ids, 16, bits, draft, draft_len=draft_len, stats=st)
         assert spec == plain, f"{draft}->{bits} bits: {spec} != {plain}"
         assert 0 <= st["accepted"] <= st["drafted"] and st["rounds"] > 0
+        assert sum(st["verify_calls"].values()) == st["rounds"]
+        assert set(st["verify_calls"]) == {"verify_3"} if draft_len == 2 else st["verify_calls"]["verify"] > 0
         for k in total:
             total[k] += st[k]
     # a 3- or 4-bit child agrees with the verifier often enough to save passes (measured: well above 30%)
@@ -43,7 +47,7 @@ def test_speculative_with_same_bits_accepts_everything(session, prompt_ids):
     out = session.generate_speculative(prompt_ids[0], 16, 5, 5, draft_len=4, stats=st)
     assert out == session.generate_ids(prompt_ids[0], 16, 5)
     # the prefill's token, then 3 rounds of 4 drafts + the verifier's next token
-    assert st["accepted"] == st["drafted"] == 12 and st["rounds"] == 3
+    assert st["accepted"] == st["drafted"] == 12 and st["rounds"] == 3 and st["verify_calls"] == {"verify": 3}
 
 
 def test_speculative_bad_arguments(session, prompt_ids):

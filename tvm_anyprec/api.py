@@ -135,20 +135,21 @@ def evaluate(path, bits=None, windows: int = EVAL_WINDOWS, seqlen: int = EVAL_SE
 
 # ----------------------------------------------------------------------------- export / compile / run
 EXPORT_CHUNK = 32
-VERIFY_CHUNK = 5   # tokens per call of the 'verify' graph: self-speculative decoding checks up to 4 drafts
 SOURCE_MARKER = "SOURCE"   # written by export next to the ONNX files: the model (and tokenizer) they came from
 
 
 def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int | None = None,
-           verify_chunk: int = VERIFY_CHUNK, prune_ratio: float = 0.0,
-           prune_layer: int | None = None) -> Path:
-    """Export the model to ONNX: ``out/decode.onnx`` (1 token/step), ``out/prefill.onnx`` (chunk tokens) and
-    ``out/verify.onnx`` (verify_chunk tokens: the verifying pass of self-speculative decoding; 0 skips it).
+           verify_chunk=None, prune_ratio: float = 0.0, prune_layer: int | None = None) -> Path:
+    """Export the model to ONNX: ``out/decode.onnx`` (1 token/step), ``out/prefill.onnx`` (chunk tokens) and the
+    verify graphs, the verifying pass of self-speculative decoding: ``verify_chunk`` tokens per call (an int or
+    several: ``verify.onnx`` the largest, ``verify_<n>.onnx`` the others; None: ``onnx_import.VERIFY_CHUNKS``,
+    3 and 5; 0 or empty: none).
     ``max_len``: the KV cache length (None: the model's context, at most ``frontend.export.DEFAULT_MAX_CONTEXT``).
     ``prune_ratio`` > 0: the prefill graph prunes that fraction of each chunk's tokens from ``prune_layer`` on
     (default: the middle layer), Agile-Quant's token pruning (see frontend/export.py); decode and verify are
     not pruned. The settings are recorded in the graph's spec (ONNX metadata, then the artifact manifest)."""
     from .frontend.export import check_pruning, default_max_len, export_onnx
+    from .frontend.onnx_import import VERIFY_CHUNKS, graph_names
 
     out = Path(out)
     src = data.resolve_model(model)
@@ -156,9 +157,9 @@ def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int | None = Non
     max_len = int(max_len or default_max_len(m))
     prune_layer = check_pruning(prune_ratio, prune_layer, m.config.num_hidden_layers, chunk)  # before exporting
     t0 = time.time()
-    graphs = [("decode", 1), ("prefill", chunk)] + ([("verify", verify_chunk)] if verify_chunk else [])
-    if verify_chunk and not 1 < verify_chunk <= max_len:
-        raise ValueError(f"verify chunk must be in 2..{max_len}, got {verify_chunk}")
+    graphs = graph_names(chunk, VERIFY_CHUNKS if verify_chunk is None else verify_chunk)
+    if any(not 1 < s <= max_len for g, s in graphs if g.startswith("verify")):
+        raise ValueError(f"verify chunks must be in 2..{max_len}, got {verify_chunk}")
     for name, s in graphs:
         prune = (prune_ratio, prune_layer) if name == "prefill" else (0.0, None)
         export_onnx(m, out / f"{name}.onnx", s, max_len, *prune)
@@ -176,7 +177,7 @@ def graph_pruning(source) -> dict:
 
     out = {}
     for path in onnx_files(source):
-        if path.stem in ("decode", "verify"):
+        if path.stem == "decode" or path.stem.startswith("verify"):
             continue
         spec = read_spec(load_onnx(path))
         if spec is not None and function_name(path, spec) == "prefill":
@@ -219,6 +220,7 @@ def compile(source, out, target: str = "x86", parent=None, exclude=None, force: 
     have been exported with them (checked). None: whatever the graphs have (a model source: no pruning).
     ``input_shapes``: {input name: dims} for an ONNX graph from elsewhere whose inputs have dynamic dimensions."""
     from .compiler import compile_model
+    from .frontend.onnx_import import exported
     from .schemes.anyprec import lm_head_plan, lm_head_settle
 
     lm_head_bits, exclude, auto = lm_head_plan(lm_head_bits, target, exclude, act_bits)
@@ -230,7 +232,7 @@ def compile(source, out, target: str = "x86", parent=None, exclude=None, force: 
         model = data.resolve_model(source)
         onnx_dir = out.with_name(out.name + ".onnx")
         ratio = float(prune_ratio or 0.0)
-        if not all((onnx_dir / f"{g}.onnx").exists() for g in ("decode", "prefill", "verify")):
+        if not exported(onnx_dir, EXPORT_CHUNK):
             export(onnx_dir, model, prune_ratio=ratio, prune_layer=prune_layer)
         else:
             try:
@@ -346,7 +348,7 @@ def kernel_specs_of(source, exclude=DEFAULT_EXCLUDE, target: str = "x86") -> dic
     for a model name ('smollm2', a .gguf, an HF directory), by exporting it first (into the cache directory,
     once)."""
     from .errors import TuningError
-    from .frontend.onnx_import import import_onnx
+    from .frontend.onnx_import import exported, import_onnx
     from .tune.driver import specs_of_manifest, tunable_specs
 
     src = Path(str(source))
@@ -358,7 +360,7 @@ def kernel_specs_of(source, exclude=DEFAULT_EXCLUDE, target: str = "x86") -> dic
     if not _is_onnx(src):
         model = data.resolve_model(source)
         src = data.cache_dir() / "onnx" / model.stem
-        if not all((src / f"{g}.onnx").exists() for g in ("decode", "prefill", "verify")):
+        if not exported(src, EXPORT_CHUNK):
             export(src, model)
     from .schemes.anyprec import AnyPrec
     from .targets import preset

@@ -16,7 +16,7 @@ def _bits_list(s: str) -> list[int]:
     try:
         return [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bits must be a comma-separated list of integers, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {s!r}")
 
 
 def _target_help() -> str:
@@ -86,14 +86,15 @@ def _add_eval(sub):
 
 def _add_export(sub):
     p = sub.add_parser("export", help="export a model to ONNX with a KV cache (decode.onnx, prefill.onnx, "
-                       "verify.onnx)")
+                       "verify*.onnx)")
     p.add_argument("--model", default="smollm2", help=MODEL_HELP)
     p.add_argument("--out", "-o", required=True)
     p.add_argument("--chunk", type=int, default=32, help="tokens per prefill call")
     p.add_argument("--max-len", type=int, default=None, help="KV cache length: the longest context (default: the "
                    "model's, at most 8192; a step costs what its position costs, not this)")
-    p.add_argument("--verify-chunk", type=int, default=5, help="tokens per call of verify.onnx, the verifying "
-                   "pass of self-speculative decoding (drafts up to this minus 1; 0: no verify graph)")
+    p.add_argument("--verify-chunk", type=_bits_list, default=None, help="tokens per call of the verify graphs, the "
+                   "verifying pass of self-speculative decoding, comma-separated (default 3,5: verify_3.onnx and "
+                   "verify.onnx; a round runs the smallest that holds its drafts; 0: no verify graph)")
     _add_prune(p, "the prefill graph drops this fraction of each chunk's least-attended tokens (Agile-Quant "
                "token pruning; 0..1, default 0: none)")
 

@@ -47,10 +47,11 @@ def run_text(sess, args) -> int:
         ids = tok(args.prompt)["input_ids"]
     draft_bits, draft_len = args.draft_bits, args.draft_len
     if draft_bits == "auto":
-        from .generate import plan_speculation
+        from .speculative import plan_speculation
         plan, lat, verify, acc = plan_speculation(sess, args.bits, ids)
         print(f"[speculation plan at {args.bits} bits: step ms " + ", ".join(f"{b}: {t:.1f}" for b, t in
-              sorted(lat.items())) + f"; verify call {verify:.1f} ms; acceptance " +
+              sorted(lat.items())) + "; verify call ms per draft length " + ", ".join(
+              f"{k}: {t:.1f}" for k, t in sorted(verify.items())) + "; acceptance " +
               ", ".join(f"{d}: {a:.0%}" for d, a in sorted(acc.items())) + " -> " +
               (f"drafts of {plan.draft_len} at {plan.draft_bits} bits, expected {plan.speedup:.2f}x]"
                if plan.draft_bits else "plain decoding]"), file=sys.stderr)

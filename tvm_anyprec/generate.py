@@ -157,33 +157,6 @@ class Generation:
         return self.text
 
 
-def plan_speculation(sess, bits: int, prompt_ids, tokens: int = 24, drafts=None):
-    """Measured costs -> the draft bit-width and length to use at ``bits`` (``policy.plan_speculation``):
-    decode-step latency per bit-width, one verify call at ``bits``, and per draft bit-width the acceptance
-    rate on ``prompt_ids`` (a speculative run of ``tokens`` tokens with the longest drafts: the rate a draft
-    is kept given the ones before it were)."""
-    from .policy import plan_speculation as plan
-
-    vfn = sess._verify_fn()
-    chunk = sess.spec(vfn)["chunk"]
-    drafts = [d for d in (drafts or sess.bit_widths) if d < bits]
-    lat = sess.measure_latencies(set(drafts) | {bits})
-    cache = sess.empty_cache(vfn)
-    ids = np.resize(np.asarray(prompt_ids, np.int64), chunk)
-    ts = []
-    for _ in range(4):
-        t0 = time.perf_counter()
-        sess.forward_tokens(ids, bits, 0, cache, fn=vfn)
-        ts.append((time.perf_counter() - t0) * 1e3)
-    verify = sorted(ts)[len(ts) // 2]           # a verify call costs the same for any draft length (padded)
-    acc = {}
-    for d in drafts:
-        st: dict = {}
-        sess.generate_speculative(prompt_ids, tokens, bits, d, chunk - 1, stats=st)
-        acc[d] = st["accepted"] / max(st["accepted"] + st["misses"], 1)
-    return plan(bits, lat, {k: verify for k in range(1, chunk)}, acc), lat, verify, acc
-
-
 def chat_ids(tok, messages: list[dict]) -> list[int]:
     """The tokenizer's own chat template applied to ``messages`` (role/content dicts), ready to generate."""
     if not getattr(tok, "chat_template", None):

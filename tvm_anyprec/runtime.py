@@ -254,77 +254,15 @@ class Session:
                                {b: self.weight_bytes_per_token(b) for b in self.bit_widths})
 
     # ---------------------------------------------------------------- self-speculative decoding
-    def _verify_fn(self) -> str:
-        return "verify" if "verify" in self.functions else self._chunk_fn()
-
     def generate_speculative(self, prompt_ids, max_new_tokens: int, bits: int, draft_bits: int, draft_len: int = 4,
                              eos: int | None = None, stats: dict | None = None) -> list[int]:
         """Greedy decoding at ``bits`` that drafts ``draft_len`` tokens with the ``draft_bits`` child (the same
-        weight buffers: a draft reads the top planes only) and checks them in one pass at ``bits``.
+        weight buffers: a draft reads the top planes only) and checks them in one pass at ``bits``: the output
+        is plain greedy decoding at ``bits``. See ``speculative.generate_speculative``."""
+        from .speculative import generate_speculative
 
-        Each round: draft k tokens one by one at draft_bits (starting from the verifier's cache), run the
-        verify graph on [current token, drafts] at bits, keep the drafts up to the first one the verifier
-        would not have chosen, then take the verifier's own token there. Every kept token is the verifier's
-        argmax, so the output is plain greedy decoding at ``bits`` (up to float reordering between a chunked
-        and a one-token pass). The verifier's cache rows past the kept tokens hold rejected drafts; they are
-        masked (keys past the position are never read) and overwritten by the next round.
-        ``stats`` (a dict) receives drafted/accepted counts, misses (rounds ending at a rejected draft), rounds
-        and the time in each phase."""
-        self.check_bits(bits)
-        self.check_bits(draft_bits)
-        vfn = self._verify_fn()
-        chunk = self.spec(vfn)["chunk"]
-        if not 1 <= draft_len < chunk:
-            raise ValueError(f"draft_len must be in 1..{chunk - 1} (the {vfn} graph checks {chunk} tokens per call)")
-        prompt_ids = _prompt(prompt_ids)
-        st = stats if stats is not None else {}
-        st.update(drafted=0, accepted=0, misses=0, rounds=0, plain_steps=0, draft_s=0.0, verify_s=0.0)
-        if max_new_tokens <= 0:
-            return []
-        logits, cache = self.forward_tokens(prompt_ids, bits, fn=self.prompt_fn, logits="last")
-        pos = len(prompt_ids)
-        max_len = self.spec("decode")["max_len"]
-        out: list[int] = []
-        nxt = int(np.argmax(logits[-1]))
-        while True:
-            out.append(nxt)                              # nxt sits at position pos, not yet in the cache
-            if nxt == eos or len(out) >= max_new_tokens or pos >= max_len:
-                break
-            # a round yields the kept drafts plus the verifier's next token: never more than still needed
-            k = min(draft_len, max_new_tokens - len(out) - 1)
-            if k == 0 or pos + chunk > max_len:          # last token, or no room for a verify chunk: plain step
-                lg, cache = self.decode_step(nxt, pos, cache, bits)
-                st["plain_steps"] += 1
-                pos, nxt = pos + 1, int(np.argmax(lg))
-                continue
-            t0 = time.perf_counter()
-            drafts, dcache, tok = [], cache, nxt
-            for i in range(k):
-                lg, dcache = self.decode_step(tok, pos + i, dcache, draft_bits)
-                tok = int(np.argmax(lg))
-                drafts.append(tok)
-                if tok == eos:
-                    break
-            del dcache
-            t1 = time.perf_counter()
-            lg, cache = self.forward_tokens(np.array([nxt] + drafts), bits, pos, cache, fn=vfn)
-            preds = lg.argmax(-1)
-            st["verify_s"] += time.perf_counter() - t1
-            st["draft_s"] += t1 - t0
-            a = 0
-            while a < len(drafts) and int(preds[a]) == drafts[a]:
-                a += 1
-            st["rounds"] += 1
-            st["drafted"] += len(drafts)
-            st["accepted"] += a
-            st["misses"] += a < len(drafts)   # the first rejected draft (the ones after it are not judged)
-            for tok in drafts[:a]:
-                out.append(tok)
-                if tok == eos:
-                    return out
-            pos += a + 1
-            nxt = int(preds[a])
-        return out
+        return generate_speculative(self, _prompt(prompt_ids), max_new_tokens, bits, draft_bits, draft_len, eos,
+                                    stats)
 
     @property
     def tokenizer(self):

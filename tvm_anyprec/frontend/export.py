@@ -1,7 +1,7 @@
 """transformers causal LM -> ONNX with a KV cache written in place (torch.onnx, static shapes).
 
 The exported graph computes one chunk of S tokens (S fixed at export: S=1 for decode, S=P for prefill/
-perplexity, 5 for verify) at position ``pos`` against caches of T positions (T = the model's context, 8192 at
+perplexity, 3 and 5 for the verify graphs) at position ``pos`` against caches of T positions (T = the model's context, 8192 at
 most by default):
 
     inputs : input_ids int64 [1, S], pos int64 [1], then per layer i: key_i, value_i float32 [Hkv, T, D]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..errors import ImportError_  # noqa: F401  (re-exported)
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +20,25 @@ class ImportedModel:
     sources: dict = field(default_factory=dict)   # function -> onnx path
 
 
+VERIFY_CHUNKS = (3, 5)   # tokens per call of the verify graphs: self-speculative decoding checks up to 4 drafts
+
+
+def graph_names(chunk: int, verify_chunks=VERIFY_CHUNKS) -> list[tuple[str, int]]:
+    """[(graph name, tokens per call)] of an export: decode, prefill and the verify graphs, the largest named
+    ``verify`` and the others ``verify_<n>`` (``speculative.verify_graphs``: a round runs the smallest that holds
+    its drafts). ``verify_chunks``: an int or a sequence (0 or empty: no verify graph)."""
+    vc = sorted({int(c) for c in ([verify_chunks] if isinstance(verify_chunks, int) else verify_chunks) if c})
+    return [("decode", 1), ("prefill", chunk)] + [("verify" if c == vc[-1] else f"verify_{c}", c) for c in vc]
+
+
+def exported(d, chunk: int) -> bool:
+    """``d`` holds every graph a default export (prefill chunk ``chunk``) writes."""
+    return all((Path(d) / f"{g}.onnx").exists() for g, _ in graph_names(chunk))
+
+
 def function_name(path: Path, spec) -> str:
     if spec is not None:   # an export of ours: the file says its role (decode, prefill, verify)
-        if path.stem in ("decode", "prefill", "verify"):
+        if path.stem in ("decode", "prefill") or re.fullmatch(r"verify(_\d+)?", path.stem):
             return path.stem
         return "decode" if spec.chunk == 1 else "prefill"
     return path.stem.replace("-", "_").replace(".", "_") or "main"
