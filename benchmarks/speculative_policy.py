@@ -31,17 +31,19 @@ def bench_speculative(sess, prompts, tokens, bits, drafts, draft_lens, repeats):
     """Plain and speculative greedy decoding of every prompt, rounds interleaved: after one untimed warm-up run of
     each config, each round times every config on every prompt (the configs' order rotated per round), so a slow
     phase of the machine or a first-call cost falls on no config alone. Per config: the sum over prompts of each
-    prompt's median time (min / max: the sums of the fastest / slowest rounds' times)."""
+    prompt's median time (min / max: the sums of the fastest / slowest rounds' times), end to end and for the
+    generation alone (the prompt's prefill, the same work in every config, taken out: llama-bench's tg)."""
     configs = [None] + [(d, k) for d in drafts for k in draft_lens]
 
-    def run(cfg, ids, st=None):
+    def run(cfg, ids, st):
         if cfg is None:
-            return sess.generate_ids(ids, tokens, bits)
+            return sess.generate_ids(ids, tokens, bits, stats=st)
         return sess.generate_speculative(ids, tokens, bits, cfg[0], cfg[1], stats=st)
 
     for cfg in configs:   # warm-up (first calls of each graph and bit-width), untimed
         run(cfg, prompts[0], {})
     times = {cfg: [[] for _ in prompts] for cfg in configs}
+    gen = {cfg: [[] for _ in prompts] for cfg in configs}    # the same minus the prompt's prefill
     stats = {cfg: {"drafted": 0, "accepted": 0, "rounds": 0, "draft_s": 0.0, "verify_s": 0.0} for cfg in configs}
     outs = {cfg: [None] * len(prompts) for cfg in configs}   # the last round's outputs
     for rnd in range(repeats):
@@ -51,6 +53,7 @@ def bench_speculative(sess, prompts, tokens, bits, drafts, draft_lens, repeats):
                 t0 = time.perf_counter()
                 o = run(cfg, ids, st)
                 times[cfg][i].append(time.perf_counter() - t0)
+                gen[cfg][i].append(times[cfg][i][-1] - st["prompt_s"])
                 outs[cfg][i] = o
                 if cfg is not None and rnd == repeats - 1:   # the counts and times of one round (generate_speculative resets st)
                     for key in stats[cfg]:
@@ -60,15 +63,23 @@ def bench_speculative(sess, prompts, tokens, bits, drafts, draft_lens, repeats):
         if outs[cfg] != plain_out:
             raise AssertionError(f"speculative {cfg[0]}->{bits} output differs from plain greedy decoding")
     n_tok = sum(len(o) for o in plain_out)
-    total = {cfg: sum(statistics.median(t) for t in times[cfg]) for cfg in configs}
+    n_gen = n_tok - len(prompts)     # the first token of each comes from the prompt's logits
+
+    def summed(t, cfg, f=statistics.median):
+        return sum(f(x) for x in t[cfg])
+
+    def per_round(t, cfg):
+        return [sum(x[r] for x in t[None]) / sum(x[r] for x in t[cfg]) for r in range(repeats)]
+
     rows = []
     for cfg in configs:
-        lo, hi = (sum(f(t) for t in times[cfg]) for f in (min, max))
         row = {"config": f"plain {bits}-bit" if cfg is None else f"draft {cfg[0]}-bit x{cfg[1]}, verify {bits}-bit",
-               "tokens": n_tok, "seconds": total[cfg], "min_s": lo, "max_s": hi, "tokens_per_s": n_tok / total[cfg],
-               "acceptance": None, "vs_plain": total[None] / total[cfg],
-               "vs_plain_per_round": [sum(t[r] for t in times[None]) / sum(t[r] for t in times[cfg])
-                                      for r in range(repeats)]}
+               "tokens": n_tok, "seconds": summed(times, cfg), "min_s": summed(times, cfg, min),
+               "max_s": summed(times, cfg, max), "tokens_per_s": n_tok / summed(times, cfg),
+               "acceptance": None, "vs_plain": summed(times, None) / summed(times, cfg),
+               "vs_plain_per_round": per_round(times, cfg),
+               "gen_tokens": n_gen, "gen_seconds": summed(gen, cfg), "gen_tokens_per_s": n_gen / summed(gen, cfg),
+               "gen_vs_plain": summed(gen, None) / summed(gen, cfg), "gen_vs_plain_per_round": per_round(gen, cfg)}
         if cfg is not None:
             tot = stats[cfg]
             row.update({"acceptance": tot["accepted"] / max(tot["drafted"], 1), "rounds": tot["rounds"],
@@ -129,14 +140,17 @@ def main(argv=None):
             f"{platform.machine()}, {time.strftime('%Y-%m-%d')}, verify graphs: "
             + ", ".join(f"{fn} ({chunk} tokens)" for chunk, fn in verify_graphs(sess)))
     print("self-speculative decoding (outputs checked equal to plain greedy): " + head)
-    print(f"{'config':<34}{'tok/s':>8}{'accept':>8}{'vs plain':>10}{'per round':>13}{'draft ms/rnd':>14}"
-          f"{'verify ms/rnd':>15}")
+    print("end to end (prompt + generation) and generation alone (the prompt's prefill taken out, as llama-bench's tg)")
+    print(f"{'config':<34}{'tok/s':>8}{'accept':>8}{'vs plain':>10}{'per round':>13}{'gen tok/s':>11}{'gen vs plain':>14}"
+          f"{'per round':>13}{'draft ms/rnd':>14}{'verify ms/rnd':>15}")
     for r in spec:
         acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
         dr = f"{r['draft_s_per_round'] * 1e3:.0f}" if "draft_s_per_round" in r else ""
         vr = f"{r['verify_s_per_round'] * 1e3:.0f}" if "verify_s_per_round" in r else ""
         spread = f"{min(r['vs_plain_per_round']):.2f}-{max(r['vs_plain_per_round']):.2f}"
-        print(f"{r['config']:<34}{r['tokens_per_s']:>8.2f}{acc:>8}{r['vs_plain']:>9.2f}x{spread:>13}{dr:>14}{vr:>15}")
+        gspread = f"{min(r['gen_vs_plain_per_round']):.2f}-{max(r['gen_vs_plain_per_round']):.2f}"
+        print(f"{r['config']:<34}{r['tokens_per_s']:>8.2f}{acc:>8}{r['vs_plain']:>9.2f}x{spread:>13}"
+              f"{r['gen_tokens_per_s']:>11.2f}{r['gen_vs_plain']:>13.2f}x{gspread:>13}{dr:>14}{vr:>15}")
     print("\nprecision policy, per-step (decode-step latency measured per bit-width: "
           + ", ".join(f"{b}: {v:.1f} ms" for b, v in lat.items()) + ")")
     print(f"{'budget ms':>10}{'feasible':>9}{'bits used':>14}{'mean ms':>9}{'max ms':>8}{'met':>6}")

@@ -50,6 +50,19 @@ def test_speculative_with_same_bits_accepts_everything(session, prompt_ids):
     assert st["accepted"] == st["drafted"] == 12 and st["rounds"] == 3 and st["verify_calls"] == {"verify": 3}
 
 
+def test_decode_logits_are_not_overwritten_by_the_next_step(session, prompt_ids):
+    """decode_step returns its logits without a copy (a view of the call's output) and the in-place cache it was
+    given: the next step must neither overwrite those logits nor lose the cache rows."""
+    ids = np.array(prompt_ids[0])
+    _, cache = session.forward_tokens(ids, 4, logits="last")
+    a, cache2 = session.decode_step(int(ids[-1]), len(ids), cache, 4)
+    keep = a.copy()
+    b, _ = session.decode_step(int(a.argmax()), len(ids) + 1, cache2, 4)
+    assert np.array_equal(a, keep) and not np.array_equal(a, b)
+    full, _ = session.forward_tokens(np.append(ids, [ids[-1], a.argmax()]), 4)   # a fresh cache, one pass
+    np.testing.assert_allclose(b, full[-1], rtol=1e-3, atol=1e-3 * np.abs(full[-1]).max())
+
+
 def test_speculative_bad_arguments(session, prompt_ids):
     with pytest.raises(ValueError, match="draft_len must be in 1..4"):
         session.generate_speculative(prompt_ids[0], 4, 8, 3, draft_len=5)

@@ -51,7 +51,8 @@ def generate_speculative(sess, prompt_ids: np.ndarray, max_new_tokens: int, bits
     one-token pass). The verifier's cache rows past the kept tokens hold rejected drafts; they are masked (keys
     past the position are never read) and overwritten by the next round.
     ``stats`` (a dict) receives drafted/accepted counts, misses (rounds ending at a rejected draft), rounds,
-    plain steps, the time in each phase and the rounds per verify graph (``verify_calls``)."""
+    plain steps, the time in each phase (prompt_s, draft_s, verify_s) and the rounds per verify graph
+    (``verify_calls``)."""
     sess.check_bits(bits)
     sess.check_bits(draft_bits)
     graphs = verify_graphs(sess)
@@ -60,10 +61,12 @@ def generate_speculative(sess, prompt_ids: np.ndarray, max_new_tokens: int, bits
                          f"{graphs[-1][0]} tokens per call)")
     st = stats if stats is not None else {}
     st.update(drafted=0, accepted=0, misses=0, rounds=0, plain_steps=0, draft_s=0.0, verify_s=0.0,
-              verify_calls={})
+              verify_calls={}, prompt_s=0.0)
     if max_new_tokens <= 0:
         return []
+    t0 = time.perf_counter()
     logits, cache = sess.forward_tokens(prompt_ids, bits, fn=sess.prompt_fn, logits="last")
+    st["prompt_s"] = time.perf_counter() - t0
     pos = len(prompt_ids)
     max_len = sess.spec("decode")["max_len"]
     out: list[int] = []
