@@ -60,7 +60,7 @@ class Session:
         self._tok = None
         self._latency: dict[int, float] = {}
         self._local_cpu = remote is None and self.dev.dlpack_device_type() == 1   # kDLCPU: outputs read in place
-        self._step_in = None
+        self._kept: dict = {}   # function -> its (ids, pos) input tensors and their numpy views
 
     def _load_weights(self, remote_files: bool) -> dict:
         import tvm
@@ -168,10 +168,9 @@ class Session:
         pruned = any(i[0] == "n_valid" for i in self.functions[fn]["inputs"])
         outs = []
         for start in range(0, len(ids), S):
-            chunk, buf = ids[start:start + S], np.zeros((1, S), np.int64)
-            buf[0, :len(chunk)] = chunk
+            chunk = ids[start:start + S]
             valid = [np.array([len(chunk)], np.int64)] if pruned else []
-            args = [buf, np.array([pos + start], np.int64), *valid, *cache]
+            args = [*self._ids_pos(fn, S, chunk, pos + start), *valid, *cache]
             if twin is not None and start + S < len(ids):
                 cache = list(self.call(twin, args, bits))
                 continue
@@ -193,19 +192,25 @@ class Session:
         lg, *cache = out
         return np.from_dlpack(lg), cache
 
-    def decode_step(self, token: int, pos: int, cache, bits: int):
-        """One token at ``pos`` -> (its logits [V], the cache). The token and position go in through two tensors
-        kept for it (written through numpy views on this machine's CPU)."""
+    def _ids_pos(self, fn: str, S: int, ids, pos: int) -> list:
+        """The token ids [1, S] (``ids`` padded with 0) and position [1] inputs of a call of ``fn``: on this
+        machine's CPU two tensors kept per function, written through numpy views (no tensor made per call)."""
         if not self._local_cpu:
-            ins = [np.array([[token]], np.int64), np.array([pos], np.int64)]
-        else:
-            if self._step_in is None:
-                import tvm
-                ts = [tvm.runtime.empty(shape, "int64", self.dev) for shape in ((1, 1), (1,))]
-                self._step_in = ts, [np.from_dlpack(t) for t in ts]
-            ins, (tv, pv) = self._step_in
-            tv[0, 0], pv[0] = token, pos
-        lg, cache = self._split("decode", self.call("decode", [*ins, *cache], bits), cache)
+            buf = np.zeros((1, S), np.int64)
+            buf[0, :len(ids)] = ids
+            return [buf, np.array([pos], np.int64)]
+        if fn not in self._kept:
+            import tvm
+            ts = [tvm.runtime.empty(shape, "int64", self.dev) for shape in ((1, S), (1,))]
+            self._kept[fn] = ts, [np.from_dlpack(t) for t in ts]
+        ts, (iv, pv) = self._kept[fn]
+        iv[0, :len(ids)], iv[0, len(ids):], pv[0] = ids, 0, pos
+        return ts
+
+    def decode_step(self, token: int, pos: int, cache, bits: int):
+        """One token at ``pos`` -> (its logits [V], the cache)."""
+        lg, cache = self._split("decode", self.call("decode", [*self._ids_pos("decode", 1, [token], pos), *cache],
+                                                    bits), cache)
         return lg[0, -1], cache
 
     def generate_ids(self, prompt_ids, max_new_tokens: int, bits: int = 8, eos: int | None = None,
