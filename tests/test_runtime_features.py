@@ -63,6 +63,16 @@ def test_decode_logits_are_not_overwritten_by_the_next_step(session, prompt_ids)
     np.testing.assert_allclose(b, full[-1], rtol=1e-3, atol=1e-3 * np.abs(full[-1]).max())
 
 
+def test_speculation_plan_measures_each_verify_graph(session, prompt_ids):
+    """``run --draft-bits auto``: rounds of 1-2 drafts are costed at the 3-token graph, 3-4 at the 5-token one."""
+    from tvm_anyprec.speculative import plan_speculation
+
+    plan, lat, verify, acc = plan_speculation(session, 8, prompt_ids[0], tokens=8, drafts=[4])
+    assert sorted(verify) == [1, 2, 3, 4] and verify[1] == verify[2] and verify[3] == verify[4]
+    assert min(verify.values()) > 0 and set(lat) == {4, 8} and 0.0 <= acc[4] <= 1.0
+    assert plan.draft_bits in (None, 4) and set(plan.table) == {(4, k) for k in range(1, 5)}
+
+
 def test_speculative_bad_arguments(session, prompt_ids):
     with pytest.raises(ValueError, match="draft_len must be in 1..4"):
         session.generate_speculative(prompt_ids[0], 4, 8, 3, draft_len=5)

@@ -117,17 +117,13 @@ def generate_speculative(sess, prompt_ids: np.ndarray, max_new_tokens: int, bits
 def verify_costs(sess, bits: int, prompt_ids, calls: int = 4) -> dict[int, float]:
     """Median ms of one call of each verify graph at ``bits`` -> {draft length k: ms of the graph a round of k
     drafts runs}."""
+    from .policy import measure
+
     graphs = verify_graphs(sess)
-    ms = {}
-    for chunk, fn in graphs:
-        cache = sess.empty_cache(fn)
-        ids = np.resize(np.asarray(prompt_ids, np.int64), chunk)
-        ts = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            sess.forward_tokens(ids, bits, 0, cache, fn=fn)
-            ts.append((time.perf_counter() - t0) * 1e3)
-        ms[chunk] = sorted(ts)[len(ts) // 2]
+    fns = dict(graphs)
+    caches = {chunk: sess.empty_cache(fn) for chunk, fn in graphs}
+    ms = measure(lambda c: sess.forward_tokens(np.resize(np.asarray(prompt_ids, np.int64), c), bits, 0, caches[c],
+                                               fn=fns[c]), fns, steps=calls)
     return {k: ms[verify_fn(graphs, k + 1)[0]] for k in range(1, graphs[-1][0])}
 
 
