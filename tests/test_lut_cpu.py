@@ -217,6 +217,20 @@ def test_avx512_bodies_decode_with_gfni_only_where_chosen():
     assert "vgf2p8affineqb" not in without and "vpdpbusd" in without
 
 
+def test_avx2_int8_body_multiplies_bytes_at_byte_table_bits():
+    """AVX2 int8 mode: at 3 / 4 bits (byte tables) only the high table bytes are looked up and multiplied by
+    ``vpmaddubsw`` (sign moved onto the table bytes by ``vpsignb``); a build for 5..8 bits alone has neither and
+    keeps the int16 products (``vpmaddwd`` on re-joined bytes). Assembly for a Zen 3 target: nothing runs."""
+    def asm(lo, hi):
+        f = make_anyprec_cpu(1, 16, 576, hi, lo, "int8", "avx2").with_attr("global_symbol", "main")
+        lib = tvm.compile(tvm.IRModule({"main": f}), target=tvm.target.Target({"kind": "llvm", "mcpu": "znver3"}))
+        return lib.mod.inspect_source("s")
+
+    low, high = asm(3, 4), asm(5, 8)
+    assert "vpmaddubsw" in low and "vpsignb" in low
+    assert "vpmaddubsw" not in high and "vpsignb" not in high and "vpmaddwd" in high
+
+
 # ------------------------------------------------------------------ the aarch64 bodies on the emulated boards
 
 ARM_ISA = {"arm-neon": "neon", "arm-dotprod": "dotprod", "arm-i8mm": "i8mm"}

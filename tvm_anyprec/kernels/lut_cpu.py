@@ -21,30 +21,24 @@ Instruction sets (``isa``, chosen from the target's features by ``cpu_isa``; an 
 would kill the process):
 
 * ``avx2``: byte lookups by ``vpshufb`` on 16-entry tables (b <= 4: one; b = 5..8: 2^(b-4) tables merged by a
-  ``vpblendvb`` tree on the code's high bits). Both modes look up 16-bit values split into a low-byte and a
-  high-byte table and re-join them: int8 mode into int16 table values, multiplied with the activations by
-  ``vpmaddwd`` (int8 centroid tables by ``vpmaddubsw`` cost up to +1.2% perplexity); exact mode into fp16, widened
-  (``vcvtph2ps``), then FMA (faster here than ``vpermps``/``vblendvps`` trees on fp32 tables and than gathers);
-  at b = 8 exact mode's 16-table trees lose to scalar loads from an fp32 table in L1 (``SCALAR_MIN``; 4096x4096
-  GEMV, 2 threads, Zen 3: 7.2 ms against 11.7 ms; equal at b = 7).
+  ``vpblendvb`` tree on the code's high bits) of 16-bit values split into a low- and a high-byte table. int8
+  mode: at BYTE_TABLE_BITS (3, 4) the high bytes alone, times the int8 activations by ``vpmaddubsw`` (``lut_isa.
+  half_bytes``; 1.22-1.35x the re-joined form, Zen 4 running the AVX2 body, warm); above, re-joined into int16 and
+  ``vpmaddwd``. Exact mode: re-joined into fp16, widened (``vcvtph2ps``), FMA (faster than ``vpermps`` trees and
+  gathers); at b = 8 scalar loads from an fp32 table in L1 (``SCALAR_MIN``; 4096x4096, 2 threads, Zen 3: 7.2 ms
+  against 11.7 with the trees; equal at b = 7).
 * ``avx512`` (AVX-512BW + VBMI + VNNI): the GEMV body of ``kernels.lut_avx512`` (64-lane decode, ``vpermb`` /
   ``vpermi2b`` tables for every b, ``vpdpbusd``), M <= 32 (decode, verify, the prefill chunk; larger M: the AVX2
   bodies).
 * ``avx512gfni`` (the same + GFNI): that body with the GFNI decode (``lut_avx512.gfni_codes``).
-* ``neon`` (every aarch64 CPU): the AVX2 bodies' structure with NEON lookups: ``tbl`` on up to four 16-entry
-  byte tables per instruction (b > 6: one ``tbl4`` per 64 entries on the code minus 64j, ORed, since ``tbl``
-  returns 0 past its tables), the bytes re-joined into int16 (multiply-accumulate by ``smlal``) or fp16
-  (``fcvtl``, FMA).
-* ``dotprod`` (aarch64 with +dotprod: Cortex-A76 and newer, Neoverse N1/V1): the NEON bodies, int8 mode's products by
-  ``sdot`` on the table bytes instead of re-joining them into int16: q = 256 hi + lo, the low-byte table stored
-  minus SDOT_BIAS (signed for ``sdot``; XC adds SDOT_BIAS x the lane's activations back), the two bytes' sums
-  kept apart per block and joined in int32 (``lut_isa.half_sdot``): 4 ``sdot`` per 32 codes where the int16 products
-  take 2 ``zip`` + 8 ``smull``/``smlal``.
-* ``i8mm`` (aarch64 with +i8mm: Neoverse V1/V2/N2, Cortex-A710 and newer): the ``dotprod`` GEMV; at M > 1 (verify,
-  prefill) pairs of weight rows times pairs of rows of X by ``usmmla`` (the unsigned low bytes: no bias) and
-  ``smmla`` (the high bytes), 2 x 2 x 8 products an instruction (``lut_isa.half_mmla``); rows per task even.
-* ``generic``: the same decode with portable vector code; the lookups are gathers (LLVM picks the
-  instructions). Any LLVM CPU target.
+* ``neon`` (every aarch64 CPU): the AVX2 structure with ``tbl`` on up to four 16-entry byte tables (b > 6: one
+  ``tbl4`` per 64 entries, ORed), the bytes re-joined into int16 (``smlal``) or fp16 (``fcvtl``, FMA).
+* ``dotprod`` (aarch64 with +dotprod: Cortex-A76 and newer, Neoverse N1/V1): int8 mode's products by ``sdot`` on
+  the table bytes (q = 256 hi + lo, low bytes stored minus SDOT_BIAS, which XC adds back; ``lut_isa.half_sdot``):
+  4 ``sdot`` per 32 codes against 2 ``zip`` + 8 ``smull``/``smlal`` for the int16 products.
+* ``i8mm`` (aarch64 with +i8mm: Neoverse V1/V2/N2, Cortex-A710 and newer): the ``dotprod`` GEMV; at M > 1 pairs of
+  weight rows times pairs of rows of X by ``usmmla`` (low bytes) and ``smmla`` (high bytes) (``lut_isa.half_mmla``).
+* ``generic``: the same decode in portable vector code, gathers for lookups. Any LLVM CPU target.
 """
 from __future__ import annotations
 
@@ -58,9 +52,9 @@ from .anyprec import lut_offset, lut_width
 from .lowering import STACK_LOCALS
 from . import lut_avx512
 from .lut_layout import _local, _plane_vector, _prologue, _Shape, each_group, prefetch_row
-from .lut_isa import (decode, half_int, half_mmla, half_sdot, lookup_f32_avx2, lookup_f32_generic, lookup_fp16_split,
-                      lookup_int16_generic, lookup_int16_split, scalar_lookups, split_fp16_tables, split_lookup,
-                      split_width)
+from .lut_isa import (decode, half_bytes, half_int, half_mmla, half_sdot, lookup_f32_avx2, lookup_f32_generic,
+                      lookup_fp16_split, lookup_int16_generic, lookup_int16_split, scalar_lookups, split_fp16_tables,
+                      split_lookup, split_width)
 from .spec import KernelSpec, register
 
 MODES = ("exact", "int8")
@@ -150,6 +144,7 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
     PL, LUT, XP, SX, XC, WB, CB, TBL, ACC, VB = bufs
     R = len(rows)
     hi_only = s.sdot and s.byte_tables(b)   # zero low bytes (byteslice.int_tables): only the high bytes' products
+    hi_bytes = s.hi_bytes(b)
     off = lut_offset(b, s.MINB)
     E = max(8, 1 << b)
     if s.M == 1 and s.mode == "int8" and s.tables:   # GEMV: lookups feed the dot products in registers
@@ -160,6 +155,10 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                 if s.sdot:
                     a = a + half_sdot(h, g, 0, lambda i, r=r: split_lookup(
                         TBL, r * 2 * split_width(b), b, codes[i], s.isa, hi_only), XP, SX, XC, hi_only)
+                    continue
+                if hi_bytes:
+                    a = a + half_bytes(h, g, 0, lambda i, r=r: split_lookup(
+                        TBL, r * 2 * split_width(b), b, codes[i], s.isa, True)[1], XP, SX)
                     continue
                 a = a + half_int(s, h, g, 0, lambda i, r=r: lookup_int16_split(
                     TBL, r * 2 * split_width(b), b, codes[i], s.isa), XP, SX)
@@ -201,6 +200,9 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                 pair = split_lookup(TBL, r * 2 * split_width(b), b, c, s.isa, hi_only)
                 for u in range(1 if hi_only else 0, 2):
                     T.buffer_store(WB, pair[u], [T.ramp(r * 2 * GROUP + 64 * i + 32 * u, 1, 32)])
+            elif hi_bytes:
+                T.buffer_store(WB, split_lookup(TBL, r * 2 * split_width(b), b, c, s.isa, True)[1],
+                               [T.ramp(r * GROUP + 32 * i, 1, 32)])
             elif s.mode == "int8":
                 vals = lookup_int16_split(TBL, r * 2 * split_width(b), b, c, s.isa) if s.tables else \
                     lookup_int16_generic(LUT, n, off, b, c)
@@ -243,6 +245,8 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                     if s.sdot:
                         a = a + half_sdot(h, g, m, lambda i, r=r: [
                             WB[T.ramp(r * 2 * GROUP + 64 * i + 32 * u, 1, 32)] for u in range(2)], XP, SX, XC, hi_only)
+                    elif hi_bytes:
+                        a = a + half_bytes(h, g, m, lambda i, r=r: WB[T.ramp(r * GROUP + 32 * i, 1, 32)], XP, SX)
                     else:
                         a = a + half_int(s, h, g, m, lambda i, r=r: [
                             WB[T.ramp(r * GROUP + 32 * i + 16 * u, 1, 16)] for u in range(2)], XP, SX)
@@ -266,7 +270,8 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y):
     with T.parallel(0, NT) as nt:
         # the GEMV paths feed the lookups straight into the dot products (scalar lookups go through WB)
         fast = s.M == 1 and s.tables and _form(s, b) != "scalar"
-        WB = None if fast else _local((R * 2 * GROUP,), "int8") if s.sdot else \
+        WB = None if fast else _local((R * 2 * GROUP,), "int8") if s.sdot else _local((R * GROUP,), "int8") \
+            if s.hi_bytes(b) else \
             _local((R * GROUP,), "int16" if s.mode == "int8" else "float32")
         ACC = _local((s.M * R * 8,), "float32")
         CB = _local((R * GROUP,), "uint8")
@@ -335,8 +340,8 @@ def make_anyprec_cpu(M: int, N: int, K: int, max_bits: int = 8, min_bits: int = 
     rows = dict(rows or {})
     if s.mmla and any(r % 2 for r in rows.values()):
         raise ValueError(f"the i8mm body at M > 1 takes weight rows in pairs: rows per task must be even, got {rows}")
-    # int8 mode: int8 values, widened for the int16 products (the AVX-512 body multiplies bytes)
-    xdt = "float32" if mode == "exact" else "int8" if s.wide or s.sdot else "int16"
+    # int8 mode: int8 values (NEON / generic: int16 for their int16 products; AVX2 widens them where it needs to)
+    xdt = "float32" if mode == "exact" else "int8" if s.wide or s.sdot or s.avx2 else "int16"
 
     if mode == "int8":
         @T.prim_func

@@ -71,6 +71,11 @@ class _Shape:
         value, ``byteslice.int_tables``): the AVX-512 body and the sdot / smmla bodies."""
         return self.mode == "int8" and b in BYTE_TABLE_BITS
 
+    def hi_bytes(self, b: int) -> bool:
+        """int8 mode's AVX2 bodies at BYTE_TABLE_BITS: the high table bytes alone, by ``vpmaddubsw``
+        (``lut_isa.half_bytes``)."""
+        return self.avx2 and not self.wide and self.byte_tables(b)
+
     @property
     def xc(self) -> bool:
         """The int8 prologue fills XC (the bias lanes of biased byte tables): the AVX-512 body and ``sdot`` (not
