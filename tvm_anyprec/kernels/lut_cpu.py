@@ -270,9 +270,8 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y):
     with T.parallel(0, NT) as nt:
         # the GEMV paths feed the lookups straight into the dot products (scalar lookups go through WB)
         fast = s.M == 1 and s.tables and _form(s, b) != "scalar"
-        WB = None if fast else _local((R * 2 * GROUP,), "int8") if s.sdot else _local((R * GROUP,), "int8") \
-            if s.hi_bytes(b) else \
-            _local((R * GROUP,), "int16" if s.mode == "int8" else "float32")
+        WB = None if fast else _local((R * 2 * GROUP,), "int8") if s.sdot else \
+            _local((R * GROUP,), "int8" if s.hi_bytes(b) else "int16" if s.mode == "int8" else "float32")
         ACC = _local((s.M * R * 8,), "float32")
         CB = _local((R * GROUP,), "uint8")
         VB = _local((32 * b,), "uint8")
