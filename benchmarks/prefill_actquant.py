@@ -14,6 +14,7 @@ are compiled once into --workdir. Prints medians with the spread (min..max) and 
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ def _onnx_subset(src: Path, dst: Path) -> Path:
     for name in ("decode.onnx", "prefill.onnx", "SOURCE"):
         if (src / name).exists() and not (dst / name).exists():
             (dst / name).symlink_to((src / name).resolve())
+    data = src / "weights.data"   # the graphs' shared weights: onnx refuses a symbolic or hard link there
+    if data.exists() and not (dst / data.name).exists():
+        shutil.copyfile(data, dst / data.name)
     return dst
 
 

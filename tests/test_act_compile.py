@@ -1,5 +1,6 @@
 """compile with low-bit activations: the ActQuantRewrite pass on a small ONNX graph vs the numpy reference, and
 the real model (W4A8) vs the torch fake-quant reference of the same graph, with greedy generation."""
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ def test_real_model_w4a8_compiled_matches_torch_fake_quant(real_model, real_onnx
     src.mkdir()
     for name in ("decode.onnx", "prefill.onnx", "SOURCE"):    # SOURCE: the model, for the calibration
         (src / name).symlink_to(Path(real_onnx) / name)
+    shutil.copyfile(Path(real_onnx) / "weights.data", src / "weights.data")   # (onnx refuses a linked data file)
     man = api.compile(src, out, "x86", act_bits=8)
     assert man["act_quant"]["calibrated"] and man["bit_widths"] == [4]
     assert len(man["layers"]) == 210 and all(v["act_bits"] == 8 for v in man["layers"].values())

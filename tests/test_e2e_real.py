@@ -131,3 +131,21 @@ def test_long_prompt_greedy_equals_torch(session, real_model, real_parent):
     assert len(ref) == 200
     first = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
     assert first is None and len(got) == 200, f"first difference at new token {first}"
+
+
+def test_export_graphs_share_one_weights_file(real_onnx):
+    """The exported graphs hold no weights of their own: every large initializer of each refers to the one
+    ``weights.data`` (same offsets in every graph); the other tests run these graphs in onnxruntime and TVM."""
+    import onnx
+
+    files = sorted(p.name for p in real_onnx.glob("*.onnx"))
+    assert files == ["decode.onnx", "prefill.onnx", "verify.onnx", "verify_3.onnx"]
+    size = (real_onnx / "weights.data").stat().st_size
+    assert size > 500e6 and all((real_onnx / f).stat().st_size < size / 100 for f in files)
+    refs = []
+    for f in files:
+        m = onnx.load(str(real_onnx / f), load_external_data=False)
+        refs.append({t.name: {e.key: e.value for e in t.external_data} for t in m.graph.initializer
+                     if t.data_location == onnx.TensorProto.EXTERNAL})
+    assert len(refs[0]) >= 200 and all(r == refs[0] for r in refs[1:])
+    assert {v["location"] for v in refs[0].values()} == {"weights.data"}

@@ -148,7 +148,7 @@ def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int | None = Non
     ``prune_ratio`` > 0: the prefill graph prunes that fraction of each chunk's tokens from ``prune_layer`` on
     (default: the middle layer), Agile-Quant's token pruning (see frontend/export.py); decode and verify are
     not pruned. The settings are recorded in the graph's spec (ONNX metadata, then the artifact manifest)."""
-    from .frontend.export import check_pruning, default_max_len, export_onnx
+    from .frontend.export import check_pruning, default_max_len, export_onnx, share_weights
     from .frontend.onnx_import import VERIFY_CHUNKS, graph_names
 
     out = Path(out)
@@ -166,6 +166,7 @@ def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int | None = Non
         logger.info(f"exported {out / (name + '.onnx')} (chunk {s}, cache {max_len}"
             + (f", pruning {prune_ratio:g} of the tokens from layer {prune_layer}" if prune[0] else "")
             + f") [{time.time() - t0:.0f}s]")
+    logger.info(f"the graphs share {share_weights([out / f'{n}.onnx' for n, _ in graphs]) / 2**20:.0f} MiB of weights")
     (out / SOURCE_MARKER).write_text(str(src) + "\n")
     return out
 
