@@ -149,7 +149,7 @@ def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int | None = Non
     (default: the middle layer), Agile-Quant's token pruning (see frontend/export.py); decode and verify are
     not pruned. The settings are recorded in the graph's spec (ONNX metadata, then the artifact manifest)."""
     from .frontend.export import check_pruning, default_max_len, export_onnx, share_weights
-    from .frontend.onnx_import import VERIFY_CHUNKS, graph_names
+    from .frontend.onnx_import import VERIFY_CHUNKS, graph_names, is_verify_name
 
     out = Path(out)
     src = data.resolve_model(model)
@@ -158,7 +158,7 @@ def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int | None = Non
     prune_layer = check_pruning(prune_ratio, prune_layer, m.config.num_hidden_layers, chunk)  # before exporting
     t0 = time.time()
     graphs = graph_names(chunk, VERIFY_CHUNKS if verify_chunk is None else verify_chunk)
-    if any(not 1 < s <= max_len for g, s in graphs if g.startswith("verify")):
+    if any(not 1 < s <= max_len for g, s in graphs if is_verify_name(g)):
         raise ValueError(f"verify chunks must be in 2..{max_len}, got {verify_chunk}")
     for name, s in graphs:
         prune = (prune_ratio, prune_layer) if name == "prefill" else (0.0, None)
@@ -174,11 +174,11 @@ def export(out, model=None, chunk: int = EXPORT_CHUNK, max_len: int | None = Non
 def graph_pruning(source) -> dict:
     """{graph file: (prune_ratio, prune_layer)} of the prefill graphs in an ONNX file or directory."""
     from .frontend.export import read_spec
-    from .frontend.onnx_import import function_name, load_onnx, onnx_files
+    from .frontend.onnx_import import function_name, is_verify_name, load_onnx, onnx_files
 
     out = {}
     for path in onnx_files(source):
-        if path.stem == "decode" or path.stem.startswith("verify"):
+        if path.stem == "decode" or is_verify_name(path.stem):
             continue
         spec = read_spec(load_onnx(path))
         if spec is not None and function_name(path, spec) == "prefill":

@@ -8,19 +8,17 @@ ms for 5), so two drafts in a 5-row graph waste what speculation gains.
 """
 from __future__ import annotations
 
-import re
 import time
 
 import numpy as np
 
-_VERIFY = re.compile(r"verify(_\d+)?")
-
-
 def verify_graphs(sess) -> list[tuple[int, str]]:
     """[(tokens per call, function)] of the artifact's verify graphs, smallest first; an artifact without one
     verifies in its prompt function (prefill's chunk)."""
+    from .frontend.onnx_import import is_verify_name
+
     found = sorted((sess.spec(f)["chunk"], f) for f in sess.functions
-                   if _VERIFY.fullmatch(f) and sess.functions[f].get("spec"))
+                   if is_verify_name(f) and sess.functions[f].get("spec"))
     if found:
         return found
     fn = sess._chunk_fn()

@@ -297,8 +297,8 @@ def share_weights(paths, data_name: str = WEIGHTS_DATA) -> int:
     graph reads: the first graph's initializers of 1 KiB or more are written once, and each graph refers to the
     ones it holds with the same name and bytes (SmolLM2's four graphs: 518 MB in all instead of 4 x 539 MB; one
     graph in memory at a time besides the first's weights). Anything else stays inline. -> bytes written. ONNX
-    tools read the graphs as before (``onnx.load``, onnxruntime: external data relative to the graph; onnx
-    refuses a data file that is a symbolic link)."""
+    tools read the graphs as before (``onnx.load``, onnxruntime: external data relative to the graph; onnx's
+    checker refuses a data file that is a symbolic or hard link)."""
     import onnx
     from onnx import TensorProto
 

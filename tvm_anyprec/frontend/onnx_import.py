@@ -31,6 +31,11 @@ def graph_names(chunk: int, verify_chunks=VERIFY_CHUNKS) -> list[tuple[str, int]
     return [("decode", 1), ("prefill", chunk)] + [("verify" if c == vc[-1] else f"verify_{c}", c) for c in vc]
 
 
+def is_verify_name(name: str) -> bool:
+    """A verify graph's name: ``verify`` (the largest) or ``verify_<n>``."""
+    return re.fullmatch(r"verify(_\d+)?", name) is not None
+
+
 def exported(d, chunk: int) -> bool:
     """``d`` holds every graph a default export (prefill chunk ``chunk``) writes."""
     return all((Path(d) / f"{g}.onnx").exists() for g, _ in graph_names(chunk))
@@ -38,7 +43,7 @@ def exported(d, chunk: int) -> bool:
 
 def function_name(path: Path, spec) -> str:
     if spec is not None:   # an export of ours: the file says its role (decode, prefill, verify)
-        if path.stem in ("decode", "prefill") or re.fullmatch(r"verify(_\d+)?", path.stem):
+        if path.stem in ("decode", "prefill") or is_verify_name(path.stem):
             return path.stem
         return "decode" if spec.chunk == 1 else "prefill"
     return path.stem.replace("-", "_").replace(".", "_") or "main"
