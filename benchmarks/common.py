@@ -158,10 +158,14 @@ def build_primfunc(func, target: dict, name: str):
     return tvm.runtime.load_module(str(path))["main"]
 
 
-def host_target(threads: int) -> dict:
-    """The compile pipeline's 'x86' preset (LLVM host CPU), with num-cores = the benchmark's thread count."""
+def host_target(threads: int, mcpu: str | None = None) -> dict:
+    """The compile pipeline's 'x86' preset (LLVM host CPU), with num-cores = the benchmark's thread count.
+    ``mcpu``: compile for that CPU instead (e.g. "znver3": the AVX2 bodies on an AVX-512 host); it must be one whose
+    instructions this host has (an instruction the CPU lacks kills the process)."""
     from tvm_anyprec.targets import preset
 
     t = dict(preset("x86")["target"])
     t["num-cores"] = threads
+    if mcpu:
+        t["mcpu"] = mcpu
     return t

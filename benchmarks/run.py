@@ -71,6 +71,8 @@ def parse_args(argv=None):
     ap.add_argument("--workdir", default="artifacts/bench", help="models, artifacts and per-part results")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results; quick: workdir)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--mcpu", default=None, help="compile the kernels for this LLVM CPU instead of the host's (e.g. "
+                    "znver3: the AVX2 bodies on an AVX-512 host; the host must have its instructions)")
     ap.add_argument("--no-model", action="store_true", help="--quick without the whole-model lines (they compile "
                     "artifacts/bench-llamacpp/anyprec-x86 once, several minutes, when it is missing)")
     return ap.parse_args(argv)
@@ -241,7 +243,7 @@ def main(argv=None) -> int:
     if args.quick:
         parts = ["kernels"]
     info = machine_info(args.threads)
-    target = host_target(args.threads)
+    target = host_target(args.threads, args.mcpu)
     info["target"] = target
     wd = Path(args.workdir)
     part_dir = wd / "parts"

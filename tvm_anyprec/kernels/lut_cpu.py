@@ -128,13 +128,14 @@ def _each(n: int, step, unroll: bool) -> None:
         step(i)
 
 
-def _codes(PL, p_count: int, n, g, tail: int, VB, CB, b: int, base: int = 0) -> list:
-    """Decode one row's group into CB (8 x 32 codes) through VB (the b plane vectors): the intermediate vectors
-    live in (stack) buffers, so no expression tree repeats a decode (TIR passes visit trees, not DAGs, and a
-    b > 4 lookup reads its code b - 3 times)."""
+def _codes(PL, p_count: int, n, g, tail: int, VB, CB, b: int, base: int = 0, pshufb: bool = False) -> list:
+    """Decode one row's group into CB (8 x 32 codes) through VB (the b plane vectors; ``pshufb``: the codes only
+    index x86 ``vpshufb`` tables, ``lut_isa.decode``): the intermediate vectors live in (stack) buffers, so no
+    expression tree repeats a decode (TIR passes visit trees, not DAGs, and a b > 4 lookup reads its code b - 3
+    times)."""
     for p in range(p_count):
         T.buffer_store(VB, _plane_vector(PL, p, n, g, tail), [T.ramp(32 * p, 1, 32)])
-    codes = decode([VB[T.ramp(32 * p, 1, 32)] for p in range(p_count)], b)
+    codes = decode([VB[T.ramp(32 * p, 1, 32)] for p in range(p_count)], b, pshufb)
     for i in range(8):
         T.buffer_store(CB, codes[i], [T.ramp(base + 32 * i, 1, 32)])
     return [CB[T.ramp(base + 32 * i, 1, 32)] for i in range(8)]
@@ -149,7 +150,7 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
     E = max(8, 1 << b)
     if s.M == 1 and s.mode == "int8" and s.tables:   # GEMV: lookups feed the dot products in registers
         for r, n in enumerate(rows):
-            codes = _codes(PL, b, n, g, tail, VB, CB, b)
+            codes = _codes(PL, b, n, g, tail, VB, CB, b, pshufb=s.avx2)
             a = ACC[T.ramp(r * 8, 1, s.acc_lanes)]
             for h in range(2):
                 if s.sdot:
@@ -166,7 +167,7 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
         return
     if s.M == 1 and s.mode == "exact" and s.tables:   # GEMV: the rows of a tile share each x load
         for r, n in enumerate(rows):
-            _codes(PL, b, n, g, tail, VB, CB, b, base=r * GROUP)
+            _codes(PL, b, n, g, tail, VB, CB, b, base=r * GROUP, pshufb=s.avx2)
             if _form(s, b) == "scalar":
                 scalar_lookups(TBL, r * E, CB, r * GROUP, WB, r * GROUP)
 
@@ -189,7 +190,7 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
         _each(8, step, unroll=b <= 5)   # b > 5: the long lookup trees in a loop (code size, build time)
         return
     for r, n in enumerate(rows):
-        _codes(PL, b, n, g, tail, VB, CB, b)
+        _codes(PL, b, n, g, tail, VB, CB, b, pshufb=s.avx2)
         if _form(s, b) == "scalar":
             scalar_lookups(TBL, r * E, CB, 0, WB, r * GROUP)
             continue
@@ -348,7 +349,7 @@ def make_anyprec_cpu(M: int, N: int, K: int, max_bits: int = 8, min_bits: int = 
                              TABS: T.Buffer((N, L), TABLE_DTYPE), SCALES: T.Buffer((N, B - MINB + 1), "float32"),
                              NBITS: T.Buffer((1,), "int32"), Y: T.Buffer((M, N), "float32")):
             T.func_attr({"tirx.noalias": True})
-            XP = T.alloc_buffer((M, G * GROUP), xdt)
+            XP = T.alloc_buffer((M, G * GROUP * (2 if s.abs_x else 1)), xdt)
             SX = T.alloc_buffer((M, G * 32), "float32")
             XC = T.alloc_buffer((M, G * 32), "int32")
             _prologue(s, X, XP, SX, XC if s.xc else None)

@@ -44,27 +44,45 @@ def _sll16(x, s: int):
     return T.reinterpret("uint8x32", T.shift_left(T.reinterpret("uint16x16", x), T.broadcast(T.uint16(s), 16)))
 
 
-def decode(vs, b: int) -> list:
+def _swap(a, c, s: int, mask: int):
+    """One butterfly of a bit-matrix transpose on byte lanes: the bits of ``a`` at mask << s trade places with the
+    bits of ``c`` at mask (None: a zero vector, its terms left out). The masks keep every shifted bit in its byte."""
+    if a is None and c is None:
+        return None, None
+    if a is None:
+        t = T.bitwise_and(c, _u8(mask))
+        return _shift(t, s), T.bitwise_and(c, _u8(255 ^ mask))
+    if c is None:
+        return T.bitwise_and(a, _u8(255 ^ (mask << s))), T.bitwise_and(_shift(a, -s), _u8(mask))
+    t = T.bitwise_and(T.bitwise_xor(_shift(a, -s), c), _u8(mask))
+    return T.bitwise_xor(a, _shift(t, s)), T.bitwise_xor(c, t)
+
+
+def decode(vs, b: int, pshufb: bool = False) -> list:
     """b plane vectors (uint8x32, MSB plane first) -> the 8 code vectors of the group: code i lane 8j+l is the
-    b-bit code of weight 64j + 8i + l. b <= 4: bits i and i+4 are decoded together as two nibbles."""
-    if b <= 4:
-        out = [None] * 8
-        for i in range(4):
-            nib = None
-            for p in range(b):
-                t = _shift(T.bitwise_and(vs[p], _u8(0x11 << i)), (b - 1 - p) - i)
-                nib = t if nib is None else T.bitwise_or(nib, t)
-            out[i] = T.bitwise_and(nib, _u8(15))
-            out[i + 4] = T.bitwise_and(_srl16(nib, 4), _u8(15))
-        return out
-    out = []
-    for i in range(8):
-        c = None
-        for p in range(b):
-            t = _shift(T.bitwise_and(vs[p], _u8(1 << i)), (b - 1 - p) - i)
-            c = t if c is None else T.bitwise_or(c, t)
-        out.append(c)
-    return out
+    b-bit code of weight 64j + 8i + l. A bit-matrix transpose per byte: row q is plane b - 1 - q (rows past b
+    zero, their terms folded away); after it row i holds bit i of every plane, the code. b <= 4: a 4 x 4 transpose
+    of both nibbles at once (rows i hold codes i and i + 4), 2 butterfly stages; b > 4: 8 x 8, 3 stages (6
+    instructions a butterfly: 72 for 8 planes against 176 moving each bit by its own mask and shift).
+    ``pshufb``: the codes only index ``vpshufb`` tables, which read an index's low 4 bits and bit 7 (set: zero):
+    at b <= 3 a byte's high nibble holds another code in bits 4..6, bit 7 stays clear, so no mask is needed."""
+    size = 4 if b <= 4 else 8
+    rows = [vs[b - 1 - q] if q < b else None for q in range(size)]
+    s = 1
+    while s < size:
+        mask = {1: 0x55, 2: 0x33, 4: 0x0F}[s]
+        for q in range(size):
+            if q & s == 0:
+                rows[q], rows[q + s] = _swap(rows[q], rows[q + s], s, mask)
+        s *= 2
+    if b > 4:
+        return rows
+    loose = pshufb and b <= 3
+
+    def low(v):
+        return v if loose else T.bitwise_and(v, _u8(15))
+
+    return [low(rows[i]) for i in range(4)] + [low(_srl16(rows[i], 4)) for i in range(4)]
 
 
 def _x86(name, dtype, *args):
@@ -229,10 +247,10 @@ def half_int(s, h: int, g, m, weights, XP, SX):
     return scaled[0] + scaled[1]
 
 
-def dot_bytes_avx2(w, x):
-    """int32x8: lane t = sum of w[e] x[e] for bytes e = 4t..4t+3 (w, x int8x32 in -127..127): ``vpmaddubsw`` on |x|
-    and w with x's sign (``vpsignb``; no int16 pair sum can saturate), then ``vpmaddwd`` by ones."""
-    ax = _x86("avx2.psign.b", "int8x32", x, x)
+def dot_bytes_avx2(w, x, ax):
+    """int32x8: lane t = sum of w[e] x[e] for bytes e = 4t..4t+3 (w, x int8x32 in -127..127, ax = |x|):
+    ``vpmaddubsw`` on |x| and w with x's sign (``vpsignb``; no int16 pair sum can saturate), then ``vpmaddwd`` by
+    ones."""
     pairs = _x86("avx2.pmadd.ub.sw", "int16x16", ax, _x86("avx2.psign.b", "int8x32", w, x))
     return _x86("avx2.pmadd.wd", "int32x8", pairs, T.broadcast(T.int16(1), 16))
 
@@ -240,12 +258,15 @@ def dot_bytes_avx2(w, x):
 def half_bytes(h: int, g, m, hi, XP, SX):
     """float32x8: ``half_int`` for byte tables (``byteslice.BYTE_TABLE_BITS``, the int16 values 256 x an int8 one) on
     AVX2: ``hi(i)`` the high table bytes of code vector i as int8x32, multiplied with the int8 activations by
-    ``dot_bytes_avx2`` (5 instructions per 32 codes against 2 lookups, 2 shuffles and 2 ``vpmaddwd``). Lane t sums
-    bytes 4t..4t+3 of each code vector: block (t // 2, h), its scale at SX lane 16h + 4 (t // 2). The int32 sums
-    are those of the int16 path (x 256 before the conversion, so the float values are the same)."""
+    ``dot_bytes_avx2`` (4 instructions per 32 codes against 2 lookups, 2 shuffles and 2 ``vpmaddwd``; |x| is read
+    from the second half of XP, ``_Shape.abs_x``). Lane t sums bytes 4t..4t+3 of each code vector: block (t // 2,
+    h), its scale at SX lane 16h + 4 (t // 2). The int32 sums are those of the int16 path (x 256 before the
+    conversion, so the float values are the same)."""
     acc = None
+    half = XP.shape[1] // 2
     for i in range(4 * h, 4 * h + 4):
-        d = dot_bytes_avx2(hi(i), XP[m, T.ramp(GROUP * g + 32 * i, 1, 32)])
+        col = GROUP * g + 32 * i
+        d = dot_bytes_avx2(hi(i), XP[m, T.ramp(col, 1, 32)], XP[m, T.ramp(half + col, 1, 32)])
         acc = d if acc is None else acc + d
     sx = T.Shuffle([SX[m, T.ramp(32 * g + 16 * h, 1, 16)]], [4 * (t // 2) for t in range(8)])
     return T.Cast("float32x8", T.shift_left(acc, T.broadcast(T.int32(8), 8))) * sx

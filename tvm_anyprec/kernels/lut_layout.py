@@ -77,6 +77,11 @@ class _Shape:
         return self.avx2 and not self.wide and self.byte_tables(b)
 
     @property
+    def abs_x(self) -> bool:
+        """int8 mode's AVX2 bodies: XP holds |x| after x (columns G * 256 + k), read by ``lut_isa.half_bytes``."""
+        return self.mode == "int8" and self.avx2 and not self.wide
+
+    @property
     def xc(self) -> bool:
         """The int8 prologue fills XC (the bias lanes of biased byte tables): the AVX-512 body and ``sdot`` (not
         ``mmla``: its unsigned low bytes need no bias)."""
@@ -247,8 +252,12 @@ def _quantize_group(s: _Shape, m, g, X, XP, SX, XC, nblocks: int, last: bool = F
                 T.buffer_store(XP, T.Shuffle([qb], [8 * i + l for i in range(4)]), [m, T.ramp(GROUP * g + pos, 1, 4)])
             _bias_lanes(qs[0] + qs[1], compact, XC, m, g, j, h)
             continue
-        for i in range(4):   # columns c0 + 8i + l, l = 0..7: 8 consecutive values of XP
-            T.buffer_store(XP, QB[T.ramp(8 * i, 1, 8)], [m, T.ramp(GROUP * g + 32 * (4 * h + i) + 8 * j, 1, 8)])
+        for i in range(4):   # columns c0 + 8i + l, l = 0..7: 8 consecutive values of XP (and of |x|: s.abs_x)
+            q8 = QB[T.ramp(8 * i, 1, 8)]
+            col = GROUP * g + 32 * (4 * h + i) + 8 * j
+            T.buffer_store(XP, q8, [m, T.ramp(col, 1, 8)])
+            if s.abs_x:
+                T.buffer_store(XP, T.abs(q8), [m, T.ramp(s.G * GROUP + col, 1, 8)])
         if s.sdot and s.xc:
             _sdot_bias_lanes(qs[0] + qs[1], XC, m, g, j, h)
 
