@@ -37,8 +37,9 @@ PARTS = ("kernels", "model", "ppl", "memory")
 GOALS = {   # issue 16; the bitplane rows are the default (int8) mode
     "gemv_4096x4096_numpy_over_bitplane3": (">=", 5.0, "3-bit GEMV at 4096x4096 at least 5x faster than numpy fp32"),
     "gemv_4096x4096_bitplane8_over_bitplane3": (">=", 2.0, "time falls with bits: 8-bit / 3-bit >= 2"),
-    "gemv_4096x4096_numpy_over_slowest_bitplane": (">=", 1 / 1.5,
-                                                   "no bit-width slower than 1/1.5 of numpy fp32's time"),
+    "gemv_4096x4096_numpy_over_slowest_bitplane": (">=", 1.5,   # was 1 / 1.5 until 2026-12-08: too lenient
+                                                   "no bit-width slower than 1/1.5 of numpy fp32's time (8-bit "
+                                                   "reads a quarter of fp32's bytes)"),
     "gemv_4096x4096_ort_q4_best_over_bitplane4": (">=", 1.5,
                                                   "bitplane 4-bit GEMV 1.5x faster than ORT MatMulNBits 4-bit "
                                                   "(its fastest config)"),

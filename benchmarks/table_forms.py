@@ -2,7 +2,8 @@
 (no kernel runs; numpy only). The question it answers: AVX2 looks up a 16-bit table as two byte tables, each a
 blend tree of 2^(b-4) ``vpshufb`` tables, which bounds its 5..8-bit GEMV (README, "The AVX2 bodies against the
 issue's goals"). A table whose values are q = 16 A[code >> (b-4)] + r[code] (A and r int8, |r| <= 127) is still an
-int16 table for every other body, and AVX2 would look up one 16-entry table and one byte tree. This prints the
+int16 table for every other body, and AVX2 looks up one 16-entry table and one byte tree (int_tables builds
+tables in this form since 2026-12-08, ``byteslice.form_table``). This prints the
 RMS error of each form's values over sampled rows, relative to the int8 table's (scale max / 127, which costs
 +0.9..1.2% perplexity on SmolLM2-135M, ``byteslice.int_tables``), and each form's step / row max.
 

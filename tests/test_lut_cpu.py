@@ -54,6 +54,12 @@ def _int_layer(rng, M, N, K):
         q[:, 0] = 1000
         if b in bsl.BYTE_TABLE_BITS:   # the int16 tables there are 256 x an int8 value (int_tables)
             q = 256 * rng.integers(-4, 5, (N, 1 << b))
+        else:                          # FORM_GRID x A + r (int_tables, byteslice.in_form)
+            a = rng.integers(-60, 61, (N, 16, 1))
+            r = rng.integers(-96, 97, (N, 16, 1 << (b - 4)))
+            r[:, :, -1] = -r[:, :, 0] + rng.integers(0, 32, (N, 16))   # (first + last) >> 5 is A
+            q = (bsl.FORM_GRID * a + r).reshape(N, 1 << b)
+            assert bsl.in_form(q, b).all() and (bsl.cluster_base(q, b) == a[:, :, 0]).all()
         tabs[:, lut_offset(b, MINB):lut_offset(b, MINB) + (1 << b)] = q
     src = bsl.decode_order(K)
     xp = rng.integers(-9, 10, (M, src.size))
@@ -68,7 +74,8 @@ def _int_layer(rng, M, N, K):
 
 def test_int_tables_byte_tables_at_low_bits():
     """At BYTE_TABLE_BITS the int16 tables are 256 x an int8 value (zero low bytes: the AVX-512 body reads only the
-    high bytes there), with a scale per row no worse than the max scale's; elsewhere int16 with the max scale."""
+    high bytes there), with a scale per row no worse than the max scale's; above, FORM_GRID x A + r (the AVX2 body
+    reads them as a 16-entry table and a byte tree), at a step 4x finer than an int8 table's on sorted rows."""
     rng = np.random.default_rng(2)
     luts = (rng.standard_normal((64, lut_width(B, MINB))) * rng.uniform(0.01, 3, (64, 1))).astype(np.float16)
     tabs, scales = bsl.int_tables(luts, WIDTHS)
@@ -83,8 +90,13 @@ def test_int_tables_byte_tables_at_low_bits():
             s_max = amax / 127                                                    # the max scale's error
             err_max = ((part - s_max * np.rint(part / s_max)) ** 2).sum(1)
             assert ((err ** 2).sum(1) <= err_max * 1.0001 + 1e-12).all(), b
-        else:
-            assert (err <= amax / 32767 * 0.501).all() and (q % 256 != 0).any(), b
+        else:   # FORM_GRID x A + r: rounding only, at a step finer than an int8 table's on sorted centroids
+            assert bsl.in_form(q, b).all() and (err <= scales[:, t:t + 1] * 0.501).all(), b
+    srt = np.sort(luts.astype(np.float32), axis=1)
+    for b in WIDTHS[2:]:
+        part = srt[:, :1 << b]
+        q, sc = bsl.form_table(part, b)
+        assert bsl.in_form(q, b).all() and np.median(sc / np.abs(part).max(1)) < 1 / 127 / 4, b
 
 
 @pytest.mark.parametrize("K", [576, 1536, 4095])
@@ -217,18 +229,20 @@ def test_avx512_bodies_decode_with_gfni_only_where_chosen():
     assert "vgf2p8affineqb" not in without and "vpdpbusd" in without
 
 
-def test_avx2_int8_body_multiplies_bytes_at_byte_table_bits():
-    """AVX2 int8 mode: at 3 / 4 bits (byte tables) only the high table bytes are looked up and multiplied by
-    ``vpmaddubsw`` (sign moved onto the table bytes by ``vpsignb``); a build for 5..8 bits alone has neither and
-    keeps the int16 products (``vpmaddwd`` on re-joined bytes). Assembly for a Zen 3 target: nothing runs."""
+def test_avx2_int8_body_multiplies_bytes_at_every_bit_width():
+    """AVX2 int8 mode multiplies table bytes by the int8 activations with ``vpmaddubsw`` (sign moved onto the table
+    bytes by ``vpsignb``) at every bit-width: at 3 / 4 bits the high bytes of the byte tables, at 5..8 the
+    FORM_GRID A + r tables' two bytes (a ``vpblendvb`` tree for r); no table is re-joined into int16 and no
+    activation widened. Assembly for a Zen 3 target: nothing runs (the sums are checked bit-exact above)."""
     def asm(lo, hi):
         f = make_anyprec_cpu(1, 16, 576, hi, lo, "int8", "avx2").with_attr("global_symbol", "main")
         lib = tvm.compile(tvm.IRModule({"main": f}), target=tvm.target.Target({"kind": "llvm", "mcpu": "znver3"}))
         return lib.mod.inspect_source("s")
 
     low, high = asm(3, 4), asm(5, 8)
-    assert "vpmaddubsw" in low and "vpsignb" in low
-    assert "vpmaddubsw" not in high and "vpsignb" not in high and "vpmaddwd" in high
+    assert "vpmaddubsw" in low and "vpsignb" in low and "vpblendvb" not in low
+    assert "vpmaddubsw" in high and "vpsignb" in high and "vpblendvb" in high
+    assert not any(op in text for op in ("vpunpcklbw", "vpmovsxbw") for text in (low, high))
 
 
 # ------------------------------------------------------------------ the aarch64 bodies on the emulated boards

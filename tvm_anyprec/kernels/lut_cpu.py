@@ -23,10 +23,11 @@ would kill the process):
 * ``avx2``: byte lookups by ``vpshufb`` on 16-entry tables (b <= 4: one; b = 5..8: 2^(b-4) tables merged by a
   ``vpblendvb`` tree on the code's high bits) of 16-bit values split into a low- and a high-byte table. int8
   mode: at BYTE_TABLE_BITS (3, 4) the high bytes alone, times the int8 activations by ``vpmaddubsw`` (``lut_isa.
-  half_bytes``; 1.22-1.35x the re-joined form, Zen 4 running the AVX2 body, warm); above, re-joined into int16 and
-  ``vpmaddwd``. Exact mode: re-joined into fp16, widened (``vcvtph2ps``), FMA (faster than ``vpermps`` trees and
-  gathers); at b = 8 scalar loads from an fp32 table in L1 (``SCALAR_MIN``; 4096x4096, 2 threads, Zen 3: 7.2 ms
-  against 11.7 with the trees; equal at b = 7).
+  half_bytes``; 1.22-1.35x the re-joined form, Zen 4 running the AVX2 body, warm); above, the tables' form 16 A + r
+  (``byteslice.in_form``): A by one ``vpshufb``, r by one tree, both by ``vpmaddubsw`` (``lut_isa.dot_form_avx2``;
+  8 bits 1.6x the two re-joined trees). Exact mode: re-joined into fp16, widened (``vcvtph2ps``), FMA (faster than
+  ``vpermps`` trees and gathers); at b = 8 scalar loads from an fp32 table in L1 (``SCALAR_MIN``; 4096x4096, 2
+  threads, Zen 3: 7.2 ms against 11.7 with the trees; equal at b = 7).
 * ``avx512`` (AVX-512BW + VBMI + VNNI): the GEMV body of ``kernels.lut_avx512`` (64-lane decode, ``vpermb`` /
   ``vpermi2b`` tables for every b, ``vpdpbusd``), M <= 32 (decode, verify, the prefill chunk; larger M: the AVX2
   bodies).
@@ -51,15 +52,16 @@ from ..quant.byteslice import GROUP, TABLE_DTYPE, row_bytes
 from .anyprec import lut_offset, lut_width
 from .lowering import STACK_LOCALS
 from . import lut_avx512
+from .lut_layout import cpu_isa  # noqa: F401  (re-exported: callers ask lut_cpu for the instruction set)
 from .lut_layout import _local, _plane_vector, _prologue, _Shape, each_group, prefetch_row
-from .lut_isa import (decode, half_bytes, half_int, half_mmla, half_sdot, lookup_f32_avx2, lookup_f32_generic,
-                      lookup_fp16_split, lookup_int16_generic, lookup_int16_split, scalar_lookups, split_fp16_tables,
-                      split_lookup, split_width)
+from .lut_isa import (decode, dot_bytes_avx2, dot_form_avx2, form_lookup, form_tables, half_bytes, half_int,
+                      half_mmla, half_sdot, lookup_f32_avx2, lookup_f32_generic, lookup_fp16_split,
+                      lookup_int16_generic, lookup_int16_split, scalar_lookups, split_fp16_tables, split_lookup,
+                      split_width)
 from .spec import KernelSpec, register
 
 MODES = ("exact", "int8")
 ISAS = ("avx512gfni", "avx512", "avx2", "i8mm", "dotprod", "neon", "generic")
-AVX512 = ("avx512bw", "avx512vbmi", "avx512vnni")   # what the AVX-512 GEMV body needs (its GFNI decode: + gfni)
 LUT_PAD = 16
 SPLIT_MIN = 3   # exact mode on AVX2: the fp16 byte-split tables from this b (vpermps on fp32 tables below it)
 SCALAR_MIN = 8  # exact mode on AVX2: scalar lookups into an fp32 table from this b (see the module docstring)
@@ -70,32 +72,6 @@ def _form(s, b: int) -> str:
     if s.mode != "exact" or not s.tables or b < SPLIT_MIN:
         return ""
     return "scalar" if b >= SCALAR_MIN and s.avx2 else "split"
-
-
-def cpu_isa(target) -> str:
-    """The instruction set of ``target`` (a target dict or tvm Target) the kernel bodies may use: "avx512" on x86
-    CPUs with AVX-512BW, VBMI and VNNI ("avx512gfni" with GFNI too), "avx2" on those with AVX2 (asked from LLVM:
-    mcpu implies the features), "neon" on aarch64 (Advanced SIMD is part of ARMv8-A: ``tbl`` exists on every
-    aarch64 CPU), else "generic"."""
-    import tvm
-    from tvm.target import codegen
-
-    tgt = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    if str(tgt.kind.name) != "llvm":
-        return "generic"
-    if "aarch64" in str(tgt.attrs.get("mtriple", "")):
-        try:
-            if codegen.target_has_features("dotprod", tgt):
-                return "i8mm" if codegen.target_has_features("i8mm", tgt) else "dotprod"
-            return "neon"
-        except Exception:
-            return "neon"
-    try:
-        if all(codegen.target_has_features(f, tgt) for f in AVX512):
-            return "avx512gfni" if codegen.target_has_features("gfni", tgt) else "avx512"
-        return "avx2" if codegen.target_has_features("avx2", tgt) else "generic"
-    except Exception:  # an LLVM without the query: the portable bodies
-        return "generic"
 
 
 def table_width(max_bits: int, min_bits: int) -> int:
@@ -145,8 +121,16 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
     PL, LUT, XP, SX, XC, WB, CB, TBL, ACC, VB = bufs
     R = len(rows)
     hi_only = s.sdot and s.byte_tables(b)   # zero low bytes (byteslice.int_tables): only the high bytes' products
-    hi_bytes = s.hi_bytes(b)
+    hi_bytes, form16 = s.hi_bytes(b), s.form16(b)
     off = lut_offset(b, s.MINB)
+
+    def looked(r, c):   # AVX2, tables read as bytes: the high bytes (hi_bytes) or the form's (A, r) bytes (form16)
+        return form_lookup(TBL, r * 2 * split_width(b), b, c) if form16 else \
+            [split_lookup(TBL, r * 2 * split_width(b), b, c, s.isa, True)[1]]
+
+    def bdot(w):   # half_bytes' dot of the looked-up bytes w with x, |x|
+        return (lambda x, ax: dot_form_avx2(*w, x, ax)) if form16 else (lambda x, ax: dot_bytes_avx2(w[0], x, ax))
+
     E = max(8, 1 << b)
     if s.M == 1 and s.mode == "int8" and s.tables:   # GEMV: lookups feed the dot products in registers
         for r, n in enumerate(rows):
@@ -157,9 +141,9 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                     a = a + half_sdot(h, g, 0, lambda i, r=r: split_lookup(
                         TBL, r * 2 * split_width(b), b, codes[i], s.isa, hi_only), XP, SX, XC, hi_only)
                     continue
-                if hi_bytes:
-                    a = a + half_bytes(h, g, 0, lambda i, r=r: split_lookup(
-                        TBL, r * 2 * split_width(b), b, codes[i], s.isa, True)[1], XP, SX)
+                if hi_bytes or form16:
+                    a = a + half_bytes(h, g, 0, lambda i, x, ax, r=r: bdot(looked(r, codes[i]))(x, ax), XP, SX,
+                                       0 if form16 else 8)
                     continue
                 a = a + half_int(s, h, g, 0, lambda i, r=r: lookup_int16_split(
                     TBL, r * 2 * split_width(b), b, codes[i], s.isa), XP, SX)
@@ -201,9 +185,9 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                 pair = split_lookup(TBL, r * 2 * split_width(b), b, c, s.isa, hi_only)
                 for u in range(1 if hi_only else 0, 2):
                     T.buffer_store(WB, pair[u], [T.ramp(r * 2 * GROUP + 64 * i + 32 * u, 1, 32)])
-            elif hi_bytes:
-                T.buffer_store(WB, split_lookup(TBL, r * 2 * split_width(b), b, c, s.isa, True)[1],
-                               [T.ramp(r * GROUP + 32 * i, 1, 32)])
+            elif hi_bytes or form16:   # 32 (hi_bytes) or 64 (form16: A then r) bytes per code vector
+                for u, w in enumerate(looked(r, c)):
+                    T.buffer_store(WB, w, [T.ramp(r * 2 * GROUP + 64 * i + 32 * u, 1, 32)])
             elif s.mode == "int8":
                 vals = lookup_int16_split(TBL, r * 2 * split_width(b), b, c, s.isa) if s.tables else \
                     lookup_int16_generic(LUT, n, off, b, c)
@@ -246,8 +230,10 @@ def _group(s: _Shape, b: int, rows: list, g, tail: int, bufs):
                     if s.sdot:
                         a = a + half_sdot(h, g, m, lambda i, r=r: [
                             WB[T.ramp(r * 2 * GROUP + 64 * i + 32 * u, 1, 32)] for u in range(2)], XP, SX, XC, hi_only)
-                    elif hi_bytes:
-                        a = a + half_bytes(h, g, m, lambda i, r=r: WB[T.ramp(r * GROUP + 32 * i, 1, 32)], XP, SX)
+                    elif hi_bytes or form16:
+                        a = a + half_bytes(h, g, m, lambda i, x, ax, r=r: bdot(
+                            [WB[T.ramp(r * 2 * GROUP + 64 * i + 32 * u, 1, 32)] for u in range(1 + form16)])(x, ax),
+                            XP, SX, 0 if form16 else 8)
                     else:
                         a = a + half_int(s, h, g, m, lambda i, r=r: [
                             WB[T.ramp(r * GROUP + 32 * i + 16 * u, 1, 16)] for u in range(2)], XP, SX)
@@ -271,8 +257,8 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y):
     with T.parallel(0, NT) as nt:
         # the GEMV paths feed the lookups straight into the dot products (scalar lookups go through WB)
         fast = s.M == 1 and s.tables and _form(s, b) != "scalar"
-        WB = None if fast else _local((R * 2 * GROUP,), "int8") if s.sdot else \
-            _local((R * GROUP,), "int8" if s.hi_bytes(b) else "int16" if s.mode == "int8" else "float32")
+        WB = None if fast else _local((R * 2 * GROUP,), "int8") if s.sdot or s.hi_bytes(b) or s.form16(b) else \
+            _local((R * GROUP,), "int16" if s.mode == "int8" else "float32")
         ACC = _local((s.M * R * 8,), "float32")
         CB = _local((R * GROUP,), "uint8")
         VB = _local((32 * b,), "uint8")
@@ -286,6 +272,9 @@ def _body(s: _Shape, b: int, R: int, PL, LUT, WS, XP, SX, XC, Y):
         if TBL is not None:
             off = lut_offset(b, s.MINB)
             for r, n in enumerate(rows):
+                if s.form16(b):
+                    form_tables(LUT, n, off, b, TBL, r * 2 * split_width(b))
+                    continue
                 if split:
                     split_fp16_tables(LUT, n, off, b, TBL, r * 2 * split_width(b), signed_low=s.sdot and not s.mmla)
                     continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from ..quant.byteslice import GROUP
+from ..quant.byteslice import FORM_GRID, GROUP
 
 ARM_ISAS = ("i8mm", "dotprod", "neon")   # the aarch64 bodies: NEON ``tbl`` lookups (+ ``sdot`` for the int8 sums:
                                          # "dotprod"; + ``smmla`` / ``usmmla`` at M > 1: "i8mm")
@@ -255,21 +255,59 @@ def dot_bytes_avx2(w, x, ax):
     return _x86("avx2.pmadd.wd", "int32x8", pairs, T.broadcast(T.int16(1), 16))
 
 
-def half_bytes(h: int, g, m, hi, XP, SX):
-    """float32x8: ``half_int`` for byte tables (``byteslice.BYTE_TABLE_BITS``, the int16 values 256 x an int8 one) on
-    AVX2: ``hi(i)`` the high table bytes of code vector i as int8x32, multiplied with the int8 activations by
-    ``dot_bytes_avx2`` (4 instructions per 32 codes against 2 lookups, 2 shuffles and 2 ``vpmaddwd``; |x| is read
-    from the second half of XP, ``_Shape.abs_x``). Lane t sums bytes 4t..4t+3 of each code vector: block (t // 2,
-    h), its scale at SX lane 16h + 4 (t // 2). The int32 sums are those of the int16 path (x 256 before the
-    conversion, so the float values are the same)."""
+def form_tables(LUT, n, off, b: int, TB, base: int) -> None:
+    """Row n's b-bit int16 table in ``byteslice.in_form`` (b > 4) as byte tables at TB[base]: the 16 cluster bases A
+    (``byteslice.cluster_base``: (first + last) >> 5 of each cluster's entries), then r = q - FORM_GRID A[code >>
+    (b - 4)] for the 2^b codes; both int8 (|A|, |r| <= 127)."""
+    sub = 1 << (b - 4)
+    a = T.shift_right(LUT[n, T.ramp(off, sub, 16)] + LUT[n, T.ramp(off + sub - 1, sub, 16)],
+                      T.broadcast(T.int16(5), 16))
+    T.buffer_store(TB, T.Cast("uint8x16", a), [T.ramp(base, 1, 16)])
+    av = T.Cast("int16x16", T.reinterpret("int8x16", TB[T.ramp(base, 1, 16)]))
+    for t in range((1 << b) // 16):
+        at = T.Shuffle([av], [(16 * t + e) // sub for e in range(16)])
+        r = LUT[n, T.ramp(off + 16 * t, 1, 16)] - T.shift_left(at, T.broadcast(T.int16(4), 16))
+        T.buffer_store(TB, T.Cast("uint8x16", r), [T.ramp(base + 16 + 16 * t, 1, 16)])
+
+
+def form_lookup(TB, base: int, b: int, c) -> tuple:
+    """(A, r) bytes (int8x32) of 32 b-bit codes from ``form_tables``' bytes at TB[base]: A by one ``vpshufb`` on the
+    code's top 4 bits, r by ``lookup_bytes_avx2`` (a blend tree of 2^(b-4) tables)."""
+    def table(first):
+        def get(t):
+            t16 = T.reinterpret("int8x16", TB[T.ramp(base + first + 16 * t, 1, 16)])
+            return T.vectorcombine("int8x32", t16, t16)
+        return get
+
+    h = T.reinterpret("int8x32", T.bitwise_and(_srl16(c, b - 4), _u8(15)))
+    return _x86("avx2.pshuf.b", "int8x32", table(0)(0), h), lookup_bytes_avx2(table(16), b, c)
+
+
+def dot_form_avx2(a, r, x, ax):
+    """int32x8: ``dot_bytes_avx2`` of FORM_GRID a + r (int8x32 each) with x: the two byte products kept apart in
+    int16 (FORM_GRID x a pair sum would saturate), joined by ``vpmaddwd`` by FORM_GRID and by ones."""
+    pa = _x86("avx2.pmadd.ub.sw", "int16x16", ax, _x86("avx2.psign.b", "int8x32", a, x))
+    pr = _x86("avx2.pmadd.ub.sw", "int16x16", ax, _x86("avx2.psign.b", "int8x32", r, x))
+    return _x86("avx2.pmadd.wd", "int32x8", pa, T.broadcast(T.int16(FORM_GRID), 16)) + \
+        _x86("avx2.pmadd.wd", "int32x8", pr, T.broadcast(T.int16(1), 16))
+
+
+def half_bytes(h: int, g, m, dot, XP, SX, shift: int = 8):
+    """float32x8: ``half_int`` for tables read as bytes on AVX2 (the int16 values 256 x an int8 one at
+    ``byteslice.BYTE_TABLE_BITS``, FORM_GRID A + r above): ``dot(i, x, |x|)`` gives code vector i's int32x8 with
+    the int8 activations (the high bytes' by ``dot_bytes_avx2``, 4 instructions per 32 codes against 2 lookups, 2
+    shuffles and 2 ``vpmaddwd``, then shifted by ``shift`` = 8; the table form's by ``dot_form_avx2``, 0); |x| is
+    read from the second half of XP (``_Shape.abs_x``). Lane t sums
+    bytes 4t..4t+3 of each code vector: block (t // 2, h), its scale at SX lane 16h + 4 (t // 2). The int32 sums
+    are those of the int16 path (x 256 before the conversion, so the float values are the same)."""
     acc = None
     half = XP.shape[1] // 2
     for i in range(4 * h, 4 * h + 4):
         col = GROUP * g + 32 * i
-        d = dot_bytes_avx2(hi(i), XP[m, T.ramp(col, 1, 32)], XP[m, T.ramp(half + col, 1, 32)])
+        d = dot(i, XP[m, T.ramp(col, 1, 32)], XP[m, T.ramp(half + col, 1, 32)])
         acc = d if acc is None else acc + d
     sx = T.Shuffle([SX[m, T.ramp(32 * g + 16 * h, 1, 16)]], [4 * (t // 2) for t in range(8)])
-    return T.Cast("float32x8", T.shift_left(acc, T.broadcast(T.int32(8), 8))) * sx
+    return T.Cast("float32x8", T.shift_left(acc, T.broadcast(T.int32(shift), 8)) if shift else acc) * sx
 
 
 def _join_bytes(hi_acc, lo_acc, hi_only: bool):

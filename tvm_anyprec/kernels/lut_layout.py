@@ -19,6 +19,7 @@ WIDE_MAX_M = 32  # rows of X up to which the AVX-512 body runs (decode, verify, 
 WIDE_MAX_M_EXACT = 8   # exact mode's bound: its fp32 activations of 32 rows fill L1 (32x4096x4096 exact 35 ms in the
                       # AVX-512 body against 7.7 / 7.9 / 14 ms at 3 / 4 / 8 bits in the AVX2 bodies; Zen 4, 2 threads)
 WIDE_ISAS = ("avx512gfni", "avx512")   # the instruction sets of the AVX-512 body (with or without GFNI)
+AVX512 = ("avx512bw", "avx512vbmi", "avx512vnni")   # what the AVX-512 GEMV body needs (its GFNI decode: + gfni)
 BIAS16 = 32768   # the AVX-512 int8 body's tables are q + BIAS16 (unsigned bytes for vpdpbusd); XC undoes it
 
 
@@ -76,6 +77,11 @@ class _Shape:
         (``lut_isa.half_bytes``)."""
         return self.avx2 and not self.wide and self.byte_tables(b)
 
+    def form16(self, b: int) -> bool:
+        """int8 mode's AVX2 bodies above BYTE_TABLE_BITS: the tables read as FORM_GRID A + r (``byteslice.in_form``,
+        ``lut_isa.form_tables``): one 16-entry table and one byte tree instead of two trees."""
+        return self.avx2 and not self.wide and self.mode == "int8" and b > 4
+
     @property
     def abs_x(self) -> bool:
         """int8 mode's AVX2 bodies: XP holds |x| after x (columns G * 256 + k), read by ``lut_isa.half_bytes``."""
@@ -103,6 +109,32 @@ class _Shape:
         """int8 mode, GFNI decode, a last group of 1 or 2 blocks (K = 576, 896, ...): that group's codes are
         decoded into one vector per block (``lut_avx512.gfni_codes``), not four vectors mostly empty."""
         return self.gfni and self.mode == "int8" and self.tail <= 2
+
+
+def cpu_isa(target) -> str:
+    """The instruction set of ``target`` (a target dict or tvm Target) the kernel bodies may use: "avx512" on x86
+    CPUs with AVX-512BW, VBMI and VNNI ("avx512gfni" with GFNI too), "avx2" on those with AVX2 (asked from LLVM:
+    mcpu implies the features), "neon" on aarch64 (Advanced SIMD is part of ARMv8-A: ``tbl`` exists on every
+    aarch64 CPU), else "generic"."""
+    import tvm
+    from tvm.target import codegen
+
+    tgt = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    if str(tgt.kind.name) != "llvm":
+        return "generic"
+    if "aarch64" in str(tgt.attrs.get("mtriple", "")):
+        try:
+            if codegen.target_has_features("dotprod", tgt):
+                return "i8mm" if codegen.target_has_features("i8mm", tgt) else "dotprod"
+            return "neon"
+        except Exception:
+            return "neon"
+    try:
+        if all(codegen.target_has_features(f, tgt) for f in AVX512):
+            return "avx512gfni" if codegen.target_has_features("gfni", tgt) else "avx512"
+        return "avx2" if codegen.target_has_features("avx2", tgt) else "generic"
+    except Exception:  # an LLVM without the query: the portable bodies
+        return "generic"
 
 
 STACK_MAX = 16 << 10   # bytes of one local buffer kept on the stack (the tiles and tables are a few KiB)

@@ -25,6 +25,8 @@ TABLE_MAX = 32767   # int8 mode's centroid tables are int16: int8 tables cost +0
 TABLE_DTYPE = "int16"
 BYTE_TABLE_BITS = (3, 4)   # bit-widths whose int16 tables are 256 x an int8 value (zero low bytes, ``int_tables``): the
                            # AVX-512 body looks up and multiplies one byte per code instead of two there
+FORM_GRID = 16   # above BYTE_TABLE_BITS the int16 tables are FORM_GRID x A[code >> (b - 4)] + r[code], A and r int8
+                 # (``table_form``): the AVX2 body looks up one 16-entry table and one byte tree, not two trees
 
 
 def blocks(k: int) -> int:
@@ -83,10 +85,11 @@ def permute_activations(x: np.ndarray, k: int) -> np.ndarray:
 
 def int_tables(luts: np.ndarray, widths) -> tuple[np.ndarray, np.ndarray]:
     """fp16 LUTs [N, L] (the per-bit LUTs of ``widths`` concatenated) -> (int16 tables [N, L], fp32 scales
-    [N, len(widths)]): per row and bit-width, q = round(centroid / scale), scale = max |centroid| / 32767; at
-    BYTE_TABLE_BITS q = 256 r, r the int8 value of ``byte_table`` (its low byte is zero, so the AVX-512 body skips it).
-    (int8 tables, scale max / 127, cost +0.9% perplexity at 3, 6 and 7 bits and +1.2% at 8 on SmolLM2-135M, 16 x
-    128 tokens of Hamlet, torch; int16 tables are within 0.01%: the rounding of the int8 activations is left.)"""
+    [N, len(widths)]): per row and bit-width, q = round(centroid / scale); at BYTE_TABLE_BITS q = 256 r, r the int8
+    value of ``byte_table`` (its low byte is zero, so the AVX-512 body skips it); above, FORM_GRID A + r
+    (``form_table``; the AVX2 body reads one 16-entry table and one byte tree). (int8 tables, scale max / 127, cost
+    +0.9% perplexity at 3, 6 and 7 bits and +1.2% at 8 on SmolLM2-135M, 16 x 128 tokens of Hamlet, torch; int16 tables
+    with scale max / 32767 were within 0.01%; the form: int8 mode against exact -0.34..+0.16% at 5..8 bits.)"""
     luts = np.asarray(luts, np.float32)
     tab = np.zeros(luts.shape, np.int16)
     scales = np.ones((luts.shape[0], len(widths)), np.float32)
@@ -98,12 +101,50 @@ def int_tables(luts: np.ndarray, widths) -> tuple[np.ndarray, np.ndarray]:
             tab[:, off:off + (1 << b)] = r.astype(np.int16) * 256
             scales[:, t] = s / 256
         else:
-            amax = np.abs(part).max(1)
-            s = np.where(amax > 0, amax / TABLE_MAX, 1.0).astype(np.float32)
-            tab[:, off:off + (1 << b)] = np.clip(np.rint(part / s[:, None]), -TABLE_MAX, TABLE_MAX).astype(np.int16)
+            q, s = form_table(part, b)
+            tab[:, off:off + (1 << b)] = q
             scales[:, t] = s
         off += 1 << b
     return tab, scales
+
+
+def cluster_base(q: np.ndarray, b: int) -> np.ndarray:
+    """A [N, 16] of b-bit int16 tables q [N, 2^b] (b > 4), as the AVX2 body derives it: floor((first + last) / 32)
+    of each 4-bit cluster's entries (codes h 2^(b-4) .. (h + 1) 2^(b-4) - 1)."""
+    c = np.asarray(q, np.int32).reshape(q.shape[0], 16, -1)
+    return (c[:, :, 0] + c[:, :, -1]) >> 5
+
+
+def in_form(q: np.ndarray, b: int) -> np.ndarray:
+    """Rows [N] whose table is FORM_GRID x A + r with A = ``cluster_base``, |A| and |r| <= INT8_MAX."""
+    a = cluster_base(q, b)
+    r = np.asarray(q, np.int32).reshape(q.shape[0], 16, -1) - FORM_GRID * a[:, :, None]
+    return (np.abs(r) <= INT8_MAX).all((1, 2)) & (np.abs(a) <= INT8_MAX).all(1)
+
+
+def form_table(part: np.ndarray, b: int, tries: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids [N, 2^b] (b > 4) -> (int16 q [N, 2^b] in the form of ``in_form``, scales [N]): q = round(c /
+    scale) with the smallest scale, from the widest 4-bit cluster's span / 222 (sorted clusters then fit: the
+    base sits within 16 of the middle) up by 1% at a time, at which the row is in the form. SmolLM2-135M's parent:
+    RMS error 0.11-0.16 of an int8 table's (max / 127) at 5..8 bits (``benchmarks.table_forms``)."""
+    part = np.asarray(part, np.float32)
+    n = part.shape[0]
+    cl = part.reshape(n, 16, -1)
+    amax = np.abs(part).max(1)
+    span = (cl.max(2) - cl.min(2)).max(1)
+    base = np.maximum(np.maximum(span / (2 * INT8_MAX - 32), amax / (FORM_GRID * INT8_MAX)), 1e-30)
+    q = np.zeros(part.shape, np.int16)
+    scales = np.ones(n, np.float32)
+    todo = np.arange(n)
+    for k in range(tries):
+        sc = (base[todo] * (1 + k / 100)).astype(np.float32)
+        qq = np.rint(part[todo] / sc[:, None])
+        ok = in_form(qq, b)
+        q[todo[ok]], scales[todo[ok]] = qq[ok].astype(np.int16), sc[ok]
+        todo = todo[~ok]
+        if not todo.size:
+            return q, scales
+    raise ValueError(f"{todo.size} rows of the {b}-bit tables found no scale for the table form")
 
 
 def byte_table(part: np.ndarray, steps: int = 128) -> tuple[np.ndarray, np.ndarray]:
