@@ -2,8 +2,8 @@
 (no kernel runs; numpy only). The question it answers: AVX2 looks up a 16-bit table as two byte tables, each a
 blend tree of 2^(b-4) ``vpshufb`` tables, which bounds its 5..8-bit GEMV (README, "The AVX2 bodies against the
 issue's goals"). A table whose values are q = 16 A[code >> (b-4)] + r[code] (A and r int8, |r| <= 127) is still an
-int16 table for every other body, and AVX2 looks up one 16-entry table and one byte tree (int_tables builds
-tables in this form since 2026-12-08, ``byteslice.form_table``). This prints the
+int16 table for every other body, and AVX2 looks up one 16-entry table and one byte tree (``int_tables`` builds
+the tables in this form since 2026-12-08: ``byteslice.form_table``, measured here). This prints the
 RMS error of each form's values over sampled rows, relative to the int8 table's (scale max / 127, which costs
 +0.9..1.2% perplexity on SmolLM2-135M, ``byteslice.int_tables``), and each form's step / row max.
 
@@ -16,29 +16,6 @@ import json
 import sys
 
 import numpy as np
-
-GRID = 16        # A's step in table units (q = GRID * A + r)
-R_MAX = 127      # |r| and |A| bound: int8 operands of vpmaddubsw after vpsignb
-
-
-def structured(part: np.ndarray, b: int, tries: int = 400) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of centroids [N, 2^b] -> (their values in the form GRID * A[h] + r, step / row max per row): the
-    smallest step (from the widest 4-bit cluster up, 1% at a time) at which every cluster h = code >> (b - 4) fits
-    within +-R_MAX of GRID * A[h] with |A| <= R_MAX."""
-    n, sub = part.shape[0], 1 << (b - 4)
-    cl = part.reshape(n, 16, sub)
-    amax = np.maximum(np.abs(part).max(1), 1e-30)
-    s0 = np.maximum((cl.max(2) - cl.min(2)).max(1) / (2 * R_MAX - GRID), amax / (R_MAX * GRID + R_MAX))
-    out, steps = np.full_like(part, np.nan), np.full(n, np.nan)
-    for i in range(n):
-        for k in range(tries):
-            sc = s0[i] * (1 + k / 100)
-            u = np.round(cl[i] / sc)
-            a = np.round((u.min(1) + u.max(1)) / 2 / GRID)
-            if np.all(np.abs(u - GRID * a[:, None]) <= R_MAX) and np.all(np.abs(a) <= R_MAX):
-                out[i], steps[i] = (u * sc).reshape(-1), sc / amax[i]
-                break
-    return out, steps
 
 
 def uniform_error(part: np.ndarray, qmax: int) -> float:
@@ -56,6 +33,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from safetensors.numpy import load_file
 
+    from tvm_anyprec.quant.byteslice import form_table
+
     w = load_file(f"{args.parent}/weights.safetensors")
     layers = sorted({k.rsplit(".", 1)[0] for k in w if k.endswith(".lut8")})[::args.every]
     if not layers:
@@ -70,11 +49,9 @@ def main(argv=None) -> int:
             part = part[rng.choice(part.shape[0], min(args.rows, part.shape[0]), replace=False)]
             e16 += uniform_error(part, 32767)
             e8 += uniform_error(part, 127)
-            st, sp = structured(part, b)
-            if np.isnan(st).any():
-                raise SystemExit(f"{name}: a row found no step in the form at {b} bits")
-            es += float(((part - st) ** 2).sum())
-            steps += list(sp)
+            q, sc = form_table(part, b)
+            es += float(((part - q * sc[:, None]) ** 2).sum())
+            steps += list(sc / np.maximum(np.abs(part).max(1), 1e-30))
         row = {"bits": b, "rms_vs_int8_table": {"int16": (e16 / e8) ** 0.5, "16A+r": (es / e8) ** 0.5},
                "step_over_row_max": {"int8": 1 / 127, "16A+r median": float(np.median(steps)),
                                      "16A+r max": float(np.max(steps))}}

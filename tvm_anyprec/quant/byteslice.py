@@ -126,7 +126,7 @@ def form_table(part: np.ndarray, b: int, tries: int = 2000) -> tuple[np.ndarray,
     """Centroids [N, 2^b] (b > 4) -> (int16 q [N, 2^b] in the form of ``in_form``, scales [N]): q = round(c /
     scale) with the smallest scale, from the widest 4-bit cluster's span / 222 (sorted clusters then fit: the
     base sits within 16 of the middle) up by 1% at a time, at which the row is in the form. SmolLM2-135M's parent:
-    RMS error 0.11-0.16 of an int8 table's (max / 127) at 5..8 bits (``benchmarks.table_forms``)."""
+    RMS error 0.12-0.18 of an int8 table's (max / 127) at 5..8 bits (``benchmarks.table_forms``)."""
     part = np.asarray(part, np.float32)
     n = part.shape[0]
     cl = part.reshape(n, 16, -1)
