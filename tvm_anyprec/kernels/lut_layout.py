@@ -162,10 +162,13 @@ def prefetch_row(s: _Shape, b: int, PL, LUT, row) -> None:
     """Prefetch what a b-bit call reads first of row ``row`` + PREFETCH_ROWS: every line of its table (32 16-bit
     entries a line, and the line of its last entry: the tables start anywhere in a line, rows being 1040 bytes
     apart) and the first two lines of each plane row (longer rows are streams the hardware prefetcher follows).
-    The table's last line was missed before: a 1536x576 GEMV from DRAM took 46 / 99 us at 4 / 5 bits, 23 / 27 us
-    with it (21 at 3 bits; AVX-512 body, Zen 4, 2 threads), the table load being the first thing a row waits for."""
+    At 3 bits the bodies load 16 entries (a whole vpshufb table), so the line of entry 15 is the last one (it was
+    entry 7's: a 1536x576 3-bit GEMV from DRAM took 100 us against 4 bits' 70, 55 us with it; AVX2 body, Zen 4, 1
+    thread; the AVX2 SmolLM2 decode step at 3 bits 10.95 -> 9.24 ms, 2 threads). The table's last line was missed
+    before: a 1536x576 GEMV from DRAM took 46 / 99 us at 4 / 5 bits, 23 / 27 us with it (21 at 3 bits; AVX-512
+    body, Zen 4, 2 threads), the table load being the first thing a row waits for."""
     ahead = T.min(row + PREFETCH_ROWS, s.N - 1)
-    for e in list(range(0, 1 << b, 32)) + [(1 << b) - 1]:
+    for e in list(range(0, 1 << b, 32)) + [max(1 << b, 16) - 1]:   # b = 3: the bodies load 16 entries
         _prefetch(LUT[ahead, lut_offset(b, s.MINB) + e])
     for p, o in [(p, o) for p in range(b) for o in range(0, min(int(PL.shape[2]), 128), 64)]:
         _prefetch(PL[p, ahead, o])
