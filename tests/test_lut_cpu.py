@@ -167,6 +167,31 @@ def test_int8_mode_matches_numpy_quantization(isa):
         assert np.abs(y - exact).max() <= 5e-2 * np.abs(exact).max(), b  # and close to the exact product
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_two_bit_seed_parent_widths(isa):
+    """A parent from a 2-bit seed (widths 2..5): int_tables keeps 2 bits as plain int16 (max scale; the 16 A + r form
+    needs 16 clusters), and both modes of every body the host runs equal numpy at every width (the codes of the
+    unmasked AVX2 decode at b <= 3 index vpshufb / vpermps tables correctly at 2 bits too)."""
+    M, N, K, hi, lo = 3, 19, 576, 5, 2
+    rng = np.random.default_rng(7)
+    codes = rng.integers(0, 1 << hi, (N, K))
+    bs = bsl.to_byte_sliced(pack_bitplanes(codes, hi), K)
+    luts = np.sort(rng.standard_normal((N, lut_width(hi, lo))), axis=1).astype(np.float16)
+    widths = range(lo, hi + 1)
+    tabs, scales = bsl.int_tables(luts, widths)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    for mode, tables in (("int8", [np.pad(tabs, ((0, 0), (0, LUT_PAD))), scales]),
+                         ("exact", [np.pad(luts, ((0, 0), (0, LUT_PAD)))])):
+        f = make_anyprec_cpu(M, N, K, hi, lo, mode, isa).with_attr("global_symbol", "main")
+        fn = tvm.compile(tvm.IRModule({"main": f}), target=tvm.target.Target(HOST))["main"]
+        for b in widths:
+            y = _run(fn, [x, bs, *tables], b, M, N)
+            off = lut_offset(b, lo)
+            ref = bsl.reference_int8(x, bs, tabs, scales, K, b, off, b - lo) if mode == "int8" else \
+                bsl.reference_exact(x, bs, luts, K, b, off)
+            assert np.abs(y - ref).max() <= 1e-3 * np.abs(ref).max(), (mode, b)
+
+
 @pytest.mark.parametrize("isa", ISAS[1:])
 @pytest.mark.parametrize("mode", ["int8", "exact"])
 def test_verify_rows_equal_decode_calls(isa, mode):

@@ -212,7 +212,7 @@ def smmla(acc, a, b, unsigned_a: bool = False):
 def lookup_f32_avx2(TBL, base, b: int, idx):
     """float32x8: TBL[base + idx] for 8 int32 codes by vpermps on 8-entry tables and a vblendvps tree."""
     vals = [_x86("avx2.permps", "float32x8", TBL[T.ramp(base + 8 * t, 1, 8)], idx)
-            for t in range(max(1, 1 << (b - 3)))]
+            for t in range(max(1, (1 << b) // 8))]
     for bit in range(3, b):
         mask = T.reinterpret("float32x8", T.shift_left(idx, T.broadcast(T.int32(31 - bit), 8)))
         vals = [_x86("avx.blendv.ps.256", "float32x8", vals[2 * u], vals[2 * u + 1], mask)

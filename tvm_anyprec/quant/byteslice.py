@@ -100,9 +100,14 @@ def int_tables(luts: np.ndarray, widths) -> tuple[np.ndarray, np.ndarray]:
             r, s = byte_table(part)
             tab[:, off:off + (1 << b)] = r.astype(np.int16) * 256
             scales[:, t] = s / 256
-        else:
+        elif b > 4:
             q, s = form_table(part, b)
             tab[:, off:off + (1 << b)] = q
+            scales[:, t] = s
+        else:   # b < 3 (a 2-bit seed): int16 with the max scale
+            amax = np.abs(part).max(1)
+            s = np.where(amax > 0, amax / TABLE_MAX, 1.0).astype(np.float32)
+            tab[:, off:off + (1 << b)] = np.clip(np.rint(part / s[:, None]), -TABLE_MAX, TABLE_MAX).astype(np.int16)
             scales[:, t] = s
         off += 1 << b
     return tab, scales
